@@ -1,0 +1,3 @@
+from provisiond.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""Time source, injectable so tests can drive expiry without sleeping."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+
+class Clock:
+    def now(self) -> float:
+        """Wall-clock seconds since the epoch (persisted timestamps)."""
+        return time.time()
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never jumps (deadlines, durations)."""
+        return time.monotonic()
+
+
+def iso_utc(ts: float) -> str:
+    """ISO 8601 in UTC with a `Z` suffix, second precision, as the seed's API shows."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,232 @@
+"""Configuration: one TOML file, environment overrides, secrets read from files.
+
+Every key is declared here with its default; `config/provisiond.toml` shows and
+explains each. Unknown keys are errors that name the key, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from provisiond.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/provisiond/provisiond.toml")
+ENV_PREFIX = "PROVISIOND_"
+ENV_CONFIG = "PROVISIOND_CONFIG"
+EXIT_BAD_CONFIG = 3
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DaemonConfig(Section):
+    gateway_id: str = Field(default="gateway", min_length=1, max_length=128)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
+    max_concurrent_requests: int = Field(default=256, ge=1, le=100_000)
+    max_payload_bytes: int = Field(default=65_536, ge=256, le=16 * 1024 * 1024)
+
+
+class LogConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto: JSON lines when stdout is not a terminal (journald), readable otherwise.
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class TlsConfig(Section):
+    enabled: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    insecure: bool = False
+
+
+class MqttConfig(Section):
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    topic_prefix: str = Field(default="provisiond", min_length=1, max_length=64)
+    client_id: str = Field(default="provisiond", min_length=1, max_length=64)
+    username: str = ""
+    password_file: str = ""
+    keepalive_seconds: int = Field(default=30, ge=5, le=3600)
+    session_expiry_seconds: int = Field(default=86_400, ge=0, le=4_294_967_295)
+    reconnect_min_seconds: float = Field(default=0.2, gt=0, le=60)
+    reconnect_max_seconds: float = Field(default=30.0, gt=0, le=3600)
+    receive_maximum: int = Field(default=1000, ge=1, le=65535)
+    # Non-empty: subscribe to RPC topics as `$share/<group>/...` so several
+    # daemons split the request load.
+    shared_group: str = ""
+    tls: TlsConfig = TlsConfig()
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_is_plain(cls, value: str) -> str:
+        if any(c in value for c in "+#$") or value.startswith("/") or value.endswith("/"):
+            raise ValueError("must not contain + # $ or start/end with /")
+        return value
+
+
+class StoreConfig(Section):
+    path: str = "/var/lib/provisiond/provisiond.db"
+    # normal: survives a process crash or kill -9 (WAL); full: also power loss.
+    synchronous: Literal["normal", "full"] = "normal"
+
+
+class TokensConfig(Section):
+    lifetime_seconds: int = Field(default=86_400, ge=60, le=365 * 86_400)
+
+
+class PresenceConfig(Section):
+    heartbeat_interval_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    timeout_factor: float = Field(default=3.0, ge=1.0, le=100)
+    min_interval_seconds: float = Field(default=1.0, gt=0, le=86_400)
+    max_interval_seconds: float = Field(default=3600.0, gt=0, le=86_400)
+
+
+class CommandsConfig(Section):
+    ttl_seconds: int = Field(default=86_400, ge=1, le=30 * 86_400)
+
+
+class WifiConfig(Section):
+    signing_algorithm: Literal["EdDSA", "ES256", "HS256"] = "EdDSA"
+    # Empty: keys live in `signing_keys/` beside the database.
+    keys_dir: str = ""
+    # PEM files given explicitly (e.g. via LoadCredential=); the first signs.
+    signing_key_files: list[str] = []
+    hs256_master_secret_file: str = ""
+    allow_server_generated: bool = True
+    default_expires_in_seconds: int = Field(default=900, ge=60, le=3600)
+
+
+class LimitsConfig(Section):
+    # Requests per second per API key (token bucket); 0 disables.
+    rate_per_key: float = Field(default=0.0, ge=0)
+    burst_per_key: int = Field(default=100, ge=1)
+
+
+class Config(Section):
+    daemon: DaemonConfig = DaemonConfig()
+    log: LogConfig = LogConfig()
+    mqtt: MqttConfig = MqttConfig()
+    store: StoreConfig = StoreConfig()
+    tokens: TokensConfig = TokensConfig()
+    presence: PresenceConfig = PresenceConfig()
+    commands: CommandsConfig = CommandsConfig()
+    wifi: WifiConfig = WifiConfig()
+    limits: LimitsConfig = LimitsConfig()
+    # Each plugin validates its own table with its own schema.
+    plugins: dict[str, dict[str, Any]] = {}
+
+    # Where the file was read from: relative paths in it resolve against it.
+    source: str = ""
+
+
+def config_path(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_CONFIG)
+    return Path(env) if env else DEFAULT_PATH
+
+
+def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a config file plus `PROVISIOND_<SECTION>_<KEY>` overrides.
+
+    A missing file is an error only when it was asked for explicitly; the
+    default path may be absent (everything then comes from defaults and env).
+    """
+    env = dict(os.environ) if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            if path != DEFAULT_PATH:
+                raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if "source" in raw:
+        raise ConfigError("unknown key", key="source")
+    _apply_env(raw, env)
+    raw["source"] = str(path) if path is not None else ""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(message, key=key) from None
+
+
+def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
+    sections = {
+        name.upper(): name for name in Config.model_fields if name not in ("plugins", "source")
+    }
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
+            continue
+        rest = var[len(ENV_PREFIX) :]
+        section = next((s for s in sections if rest.startswith(s + "_")), None)
+        if section is None:
+            raise ConfigError("environment override names no config section", key=var)
+        name = sections[section]
+        key = rest[len(section) + 1 :].lower()
+        model = Config.model_fields[name].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        if key not in model.model_fields:
+            raise ConfigError("environment override names an unknown key", key=var)
+        target = raw.setdefault(name, {})
+        if not isinstance(target, dict):
+            raise ConfigError("must be a table", key=name)
+        target[key] = _env_value(value)
+
+
+def _env_value(value: str) -> Any:
+    # Lists and tables come as TOML fragments; scalars stay strings and
+    # pydantic coerces them ("1883" -> 1883, "true" -> True).
+    if value.startswith("["):
+        try:
+            return tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            return value
+    return value
+
+
+def resolve_path(config: Config, value: str) -> Path:
+    """Resolve a relative path in the config against the config file's folder."""
+    path = Path(value)
+    if path.is_absolute() or not config.source:
+        return path
+    return Path(config.source).parent / path
+
+
+def read_secret(config: Config, name: str, *, key: str) -> bytes:
+    """Read a secret from a file.
+
+    A relative name is looked up first in `$CREDENTIALS_DIRECTORY` (systemd's
+    `LoadCredential=`), then beside the config file. Errors name the config key,
+    never the secret's content.
+    """
+    candidates: list[Path] = []
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and not Path(name).is_absolute():
+        candidates.append(Path(creds) / name)
+    candidates.append(resolve_path(config, name))
+    for candidate in candidates:
+        try:
+            data = candidate.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read secret file {candidate}: {exc.strerror}", key=key
+            ) from None
+        return data.rstrip(b"\r\n")
+    raise ConfigError(f"secret file not found: {name}", key=key)

@@ -1,0 +1,581 @@
+"""Reference implementation of both ends of a WiFi credential upload (DESIGN §3).
+
+This module is written to be read by firmware authors. `ReferenceDevice` is
+what a device must do with a grant and a credential message; `Uploader` is
+what a phone app (or the gateway's BLE bridge) does. Both sit on the same
+primitives in `provisiond.wifi.crypto`, and docs/wifi-crypto.md plus
+tests/vectors/wifi-grant-v1.json pin every byte.
+
+Grant verification is spelled out by hand with plain signature primitives
+rather than a JWT library, on purpose: a device has no JWT library, and the
+classic JWT failures (`alg: none`, HS256 keyed with a public key) come from
+letting the token choose how it is verified. Here the token chooses nothing:
+the pinned key decides the algorithm, and the header must agree with it.
+
+Firmware must keep `last_iat` and the jti ledger in non-volatile storage;
+otherwise a reboot reopens the replay window for a device without a clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from provisiond.wifi.crypto import (
+    DecryptionFailed,
+    InvalidCredentials,
+    InvalidPeerKey,
+    SessionKeys,
+    WifiCredentials,
+    b64url_decode,
+    b64url_encode,
+    decrypt_credentials,
+    decrypt_status,
+    derive_session_key,
+    encrypt_credentials,
+    encrypt_status,
+    x25519_shared,
+)
+
+GRANT_AUDIENCE: Final = "wifi-config"
+CAP_WIFI_UPLOAD: Final = 0x02
+# Clock skew tolerated between gateway and device, in seconds.
+DEFAULT_LEEWAY: Final = 30
+# No grant may claim a longer life than the gateway ever issues; this bounds
+# the damage of a stolen grant on a device that cannot check `exp`.
+MAX_GRANT_LIFETIME: Final = 3600
+# A grant travels through a BLE characteristic; anything larger is not ours.
+MAX_GRANT_LEN: Final = 2048
+# Bound on remembered jtis. Safe to evict: an evicted grant's iat is <= the
+# last accepted iat, so the monotonic-iat rule still refuses it.
+MAX_LEDGER: Final = 32
+NONCE_LEN: Final = 16
+
+_ALG_BY_KTY: Final = {"OKP": "EdDSA", "EC": "ES256", "oct": "HS256"}
+
+
+class GrantRejected(Exception):
+    """The device refused a grant. `reason` is a short machine code.
+
+    bad_signature, alg_not_allowed, expired, not_yet_valid, wrong_audience,
+    wrong_subject, missing_cap, replayed, stale_iat, wrong_nonce, malformed,
+    unknown_kid, busy (an attempt with credentials is still running).
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"grant rejected: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason = reason
+        self.detail = detail
+
+
+class CredentialRejected(Exception):
+    """The device refused a credential message: no_grant, already_used,
+    expired, decrypt_failed or bad_credentials."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"credential message rejected: {reason}")
+        self.reason = reason
+
+
+class UploaderError(Exception):
+    """Misuse or a protocol mismatch on the uploader side; `reason` says which."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- grant parsing
+
+
+@dataclass(frozen=True)
+class GrantClaims:
+    iss: str
+    sub: str
+    aud: str
+    iat: int
+    exp: int
+    jti: str
+    cap: int
+    epk: bytes
+    dn: bytes | None
+    kid: str
+    alg: str
+
+
+@dataclass(frozen=True)
+class _Jws:
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
+def _json_object(segment: str) -> dict[str, Any]:
+    doc = json.loads(b64url_decode(segment).decode("utf-8"))
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    return doc
+
+
+def _split_jws(blob: str) -> _Jws:
+    """Decode the three JWS segments without trusting any of them yet."""
+    if not isinstance(blob, str) or len(blob) > MAX_GRANT_LEN or not blob.isascii():
+        raise GrantRejected("malformed", "not a compact JWS")
+    parts = blob.split(".")
+    if len(parts) != 3:
+        raise GrantRejected("malformed", "expected three segments")
+    try:
+        header = _json_object(parts[0])
+        claims = _json_object(parts[1])
+        signature = b64url_decode(parts[2])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GrantRejected("malformed", str(exc)) from exc
+    # The signature covers the segments as transmitted, not a re-encoding.
+    return _Jws(header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
+
+
+def parse_unverified(blob: str) -> dict[str, Any]:
+    """Claims of a grant WITHOUT checking its signature.
+
+    For the uploader only, which needs `jti` and `epk` but is not the party
+    the grant protects; never use this to decide whether to trust a grant.
+    """
+    return _split_jws(blob).claims
+
+
+# --------------------------------------------------------------------------- pinned keys
+
+
+@dataclass(frozen=True)
+class PinnedKey:
+    kid: str
+    alg: str
+    key: Ed25519PublicKey | ec.EllipticCurvePublicKey | bytes = field(repr=False)
+
+    @classmethod
+    def from_jwk(cls, jwk: Mapping[str, Any]) -> PinnedKey:
+        """Import a key from the activation reply, fixing its algorithm for good.
+
+        The algorithm follows from the key type; a JWK `alg` that disagrees is
+        an error here, at pinning time, not something to sort out per token.
+        """
+        kty, kid = jwk.get("kty"), jwk.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise ValueError("pinned key needs a kid")
+        alg = _ALG_BY_KTY.get(str(kty))
+        if alg is None or jwk.get("alg", alg) != alg or jwk.get("use", "sig") != "sig":
+            raise ValueError(f"unsupported or inconsistent key {kid}: kty={kty} alg={jwk.get('alg')}")
+        key: Ed25519PublicKey | ec.EllipticCurvePublicKey | bytes
+        if kty == "OKP":
+            if jwk.get("crv") != "Ed25519":
+                raise ValueError("OKP keys must be Ed25519")
+            key = Ed25519PublicKey.from_public_bytes(b64url_decode(jwk["x"]))
+        elif kty == "EC":
+            x, y = b64url_decode(jwk["x"]), b64url_decode(jwk["y"])
+            if jwk.get("crv") != "P-256" or len(x) != 32 or len(y) != 32:
+                raise ValueError("EC keys must be P-256")
+            # public_key() checks the point is on the curve (invalid-curve attacks).
+            key = ec.EllipticCurvePublicNumbers(
+                int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
+            ).public_key()
+        else:
+            key = b64url_decode(jwk["k"])
+            if len(key) < 32:
+                raise ValueError("HS256 keys must be at least 32 bytes")
+        return cls(kid=kid, alg=alg, key=key)
+
+    def verify(self, signing_input: bytes, signature: bytes) -> bool:
+        """Check a JWS signature with this key's one algorithm."""
+        try:
+            if isinstance(self.key, Ed25519PublicKey):
+                self.key.verify(signature, signing_input)
+            elif isinstance(self.key, ec.EllipticCurvePublicKey):
+                # JWS carries ECDSA as fixed-size r||s, not DER (RFC 7518 §3.4).
+                if len(signature) != 64:
+                    return False
+                der = encode_dss_signature(
+                    int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+                )
+                self.key.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
+            else:
+                expected = hmac.new(self.key, signing_input, hashlib.sha256).digest()
+                # Constant time, so the tag cannot be guessed byte by byte.
+                return hmac.compare_digest(expected, signature)
+        except InvalidSignature:
+            return False
+        return True
+
+
+# --------------------------------------------------------------------------- device
+
+
+@dataclass
+class _Session:
+    """What one accepted grant buys: keys, and the right to one credential message."""
+
+    jti: str
+    exp: int
+    keys: SessionKeys = field(repr=False)
+    counter: int = 0
+    credentials_used: bool = False
+    failure: str | None = None
+
+
+class ReferenceDevice:
+    """A device's side of the WiFi upload: grant checks, session, status.
+
+    States: idle -> grant-accepted -> connecting -> (finish) -> idle.
+    A failed attempt returns to idle too: the device is ready for a fresh
+    grant without a reset.
+    """
+
+    def __init__(
+        self,
+        device_id: int,
+        private_key: X25519PrivateKey,
+        pinned_keys: Iterable[Mapping[str, Any]],
+        *,
+        allowed_algorithms: Sequence[str] | None = None,
+        has_clock: bool = True,
+        now: Callable[[], float] = time.time,
+        capabilities: int = CAP_WIFI_UPLOAD,
+        leeway: int = DEFAULT_LEEWAY,
+        require_nonce: bool = False,
+    ) -> None:
+        self.device_id = device_id
+        self.capabilities = capabilities
+        self.has_clock = has_clock
+        self.leeway = leeway
+        # A device without a clock should set this: a fresh dn is then the
+        # only thing that proves a grant was made for this very session.
+        self.require_nonce = require_nonce
+        self._private = private_key
+        self._now = now
+        self._keys = {k.kid: k for k in (PinnedKey.from_jwk(j) for j in pinned_keys)}
+        if not self._keys:
+            raise ValueError("at least one pinned key is required")
+        pinned_algs = {k.alg for k in self._keys.values()}
+        if allowed_algorithms is None:
+            # Normally one pinned key, hence exactly one algorithm.
+            if len(pinned_algs) != 1:
+                raise ValueError("pinned keys use several algorithms; pass allowed_algorithms")
+            allowed_algorithms = sorted(pinned_algs)
+        if "none" in allowed_algorithms or not set(allowed_algorithms) <= pinned_algs:
+            raise ValueError("allowed_algorithms must name algorithms of pinned keys only")
+        self.allowed_algorithms = frozenset(allowed_algorithms)
+
+        self.state = "idle"
+        self.last_iat: int | None = None  # persist in flash on real hardware
+        self._ledger: dict[str, int] = {}  # jti -> exp; persist too
+        self._session: _Session | None = None
+        self._nonce = os.urandom(NONCE_LEN)
+        # The plaintext result for P/devices/N/wifi/status (DESIGN §4).
+        self.last_report: dict[str, str | None] | None = None
+
+    # ---- identity
+
+    @property
+    def public_key(self) -> bytes:
+        return self._private.public_key().public_bytes_raw()
+
+    @property
+    def nonce(self) -> bytes:
+        return self._nonce
+
+    def device_info(self) -> dict[str, Any]:
+        """What the Device Info characteristic exposes (all public)."""
+        return {
+            "device_id": self.device_id,
+            "capabilities": self.capabilities,
+            "public_key": b64url_encode(self.public_key),
+            "nonce": b64url_encode(self._nonce),
+        }
+
+    def _renew_nonce(self) -> None:
+        # A new nonce invalidates every grant minted for the old one, so a
+        # grant requested for one session cannot be kept for a later one.
+        self._nonce = os.urandom(NONCE_LEN)
+
+    # ---- grant
+
+    def accept_grant(self, blob: str) -> GrantClaims:
+        """Verify a grant and open a session, or raise GrantRejected.
+
+        Checks run signature first: nothing in an unauthenticated token is
+        allowed to influence anything beyond picking the pinned key.
+        """
+        if self.state == "connecting":
+            raise GrantRejected("busy", "an attempt is in progress")
+        jws = _split_jws(blob)
+
+        # 1. Algorithm and key come from what we pinned, never from the token.
+        alg, kid = jws.header.get("alg"), jws.header.get("kid")
+        if not isinstance(alg, str) or alg not in self.allowed_algorithms:
+            raise GrantRejected("alg_not_allowed", repr(alg))
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise GrantRejected("unknown_kid", repr(kid))
+        if key.alg != alg:
+            # e.g. HS256 naming an Ed25519 kid: the algorithm-confusion attack.
+            raise GrantRejected("alg_not_allowed", f"{alg} with a {key.alg} key")
+        if "crit" in jws.header:
+            # RFC 7515 §4.1.11: extensions we do not implement must be refused.
+            raise GrantRejected("malformed", "crit header")
+        if not key.verify(jws.signing_input, jws.signature):
+            raise GrantRejected("bad_signature")
+
+        # 2. Claims: signed, so now worth reading.
+        claims = self._parse_claims(jws, kid=key.kid, alg=alg)
+        if claims.aud != GRANT_AUDIENCE:
+            raise GrantRejected("wrong_audience", claims.aud)
+        if claims.sub != str(self.device_id):
+            raise GrantRejected("wrong_subject", claims.sub)
+        if not claims.cap & CAP_WIFI_UPLOAD:
+            raise GrantRejected("missing_cap")
+        if not 0 < claims.exp - claims.iat <= MAX_GRANT_LIFETIME:
+            raise GrantRejected("malformed", "lifetime out of range")
+
+        # 3. Time, only if we have a trustworthy clock.
+        if self.has_clock:
+            now = self._now()
+            if now >= claims.exp + self.leeway:
+                raise GrantRejected("expired")
+            nbf = jws.claims.get("nbf", 0)
+            if not isinstance(nbf, int) or isinstance(nbf, bool):
+                raise GrantRejected("malformed", "claim nbf")
+            if nbf > now + self.leeway:
+                raise GrantRejected("not_yet_valid", "nbf")
+            if claims.iat > now + self.leeway:
+                raise GrantRejected("not_yet_valid", "iat")
+
+        # 4. Single use. The ledger names the replay precisely; monotonic iat
+        # is what actually holds on a clockless device.
+        self._prune_ledger()
+        if claims.jti in self._ledger:
+            raise GrantRejected("replayed")
+        if self.last_iat is not None and claims.iat <= self.last_iat:
+            raise GrantRejected("stale_iat")
+        if claims.dn is not None:
+            if not hmac.compare_digest(claims.dn, self._nonce):
+                raise GrantRejected("wrong_nonce")
+        elif self.require_nonce:
+            raise GrantRejected("wrong_nonce", "dn missing")
+
+        # 5. Session key. Z from our static key and the grant's epk; the blob
+        # itself salts HKDF so these keys belong to this grant alone.
+        try:
+            z = x25519_shared(self._private, claims.epk)
+        except InvalidPeerKey as exc:
+            raise GrantRejected("malformed", "epk is a low-order point") from exc
+        keys = derive_session_key(z, blob)
+
+        # 6. Commit only now, so a rejected grant changes nothing. A pending
+        # session whose credentials never came is simply superseded.
+        self._ledger[claims.jti] = claims.exp
+        self._trim_ledger()
+        self.last_iat = claims.iat
+        self._session = _Session(jti=claims.jti, exp=claims.exp, keys=keys)
+        self.state = "grant-accepted"
+        self._renew_nonce()
+        return claims
+
+    @staticmethod
+    def _parse_claims(jws: _Jws, *, kid: str, alg: str) -> GrantClaims:
+        c = jws.claims
+
+        def need(name: str, typ: type) -> Any:
+            value = c.get(name)
+            # bool is an int in Python (and not a number in JSON terms).
+            if not isinstance(value, typ) or isinstance(value, bool):
+                raise GrantRejected("malformed", f"claim {name}")
+            return value
+
+        cap = c.get("cap")
+        if not isinstance(cap, int) or isinstance(cap, bool):
+            raise GrantRejected("missing_cap")
+        aud = c.get("aud")
+        if not isinstance(aud, str):
+            # v1 grants carry one audience string; an array is not ours.
+            raise GrantRejected("wrong_audience", repr(aud))
+        try:
+            epk = b64url_decode(need("epk", str))
+            jti_raw = b64url_decode(need("jti", str))
+            dn_text = c.get("dn")
+            dn = None if dn_text is None else b64url_decode(need("dn", str))
+        except ValueError as exc:
+            raise GrantRejected("malformed", str(exc)) from exc
+        if len(epk) != 32 or len(jti_raw) != 16:
+            raise GrantRejected("malformed", "epk or jti length")
+        return GrantClaims(
+            iss=need("iss", str),
+            sub=need("sub", str),
+            aud=aud,
+            iat=need("iat", int),
+            exp=need("exp", int),
+            jti=c["jti"],
+            cap=cap,
+            epk=epk,
+            dn=dn,
+            kid=kid,
+            alg=alg,
+        )
+
+    def _prune_ledger(self) -> None:
+        # Without a clock, "expired" means older than the newest grant we
+        # accepted: such a jti is refused by the iat rule anyway.
+        horizon = self._now() if self.has_clock else (self.last_iat or 0)
+        self._ledger = {j: e for j, e in self._ledger.items() if e > horizon}
+
+    def _trim_ledger(self) -> None:
+        while len(self._ledger) > MAX_LEDGER:
+            del self._ledger[min(self._ledger, key=self._ledger.__getitem__)]
+
+    # ---- credentials and status
+
+    def receive_credentials(self, message: bytes) -> WifiCredentials:
+        """Decrypt the one credential message this grant allows."""
+        session = self._session
+        if session is None:
+            raise CredentialRejected("no_grant")
+        if session.credentials_used:
+            raise CredentialRejected("already_used")
+        # Spent before decrypting: a grant buys one attempt, good or bad.
+        session.credentials_used = True
+        if self.has_clock and self._now() >= session.exp + self.leeway:
+            return self._fail_credentials(session, "expired")
+        try:
+            creds = decrypt_credentials(session.keys.k_up, message)
+        except DecryptionFailed:
+            return self._fail_credentials(session, "decrypt_failed")
+        except InvalidCredentials:
+            return self._fail_credentials(session, "bad_credentials")
+        self.state = "connecting"
+        return creds
+
+    def _fail_credentials(self, session: _Session, reason: str) -> WifiCredentials:
+        # Stay in the session so finish() can still tell the uploader why.
+        session.failure = reason
+        self.state = "failed"
+        raise CredentialRejected(reason)
+
+    def status(self, state: str, reason: str | None = None) -> bytes:
+        """Encrypt one status notification under K_down with the next counter."""
+        session = self._session
+        if session is None:
+            raise CredentialRejected("no_grant")
+        doc: dict[str, str] = {"state": state, "grant_id": session.jti}
+        if reason is not None:
+            doc["reason"] = reason
+        message = encrypt_status(session.keys.k_down, session.counter, doc)
+        # The counter is the nonce: it must move on after every message.
+        session.counter += 1
+        return message
+
+    def status_message(self, reason: str | None = None) -> bytes:
+        """Notify the current state (e.g. "grant-accepted", "connecting")."""
+        return self.status(self.state, reason)
+
+    def finish(self, connected: bool, reason: str | None = None) -> bytes:
+        """End the attempt: final encrypted status, then back to idle.
+
+        `reason` is a machine code such as "wrong_password" or
+        "ssid_not_found"; never free text that could carry the SSID or key.
+        """
+        session = self._session
+        if session is None:
+            raise CredentialRejected("no_grant")
+        state = "connected" if connected else "failed"
+        if not connected and reason is None:
+            reason = session.failure or "unknown"
+        message = self.status(state, None if connected else reason)
+        self.last_report = {
+            "grant_id": session.jti,
+            "state": state,
+            "reason": None if connected else reason,
+        }
+        self._session = None
+        self.state = "idle"
+        self._renew_nonce()
+        return message
+
+
+# --------------------------------------------------------------------------- uploader
+
+
+class Uploader:
+    """The app's (or BLE bridge's) side: one grant, one credential message."""
+
+    def __init__(self, grant_blob: str, keys: SessionKeys) -> None:
+        claims = parse_unverified(grant_blob)
+        self.grant_blob = grant_blob
+        self.grant_id = str(claims.get("jti"))
+        self._keys = keys
+        self._sent = False
+        self._counter = 0
+
+    @classmethod
+    def for_grant(
+        cls,
+        grant_blob: str,
+        *,
+        ephemeral_private: X25519PrivateKey | None = None,
+        session_key: bytes | None = None,
+        device_public_key: bytes | None = None,
+    ) -> Uploader:
+        """End-to-end/bridge mode: pass `ephemeral_private` (the `e` whose
+        public half was sent as app_public_key) and `device_public_key`.
+        Server-generated mode: pass the 64-byte `session_key` from the reply.
+        """
+        if (ephemeral_private is None) == (session_key is None):
+            raise UploaderError("usage", "pass exactly one of ephemeral_private, session_key")
+        if session_key is not None:
+            return cls(grant_blob, SessionKeys.from_raw(session_key))
+        assert ephemeral_private is not None
+        if device_public_key is None:
+            raise UploaderError("usage", "device_public_key is required with ephemeral_private")
+        try:
+            epk = b64url_decode(str(parse_unverified(grant_blob).get("epk")))
+        except (ValueError, GrantRejected) as exc:
+            raise UploaderError("malformed", "grant has no usable epk") from exc
+        # Catches the easy mistake of pairing a grant with the wrong e; the
+        # device would only say "decrypt_failed", far from the cause.
+        if epk != ephemeral_private.public_key().public_bytes_raw():
+            raise UploaderError("epk_mismatch", "grant was not issued for this ephemeral key")
+        z = x25519_shared(ephemeral_private, device_public_key)
+        return cls(grant_blob, derive_session_key(z, grant_blob))
+
+    @property
+    def session_keys(self) -> SessionKeys:
+        return self._keys
+
+    def credential_message(
+        self, ssid: str, password: str, security: str = "wpa2-psk", *, nonce: bytes | None = None
+    ) -> bytes:
+        """Encrypt the credentials, once. A retry needs a fresh grant, since
+        the device will not accept a second message under this one."""
+        if self._sent:
+            raise UploaderError("already_used", "one credential message per grant")
+        self._sent = True
+        return encrypt_credentials(self._keys.k_up, ssid, password, security, nonce=nonce)
+
+    def read_status(self, message: bytes) -> dict[str, str]:
+        """Decrypt the next status notification; they must be read in order."""
+        status = decrypt_status(self._keys.k_down, self._counter, message)
+        self._counter += 1
+        if status["grant_id"] != self.grant_id:
+            raise UploaderError("wrong_grant", "status is for another grant")
+        return status

@@ -1,0 +1,1 @@
+"""RPC operations, one module per area; each has `setup(app, router)`."""

@@ -1,0 +1,17 @@
+"""`P/rpc/keys/whoami`: who the presented key is — proves the whole RPC path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from provisiond.app import App
+from provisiond.rpc import EmptyBody, Operation, Request, Router
+
+
+async def whoami(request: Request, _body: EmptyBody) -> dict[str, Any]:
+    assert request.principal is not None
+    return request.principal.as_dict()
+
+
+def setup(_app: App, router: Router) -> None:
+    router.register(Operation("keys/whoami", whoami))

@@ -1,0 +1,71 @@
+"""Idempotent replays: the first reply to a request, kept for ten minutes.
+
+A stored reply can hold secrets (a provision token, a session key). It is
+sealed with AES-GCM under a key derived from the caller's own credential (the
+API key or provision token), which the daemon stores only as a hash — so the
+database file alone never yields a token, yet the same caller repeating the
+same request gets the identical reply, also after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import sqlite_utils
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+WINDOW_SECONDS = 600.0
+_INFO = b"provisiond replay v1"
+
+
+def replay_id(principal_ref: str, operation: str, correlation: bytes) -> str:
+    h = hashlib.sha256()
+    for part in (principal_ref.encode(), operation.encode(), correlation):
+        h.update(len(part).to_bytes(4, "big"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def _key(secret: str, rid: str) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes.fromhex(rid), info=_INFO).derive(
+        secret.encode("utf-8")
+    )
+
+
+def seal(secret: str, rid: str, reply: bytes) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + AESGCM(_key(secret, rid)).encrypt(nonce, reply, rid.encode())
+
+
+def unseal(secret: str, rid: str, blob: bytes) -> bytes | None:
+    try:
+        return AESGCM(_key(secret, rid)).decrypt(blob[:12], blob[12:], rid.encode())
+    except (InvalidTag, ValueError):
+        return None
+
+
+def load(db: sqlite_utils.Database, rid: str, now: float) -> bytes | None:
+    row = db.execute(
+        "SELECT reply FROM replays WHERE id = ? AND created_at > ?", [rid, now - WINDOW_SECONDS]
+    ).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def save(db: sqlite_utils.Database, rid: str, sealed: bytes, now: float) -> bool:
+    """Record a reply; False when one was already recorded (a concurrent duplicate)."""
+    # An expired record with the same id is overwritten: the window has passed.
+    cur = db.execute(
+        "INSERT INTO replays (id, created_at, reply) VALUES (?, ?, ?)"
+        " ON CONFLICT(id) DO UPDATE SET created_at = excluded.created_at, reply = excluded.reply"
+        " WHERE replays.created_at <= ?",
+        [rid, now, sealed, now - WINDOW_SECONDS],
+    )
+    return cur.rowcount == 1
+
+
+def prune(db: sqlite_utils.Database, now: float) -> int:
+    return db.execute("DELETE FROM replays WHERE created_at <= ?", [now - WINDOW_SECONDS]).rowcount

@@ -1,0 +1,410 @@
+"""RPC over MQTT: parse a request, authenticate, dispatch, reply (DESIGN §2).
+
+This module is the one boundary where exceptions become reply codes. Each
+request runs as its own task under a concurrency bound; a handler that fails
+answers 500 with an error id that is in the log, and nothing else notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import sqlite_utils
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from provisiond import auth, replay
+from provisiond.app import App
+from provisiond.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    RpcError,
+    StoreUnavailable,
+    Unavailable,
+)
+from provisiond.logs import get_logger
+from provisiond.transport import Delivery, NotConnected
+
+log = get_logger("provisiond.rpc")
+
+# Keys an MQTT 3.1.1 client puts in the body, since it has no properties.
+V3_KEYS = ("reply_to", "correlation_id", "authorization")
+MAX_CORRELATION_BYTES = 256
+
+
+class Body(BaseModel):
+    """Base of every request body: strict types, unknown fields refused by name."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class EmptyBody(Body):
+    pass
+
+
+Handler = Callable[["Request", Any], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    handler: Handler
+    body: type[BaseModel] = EmptyBody
+    # api_key: the router authenticates the `authorization` credential.
+    # body_token: the body carries its own credential (`token`), e.g. device activation.
+    auth: Literal["api_key", "body_token"] = "api_key"
+    scope: str | None = None
+
+
+@dataclass
+class ReplyPath:
+    topic: str
+    correlation: bytes | None
+    # MQTT 3.1.1 requesters get their correlation_id back in the body.
+    correlation_id: Any = None
+    v5: bool = True
+
+
+@dataclass
+class Request:
+    """What a handler sees: the validated body, the caller, and a way to write."""
+
+    app: App
+    operation: str
+    principal: auth.Principal | None
+    log_fields: dict[str, Any] = field(default_factory=dict)
+    _replay_id: str | None = None
+    _replay_secret: str | None = None
+    replay_saved: bool = False
+
+    async def write(self, fn: Callable[[sqlite_utils.Database], dict[str, Any]]) -> dict[str, Any]:
+        """Run `fn` in one transaction whose result is the reply body.
+
+        The reply is recorded for replays in the same transaction, so a crash
+        can never leave the effect without the reply a redelivery must get.
+        """
+        rid, secret, now = self._replay_id, self._replay_secret, self.app.clock.now()
+
+        def tx(db: sqlite_utils.Database) -> dict[str, Any]:
+            result = fn(db)
+            if rid is not None and secret is not None:
+                sealed = replay.seal(secret, rid, _envelope_ok(result))
+                if not replay.save(db, rid, sealed, now):
+                    # A duplicate finished first; roll back ours and answer as it did.
+                    raise _DuplicateWon(rid)
+            return result
+
+        result = await self.app.store.write(tx)
+        self.replay_saved = rid is not None
+        return result
+
+
+class _DuplicateWon(Exception):
+    def __init__(self, rid: str) -> None:
+        super().__init__(rid)
+        self.rid = rid
+
+
+def _envelope_ok(body: dict[str, Any]) -> bytes:
+    return json.dumps({"status": 200, "body": body}, separators=(",", ":")).encode()
+
+
+class Router:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.operations: dict[str, Operation] = {}
+        self.draining = False
+        self._sem = asyncio.Semaphore(app.config.daemon.max_concurrent_requests)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._pending_replays: dict[str, asyncio.Future[bytes]] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self.rpc_prefix = app.topic("rpc") + "/"
+
+    def register(self, op: Operation) -> None:
+        if op.name in self.operations:
+            raise ValueError(f"operation {op.name} registered twice")
+        self.operations[op.name] = op
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def submit(self, delivery: Delivery) -> None:
+        """Start handling a request; waits only when the concurrency bound is reached."""
+        await self._sem.acquire()
+        task = asyncio.get_running_loop().create_task(self._handle(delivery))
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._sem.release()
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new requests and wait up to `grace` for those in flight; returns how many remain."""
+        self.draining = True
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=grace)
+        return len(self._inflight)
+
+    # --- one request
+
+    async def _handle(self, delivery: Delivery) -> None:
+        started = time.perf_counter()
+        name = delivery.topic[len(self.rpc_prefix) :]
+        fields: dict[str, Any] = {"op": name}
+        status = 500
+        try:
+            path, body = self._parse(delivery, fields)
+            if path is None:
+                self.app.counters["rpc.dropped"] += 1
+                log.warning("rpc.dropped", reason="no reply path", **fields)
+                self.app.transport.ack(delivery)
+                return
+            reply, status = await self._reply_for(name, body, path, fields)
+            if path.topic:
+                await self._publish(path, reply)
+            self.app.transport.ack(delivery)
+        except NotConnected:
+            # Unacked, so the broker redelivers it and the replay record answers it.
+            fields["reply"] = "lost; left unacknowledged for redelivery"
+        except Exception:  # a bug in the router itself; never let it kill the loop
+            log.exception("rpc.router_failed", **fields)
+        finally:
+            self.app.counters[f"rpc.status.{status}"] += 1
+            self.app.counters["rpc.requests"] += 1
+            fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            log.info("rpc", status=status, **fields)
+
+    def _parse(self, delivery: Delivery, fields: dict[str, Any]) -> tuple[ReplyPath | None, Any]:
+        """Find the reply path and the body; errors are returned as the body."""
+        props = delivery.message.properties
+        payload = delivery.payload
+        path: ReplyPath | None = None
+        user_auth: str | None = None
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        if response_topic:
+            corr = getattr(props, "CorrelationData", None)
+            path = ReplyPath(response_topic, bytes(corr) if corr is not None else None)
+            for key, value in getattr(props, "UserProperty", None) or []:
+                if key.lower() == "authorization":
+                    user_auth = value
+        if len(payload) > self.app.config.daemon.max_payload_bytes:
+            fields["bytes"] = len(payload)
+            return path, PayloadTooLarge(
+                f"payload is {len(payload)} bytes; the limit is {self.app.config.daemon.max_payload_bytes}"
+            )
+        try:
+            body = json.loads(payload) if payload.strip() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return path, BadRequest(
+                f"body is not valid JSON: {exc.__class__.__name__}", code="invalid_json"
+            )
+        if isinstance(body, dict) and path is None and isinstance(body.get("reply_to"), str):
+            corr_id = body.get("correlation_id")
+            path = ReplyPath(
+                body["reply_to"],
+                None if corr_id is None else str(corr_id).encode(),
+                correlation_id=corr_id,
+                v5=False,
+            )
+        if isinstance(body, dict):
+            if user_auth is None and isinstance(body.get("authorization"), str):
+                user_auth = body["authorization"]
+            for key in V3_KEYS:
+                body.pop(key, None)
+        if path is not None:
+            problem = self._check_reply_topic(path.topic)
+            if problem:
+                fields["reply_topic_refused"] = problem
+                return None, None
+            if path.correlation is not None and len(path.correlation) > MAX_CORRELATION_BYTES:
+                return path, BadRequest("correlation data is too long", field="correlation_id")
+        if not isinstance(body, dict):
+            return path, BadRequest("body must be a JSON object", code="invalid_body")
+        return path, (user_auth, body)
+
+    def _check_reply_topic(self, topic: str) -> str | None:
+        if not topic or "+" in topic or "#" in topic or len(topic) > 512:
+            return "reply topic must be a non-empty topic name without wildcards"
+        # Replies must never be aimed at the daemon's own channels, where a
+        # forged reply could pass for a command, an event or presence.
+        prefix = self.app.prefix + "/"
+        if topic.startswith(prefix):
+            rest = topic[len(prefix) :].split("/")
+            allowed = rest[0] == "replies" or (
+                len(rest) >= 3 and rest[0] == "devices" and rest[2] == "replies"
+            )
+            if not allowed:
+                return "reply topic inside the daemon's namespace must be under replies/"
+        return None
+
+    async def _reply_for(
+        self, name: str, parsed: Any, path: ReplyPath, fields: dict[str, Any]
+    ) -> tuple[bytes, int]:
+        try:
+            if isinstance(parsed, RpcError):
+                raise parsed
+            user_auth, body = parsed
+            return await self._dispatch(name, user_auth, body, path, fields), 200
+        except RpcError as exc:
+            fields["error"] = exc.code
+            if exc.field:
+                fields["field"] = exc.field
+            return _envelope_error(exc.status, exc.error_body()), exc.status
+        except Exception:
+            error_id = "err_" + secrets.token_hex(6)
+            fields["error_id"] = error_id
+            log.exception("rpc.internal_error", error_id=error_id, op=name)
+            return _envelope_error(
+                500,
+                {
+                    "code": "internal",
+                    "message": f"internal error; reference {error_id}",
+                    "error_id": error_id,
+                },
+            ), 500
+
+    async def _dispatch(
+        self,
+        name: str,
+        user_auth: str | None,
+        body: dict[str, Any],
+        path: ReplyPath,
+        fields: dict[str, Any],
+    ) -> bytes:
+        op = self.operations.get(name)
+        if op is None:
+            raise NotFound(f"unknown operation {name!r}", code="unknown_operation")
+        if self.draining:
+            raise Unavailable("daemon is shutting down", code="shutting_down")
+        principal: auth.Principal | None = None
+        if op.auth == "api_key":
+            secret = auth.parse_bearer(user_auth)
+            principal = await self.app.store.call(lambda db: auth.lookup_key(db, secret))
+            fields["key_id"] = principal.key_id
+            self._rate_limit(principal.key_id)
+            if op.scope is not None and op.scope not in principal.scopes:
+                raise Forbidden(f"key lacks scope {op.scope}", code="missing_scope")
+            principal_ref = principal.key_id
+        else:
+            token = body.get("token")
+            secret = token if isinstance(token, str) else ""
+            principal_ref = "token:" + auth.hash_secret(secret)
+
+        rid = (
+            replay.replay_id(principal_ref, name, path.correlation)
+            if path.correlation and secret
+            else None
+        )
+        if rid is not None:
+            stored = await self._find_replay(rid, secret)
+            if stored is not None:
+                fields["replay"] = True
+                return stored
+            pending = self._pending_replays.get(rid)
+            if pending is not None:
+                # The same request is being handled right now (a redelivery racing
+                # the original); answer with its result instead of doing it twice.
+                fields["replay"] = True
+                return await asyncio.shield(pending)
+            self._pending_replays[rid] = asyncio.get_running_loop().create_future()
+
+        try:
+            reply = await self._run_handler(op, principal, body, rid, secret, fields)
+            if rid is not None:
+                self._pending_replays[rid].set_result(reply)
+            return reply
+        except _DuplicateWon:
+            stored = await self._find_replay(rid or "", secret)
+            if stored is None:
+                raise Unavailable("duplicate request raced; retry") from None
+            fields["replay"] = True
+            return stored
+        except BaseException as exc:
+            if rid is not None and not self._pending_replays[rid].done():
+                self._pending_replays[rid].set_exception(exc)
+                self._pending_replays[rid].exception()  # mark retrieved: duplicates are optional
+            raise
+        finally:
+            if rid is not None:
+                self._pending_replays.pop(rid, None)
+
+    async def _run_handler(
+        self,
+        op: Operation,
+        principal: auth.Principal | None,
+        body: dict[str, Any],
+        rid: str | None,
+        secret: str,
+        fields: dict[str, Any],
+    ) -> bytes:
+        try:
+            parsed = op.body.model_validate(body)
+        except ValidationError as exc:
+            raise _bad_body(exc) from None
+        request = Request(self.app, op.name, principal, fields, rid, secret if rid else None)
+        result = await op.handler(request, parsed)
+        reply = _envelope_ok(result)
+        if rid is not None and not request.replay_saved:
+            sealed = replay.seal(secret, rid, reply)
+            now = self.app.clock.now()
+            try:
+                await self.app.store.call(lambda db: replay.save(db, rid, sealed, now))
+            except StoreUnavailable:
+                # The answer is still right; only a later replay would be recomputed.
+                log.warning("rpc.replay_not_saved", op=op.name)
+        return reply
+
+    async def _find_replay(self, rid: str, secret: str) -> bytes | None:
+        now = self.app.clock.now()
+        sealed = await self.app.store.call(lambda db: replay.load(db, rid, now))
+        return None if sealed is None else replay.unseal(secret, rid, sealed)
+
+    def _rate_limit(self, key_id: str) -> None:
+        limits = self.app.config.limits
+        if limits.rate_per_key <= 0:
+            return
+        now = time.monotonic()
+        tokens, last = self._buckets.get(key_id, (float(limits.burst_per_key), now))
+        tokens = min(float(limits.burst_per_key), tokens + (now - last) * limits.rate_per_key)
+        if tokens < 1:
+            self._buckets[key_id] = (tokens, now)
+            raise RateLimited("too many requests for this key")
+        self._buckets[key_id] = (tokens - 1, now)
+
+    async def _publish(self, path: ReplyPath, reply: bytes) -> None:
+        props: Properties | None = None
+        if path.v5:
+            if path.correlation is not None:
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.CorrelationData = path.correlation
+        else:
+            envelope = json.loads(reply)
+            envelope["correlation_id"] = path.correlation_id
+            reply = json.dumps(envelope, separators=(",", ":")).encode()
+        await self.app.transport.publish(path.topic, reply, qos=1, properties=props)
+
+
+def _envelope_error(status: int, error: dict[str, Any]) -> bytes:
+    return json.dumps({"status": status, "error": error}, separators=(",", ":")).encode()
+
+
+def _bad_body(exc: ValidationError) -> BadRequest:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    field_name = ".".join(str(p) for p in first["loc"]) or None
+    if first["type"] == "extra_forbidden":
+        return BadRequest(f"unknown field {field_name!r}", code="unknown_field", field=field_name)
+    if first["type"] == "missing":
+        return BadRequest(f"{field_name} is required", code="missing_field", field=field_name)
+    return BadRequest(f"{field_name}: {first['msg']}", code="invalid_field", field=field_name)

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+from structlog.testing import LogCapture
+
+from provisiond.config import Config
+from provisiond.server import Server
+from support import Broker, RpcClient, make_config, running
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--heavy", action="store_true", help="run the heavy load/fault variants")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--heavy"):
+        return
+    skip = pytest.mark.skip(reason="heavy variant: run with --heavy")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    b = Broker(tmp_path_factory.mktemp("broker")).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker only this test uses (for restarts and kills)."""
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def logs() -> Iterator[LogCapture]:
+    """Every log event of the test, as dicts, before rendering (and before redaction)."""
+    cap = LogCapture()
+    old = structlog.get_config()
+    structlog.configure(processors=[cap])
+    yield cap
+    structlog.configure(**old)
+
+
+@pytest.fixture
+def config(tmp_path: Path, broker: Broker) -> Config:
+    return make_config(tmp_path, broker)
+
+
+@pytest.fixture
+async def daemon(config: Config, logs: LogCapture) -> AsyncIterator[Server]:
+    async with running(config) as server:
+        yield server
+
+
+@pytest.fixture
+async def rpc(config: Config, daemon: Server) -> AsyncIterator[RpcClient]:
+    async with RpcClient(config) as client:
+        yield client

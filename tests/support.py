@@ -1,0 +1,234 @@
+"""Test helpers: a real mosquitto, a daemon in-process, and an RPC client.
+
+Every test gets its own topic prefix and client ids, so tests sharing one
+broker never see each other's messages or sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from provisiond import auth
+from provisiond.config import Config
+from provisiond.schema import all_migrations
+from provisiond.server import Server
+from provisiond.store import connect, migrate
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Broker:
+    """A mosquitto process on a loopback port, with persistence for session tests."""
+
+    def __init__(self, directory: Path, port: int | None = None, extra: str = "") -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+        self.conf = directory / "mosquitto.conf"
+        self.log = directory / "mosquitto.log"
+
+    def start(self) -> Broker:
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "set_tcp_nodelay true\n"
+            "persistence true\n"
+            f"persistence_location {self.directory}/\n"
+            "max_queued_messages 200000\n"
+            "max_inflight_messages 0\n"
+            f"{self.extra}\n"
+        )
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.conf)], stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start listening")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def make_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> Config:
+    """A config for one test: its own store file, topic prefix and client id."""
+    tag = uuid.uuid4().hex[:10]
+    raw: dict[str, Any] = {
+        "mqtt": {
+            "host": "127.0.0.1",
+            "port": broker.port,
+            "topic_prefix": f"t{tag}",
+            "client_id": f"provisiond-{tag}",
+            "session_expiry_seconds": 300,
+            "reconnect_min_seconds": 0.1,
+            "reconnect_max_seconds": 1.0,
+        },
+        "store": {"path": str(tmp_path / f"store-{tag}.db")},
+        "daemon": {"shutdown_grace_seconds": 5},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return Config.model_validate(raw)
+
+
+def seed_key(
+    config: Config,
+    *,
+    org: int = 1,
+    user: int | None = None,
+    scopes: tuple[str, ...] = tuple(sorted(auth.SCOPES)),
+    permissions: tuple[str, ...] = (),
+    users: tuple[int, ...] = (),
+) -> tuple[str, str]:
+    """Create org (and users) if missing and a key; returns (key_id, secret)."""
+    db = connect(config.store.path)
+    migrate(db, all_migrations())
+    if not db.execute("SELECT 1 FROM orgs WHERE id = ?", [org]).fetchone():
+        auth.create_org(db, org, f"org {org}")
+    for uid in {*users, *([user] if user else [])}:
+        if not db.execute("SELECT 1 FROM users WHERE id = ?", [uid]).fetchone():
+            auth.create_user(db, org, uid)
+    key_id, secret = auth.create_key(
+        db, org_id=org, user_id=user, scopes=frozenset(scopes), permissions=frozenset(permissions)
+    )
+    db.conn.close()
+    return key_id, secret
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config, **kwargs: Any) -> AsyncIterator[Server]:
+    server = Server(config, **kwargs)
+    task = asyncio.create_task(server.serve())
+    ready = asyncio.create_task(server.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    if ready not in done:
+        ready.cancel()
+        server.request_stop()
+        await task
+        raise TimeoutError("daemon did not become ready")
+    try:
+        yield server
+    finally:
+        server.request_stop()
+        await asyncio.wait_for(task, 30)
+
+
+class RpcClient:
+    """An MQTT v5 requester: Response Topic + Correlation Data, Bearer in a user property."""
+
+    def __init__(self, config: Config, *, client_id: str | None = None) -> None:
+        self.config = config
+        self.prefix = config.mqtt.topic_prefix
+        self.reply_topic = f"replies-{uuid.uuid4().hex}"
+        self.client_id = client_id or f"rpc-{uuid.uuid4().hex[:12]}"
+        self._pending: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        self._client: aiomqtt.Client | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.unmatched: list[dict[str, Any]] = []
+
+    async def __aenter__(self) -> RpcClient:
+        self._client = aiomqtt.Client(
+            "127.0.0.1",
+            self.config.mqtt.port,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        )
+        await self._client.__aenter__()
+        await self._client.subscribe(self.reply_topic, qos=1)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._reader
+        if self._client:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._client.__aexit__(None, None, None)
+
+    @property
+    def client(self) -> aiomqtt.Client:
+        assert self._client is not None
+        return self._client
+
+    async def _read(self) -> None:
+        async for message in self.client.messages:
+            payload = json.loads(message.payload)  # type: ignore[arg-type]
+            corr = getattr(message.properties, "CorrelationData", None)
+            fut = self._pending.pop(bytes(corr), None) if corr is not None else None
+            if fut is not None and not fut.done():
+                fut.set_result(payload)
+            else:
+                self.unmatched.append(payload)
+
+    async def send(
+        self,
+        operation: str,
+        body: Any = None,
+        *,
+        key: str | None = None,
+        correlation: bytes | None = None,
+        raw: bytes | None = None,
+        reply: bool = True,
+    ) -> asyncio.Future[dict[str, Any]]:
+        correlation = correlation if correlation is not None else uuid.uuid4().bytes
+        props = Properties(PacketTypes.PUBLISH)
+        if reply:
+            props.ResponseTopic = self.reply_topic
+            props.CorrelationData = correlation
+        if key is not None:
+            props.UserProperty = ("authorization", f"Bearer {key}")
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = fut
+        payload = raw if raw is not None else json.dumps({} if body is None else body).encode()
+        await self.client.publish(f"{self.prefix}/rpc/{operation}", payload, qos=1, properties=props)
+        return fut
+
+    async def call(
+        self, operation: str, body: Any = None, *, timeout: float = 10.0, **kwargs: Any
+    ) -> dict[str, Any]:
+        fut = await self.send(operation, body, **kwargs)
+        return await asyncio.wait_for(fut, timeout)

@@ -1,0 +1,204 @@
+"""The RPC path end to end over a real mosquitto (DESIGN §2)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import uuid
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from structlog.testing import LogCapture
+
+from provisiond.config import Config
+from provisiond.server import Server
+from support import RpcClient, seed_key
+
+
+async def test_whoami_over_mosquitto_rr_v5(config: Config, daemon: Server) -> None:
+    key_id, secret = seed_key(config, scopes=("devices:read",))
+    proc = await asyncio.create_subprocess_exec(
+        "mosquitto_rr", "-V", "5", "-h", "127.0.0.1", "-p", str(config.mqtt.port),
+        "-t", f"{config.mqtt.topic_prefix}/rpc/keys/whoami",
+        "-e", f"replies-{uuid.uuid4().hex}",
+        "-D", "PUBLISH", "user-property", "authorization", f"Bearer {secret}",
+        "-m", "{}", "-W", "10",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    reply = json.loads(out)
+    assert reply["status"] == 200
+    assert reply["body"] == {
+        "key_id": key_id, "org_id": 1, "user_id": None, "scopes": ["devices:read"], "permissions": [],
+    }  # fmt: skip
+
+
+async def test_whoami_over_mqtt311_body_keys(config: Config, daemon: Server) -> None:
+    key_id, secret = seed_key(config)
+    reply_topic = f"replies-{uuid.uuid4().hex}"
+    got: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+
+    def on_message(_c: object, _u: object, msg: paho.MQTTMessage) -> None:
+        loop.call_soon_threadsafe(got.set_result, json.loads(msg.payload))
+
+    subscribed = asyncio.Event()
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: loop.call_soon_threadsafe(subscribed.set)
+    client.connect("127.0.0.1", config.mqtt.port)
+    client.loop_start()
+    try:
+        client.subscribe(reply_topic, qos=1)
+        await asyncio.wait_for(subscribed.wait(), 5)
+        body = {"reply_to": reply_topic, "correlation_id": "abc-1", "authorization": f"Bearer {secret}"}
+        client.publish(f"{config.mqtt.topic_prefix}/rpc/keys/whoami", json.dumps(body), qos=1)
+        reply = await asyncio.wait_for(got, 10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert reply["status"] == 200
+    assert reply["correlation_id"] == "abc-1"
+    assert reply["body"]["key_id"] == key_id  # type: ignore[index]
+
+
+async def test_bad_input_each_gets_its_answer_and_daemon_keeps_serving(
+    config: Config, rpc: RpcClient, logs: LogCapture
+) -> None:
+    key_id, secret = seed_key(config)
+    reply = await rpc.call("keys/whoami", raw=b"{not json", key=secret)
+    assert reply["status"] == 400 and reply["error"]["code"] == "invalid_json"
+    reply = await rpc.call("keys/whoami", raw=b"[1, 2]", key=secret)
+    assert reply["status"] == 400 and reply["error"]["code"] == "invalid_body"
+    reply = await rpc.call("keys/whoami", raw=b"\xff\xfe\x00", key=secret)
+    assert reply["status"] == 400
+    reply = await rpc.call("keys/whoami", raw=b"x" * (1024 * 1024), key=secret)
+    assert reply["status"] == 413
+    reply = await rpc.call("keys/whoami", {})
+    assert reply["status"] == 401
+    reply = await rpc.call("keys/whoami", {}, key="sk_live_" + "A" * 40)
+    assert reply["status"] == 401
+    reply = await rpc.call("keys/whoami", {"surprise": 1}, key=secret)
+    assert reply["status"] == 400 and reply["error"]["field"] == "surprise"
+    reply = await rpc.call("no/such/op", {}, key=secret)
+    assert reply["status"] == 404 and reply["error"]["code"] == "unknown_operation"
+
+    # No reply path: nothing to answer, so a log line says it was dropped.
+    await rpc.send("keys/whoami", {}, key=secret, reply=False)
+    # A reply topic aimed at the daemon's own command space is refused, not used.
+    async with RpcClient(config) as spy:
+        await spy.client.subscribe(f"{config.mqtt.topic_prefix}/devices/1/commands/#")
+        rpc.reply_topic_backup = rpc.reply_topic  # type: ignore[attr-defined]
+        rpc.reply_topic = f"{config.mqtt.topic_prefix}/devices/1/commands/reconfigure"
+        await rpc.send("keys/whoami", {}, key=secret)
+        rpc.reply_topic = rpc.reply_topic_backup  # type: ignore[attr-defined]
+        reply = await rpc.call("keys/whoami", {}, key=secret)
+        assert reply["status"] == 200, "daemon still serving after bad input"
+        assert spy.unmatched == []
+    dropped = [e for e in logs.entries if e["event"] == "rpc.dropped"]
+    assert len(dropped) == 2
+    assert any("reply_topic_refused" in e for e in dropped)
+
+    # Revoked keys stop working at once.
+    from provisiond import auth
+    from provisiond.store import connect
+
+    auth.revoke_key(connect(config.store.path), key_id)
+    reply = await rpc.call("keys/whoami", {}, key=secret)
+    assert reply["status"] == 401
+
+
+async def test_scope_is_enforced(config: Config, rpc: RpcClient) -> None:
+    _, secret = seed_key(config, scopes=("devices:read",))
+    reply = await rpc.call("daemon/stats", {}, key=secret)
+    assert reply["status"] == 403 and reply["error"]["code"] == "missing_scope"
+    _, secret = seed_key(config, scopes=("daemon:read",))
+    reply = await rpc.call("daemon/stats", {}, key=secret)
+    assert reply["status"] == 200 and reply["body"]["connected"] is True
+
+
+async def test_same_correlation_twice_gets_identical_reply_once_logged_as_replay(
+    config: Config, rpc: RpcClient, logs: LogCapture
+) -> None:
+    _, secret = seed_key(config)
+    corr = b"corr-" + uuid.uuid4().bytes
+    first = await rpc.call("keys/whoami", {}, key=secret, correlation=corr)
+    second = await rpc.call("keys/whoami", {}, key=secret, correlation=corr)
+    assert first == second and first["status"] == 200
+    lines = [e for e in logs.entries if e["event"] == "rpc" and e.get("op") == "keys/whoami"]
+    assert len(lines) == 2
+    assert [bool(e.get("replay")) for e in lines] == [False, True]
+
+
+async def test_request_published_while_daemon_is_down_is_answered_after_start(
+    config: Config, logs: LogCapture
+) -> None:
+    from support import running
+
+    _, secret = seed_key(config)
+    async with running(config):
+        pass  # first run creates the persistent session and its subscriptions
+    async with RpcClient(config) as rpc:
+        fut = await rpc.send("keys/whoami", {}, key=secret)
+        await asyncio.sleep(0.3)
+        assert not fut.done()
+        async with running(config):
+            reply = await asyncio.wait_for(fut, 10)
+    assert reply["status"] == 200
+
+
+async def test_reconnects_after_broker_restart(tmp_path, own_broker, logs: LogCapture) -> None:  # type: ignore[no-untyped-def]
+    from support import make_config, running
+
+    config = make_config(tmp_path, own_broker)
+    _, secret = seed_key(config)
+    async with running(config) as server:
+        own_broker.stop()
+        await asyncio.sleep(0.5)
+        own_broker.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not server.app.transport.is_connected:  # type: ignore[union-attr]
+            assert loop.time() < deadline, "daemon did not reconnect"
+            await asyncio.sleep(0.05)
+        async with RpcClient(config) as rpc:
+            reply = await rpc.call("keys/whoami", {}, key=secret)
+        assert reply["status"] == 200
+        assert server.app.transport.connections == 2  # type: ignore[union-attr]
+
+
+async def test_no_api_key_in_any_log_line(config: Config, rpc: RpcClient, logs: LogCapture) -> None:
+    _, secret = seed_key(config)
+    await rpc.call("keys/whoami", {}, key=secret)
+    await rpc.call("keys/whoami", raw=b"{bad", key=secret)
+    await rpc.call("keys/whoami", {"authorization": f"Bearer {secret}", "x": secret}, key=secret)
+    await rpc.call("keys/whoami", {}, key=secret[:-1] + "Z")
+    assert logs.entries
+    assert secret not in repr(logs.entries)
+    assert secret[8:] not in repr(logs.entries)
+
+
+def test_check_config_names_the_typo(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "p.toml"
+    path.write_text('[mqtt]\nhots = "localhost"\n')
+    proc = subprocess.run(
+        ["python", "-m", "provisiond", "check-config", "-c", str(path)],
+        capture_output=True, text=True, env=_env(), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 3
+    assert "mqtt.hots" in proc.stderr
+
+
+def _env() -> dict[str, str]:
+    import os
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = f"{root / 'daemon'}:{root / 'plugins'}"
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
