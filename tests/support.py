@@ -67,7 +67,10 @@ class Broker:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
                 return self
             time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening")
@@ -224,7 +227,9 @@ class RpcClient:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = fut
         payload = raw if raw is not None else json.dumps({} if body is None else body).encode()
-        await self.client.publish(f"{self.prefix}/rpc/{operation}", payload, qos=1, properties=props)
+        await self.client.publish(
+            f"{self.prefix}/rpc/{operation}", payload, qos=1, properties=props
+        )
         return fut
 
     async def call(

@@ -54,7 +54,11 @@ async def test_whoami_over_mqtt311_body_keys(config: Config, daemon: Server) -> 
     try:
         client.subscribe(reply_topic, qos=1)
         await asyncio.wait_for(subscribed.wait(), 5)
-        body = {"reply_to": reply_topic, "correlation_id": "abc-1", "authorization": f"Bearer {secret}"}
+        body = {
+            "reply_to": reply_topic,
+            "correlation_id": "abc-1",
+            "authorization": f"Bearer {secret}",
+        }
         client.publish(f"{config.mqtt.topic_prefix}/rpc/keys/whoami", json.dumps(body), qos=1)
         reply = await asyncio.wait_for(got, 10)
     finally:

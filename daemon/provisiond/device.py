@@ -178,7 +178,9 @@ class PinnedKey:
             raise ValueError("pinned key needs a kid")
         alg = _ALG_BY_KTY.get(str(kty))
         if alg is None or jwk.get("alg", alg) != alg or jwk.get("use", "sig") != "sig":
-            raise ValueError(f"unsupported or inconsistent key {kid}: kty={kty} alg={jwk.get('alg')}")
+            raise ValueError(
+                f"unsupported or inconsistent key {kid}: kty={kty} alg={jwk.get('alg')}"
+            )
         key: Ed25519PublicKey | ec.EllipticCurvePublicKey | bytes
         if kty == "OKP":
             if jwk.get("crv") != "Ed25519":
@@ -255,6 +257,7 @@ class ReferenceDevice:
         capabilities: int = CAP_WIFI_UPLOAD,
         leeway: int = DEFAULT_LEEWAY,
         require_nonce: bool = False,
+        nonce: bytes | None = None,
     ) -> None:
         self.device_id = device_id
         self.capabilities = capabilities
@@ -282,7 +285,9 @@ class ReferenceDevice:
         self.last_iat: int | None = None  # persist in flash on real hardware
         self._ledger: dict[str, int] = {}  # jti -> exp; persist too
         self._session: _Session | None = None
-        self._nonce = os.urandom(NONCE_LEN)
+        # `nonce` is injectable only so test vectors can pin it; real devices
+        # draw a fresh one at boot.
+        self._nonce = nonce if nonce is not None else os.urandom(NONCE_LEN)
         # The plaintext result for P/devices/N/wifi/status (DESIGN §4).
         self.last_report: dict[str, str | None] | None = None
 
@@ -500,7 +505,10 @@ class ReferenceDevice:
             raise CredentialRejected("no_grant")
         state = "connected" if connected else "failed"
         if not connected and reason is None:
-            reason = session.failure or "unknown"
+            # No credentials ever came (uploader gone, timeout): say so.
+            reason = session.failure or (
+                "unknown" if session.credentials_used else "no_credentials"
+            )
         message = self.status(state, None if connected else reason)
         self.last_report = {
             "grant_id": session.jti,

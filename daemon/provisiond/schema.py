@@ -6,6 +6,7 @@ A feature appends its own named steps; names are recorded in
 
 from __future__ import annotations
 
+from provisiond import devices
 from provisiond.store import Migration
 
 CORE: list[Migration] = [
@@ -50,4 +51,4 @@ CORE: list[Migration] = [
 
 
 def all_migrations() -> list[Migration]:
-    return [*CORE]
+    return [*CORE, *devices.MIGRATIONS]

@@ -119,8 +119,11 @@ def generate() -> dict[str, Any]:
         ("unknown_kid", _jws({**header, "kid": "0000000000000000"}, claims, ed), "unknown_kid"),
         ("wrong_audience", _jws(header, {**claims, "aud": "other"}, ed), "wrong_audience"),
         ("wrong_subject", _jws(header, {**claims, "sub": "43"}, ed), "wrong_subject"),
-        ("missing_cap", _jws(header, {k: v for k, v in claims.items() if k != "cap"}, ed),
-         "missing_cap"),
+        (
+            "missing_cap",
+            _jws(header, {k: v for k, v in claims.items() if k != "cap"}, ed),
+            "missing_cap",
+        ),
         (
             "expired",
             _jws(header, {**claims, "iat": iat - 7200, "exp": iat - 6300}, ed),

@@ -1,0 +1,91 @@
+"""The device record and the queries every feature shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sqlite_utils
+
+from provisiond.errors import NotFound
+from provisiond.store import Migration
+
+WIFI_UPLOAD = 0x02
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        "devices-1",
+        """
+        CREATE TABLE devices (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            org_id INTEGER NOT NULL REFERENCES orgs(id),
+            owner_id INTEGER NOT NULL REFERENCES users(id),
+            state TEXT NOT NULL DEFAULT 'pending',
+            capabilities INTEGER NOT NULL DEFAULT 0,
+            public_key BLOB,
+            firmware_version TEXT,
+            created_at REAL NOT NULL,
+            activated_at REAL,
+            reprovisioned_at REAL
+        );
+        CREATE INDEX devices_org ON devices(org_id, id);
+        CREATE TABLE provision_tokens (
+            hash TEXT PRIMARY KEY,
+            device_id INTEGER NOT NULL REFERENCES devices(id),
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            used_at REAL,
+            revoked_at REAL
+        );
+        CREATE INDEX provision_tokens_device ON provision_tokens(device_id);
+        """,
+    ),
+]
+
+COLUMNS = (
+    "id, org_id, owner_id, state, capabilities, public_key, firmware_version,"
+    " created_at, activated_at, reprovisioned_at"
+)
+
+
+@dataclass(frozen=True)
+class Device:
+    id: int
+    org_id: int
+    owner_id: int
+    state: str  # pending (token issued, never activated) | active
+    capabilities: int
+    public_key: bytes | None
+    firmware_version: str | None
+    created_at: float
+    activated_at: float | None
+    reprovisioned_at: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.state == "active" and self.public_key is not None
+
+    @property
+    def wifi_capable(self) -> bool:
+        return bool(self.capabilities & WIFI_UPLOAD)
+
+
+def find_device(db: sqlite_utils.Database, device_id: int) -> Device | None:
+    row = db.execute(f"SELECT {COLUMNS} FROM devices WHERE id = ?", [device_id]).fetchone()  # noqa: S608 - constant columns
+    return None if row is None else device_from_row(row)
+
+
+def device_from_row(row: tuple[object, ...]) -> Device:
+    """Build a Device from a row selected with `COLUMNS`."""
+    values: dict[str, Any] = dict(zip(COLUMNS.replace(" ", "").split(","), row, strict=True))
+    if values["public_key"] is not None:
+        values["public_key"] = bytes(values["public_key"])
+    return Device(**values)
+
+
+def get_device(db: sqlite_utils.Database, device_id: int, org_id: int) -> Device:
+    """The device if it exists in `org_id`; otherwise 404 — never revealing which."""
+    device = find_device(db, device_id)
+    if device is None or device.org_id != org_id:
+        raise NotFound(f"device {device_id} not found", code="device_not_found", field="deviceId")
+    return device
