@@ -14,7 +14,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,15 @@ from provisiond.server import Server
 from provisiond.store import connect, migrate
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+async def eventually(check: Callable[[], object], timeout: float = 5.0, interval: float = 0.02) -> None:
+    """Wait until `check()` is truthy (for effects that follow a reply, like its log line)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from provisiond.device import GrantRejected, ReferenceDevice, Uploader
 from provisiond.wifi.crypto import b64url_decode, decrypt_status
 from provisiond.wifi.vectors import generate
