@@ -1,0 +1,64 @@
+"""The administrative CLI as an operator runs it: real processes, a real SQLite file."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(config: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'daemon'}:{ROOT / 'plugins'}"}
+    env.pop("PROVISIOND_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "provisiond", *argv, "-c", str(config)],
+        capture_output=True, text=True, env=env, check=False, timeout=60,
+    )  # fmt: skip
+
+
+def test_keys_lifecycle(tmp_path: Path) -> None:
+    config = tmp_path / "p.toml"
+    db = tmp_path / "state" / "p.db"
+    config.write_text(f'[store]\npath = "{db}"\n')
+    assert run(config, "orgs", "create", "--id", "101", "--name", "Acme").returncode == 0
+    assert run(config, "users", "create", "--org", "101", "--id", "7").returncode == 0
+    created = run(
+        config, "keys", "create", "--org", "101", "--user", "7",
+        "--scope", "provision:write", "--permission", "PROVISION_DEVICES",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+    assert secret.startswith("sk_live_") and len(secret) == 48
+
+    # Only the hash is stored: the key appears nowhere in the database file.
+    for path in db.parent.iterdir():
+        assert secret.encode() not in path.read_bytes()
+        assert secret[8:].encode() not in path.read_bytes()
+    rows = sqlite3.connect(db).execute("SELECT id, hash FROM api_keys").fetchall()
+    assert len(rows) == 1 and len(rows[0][1]) == 64
+
+    listed = run(config, "keys", "list")
+    assert listed.returncode == 0 and rows[0][0] in listed.stdout and secret not in listed.stdout
+    assert run(config, "keys", "revoke", rows[0][0]).returncode == 0
+    again = run(config, "keys", "revoke", rows[0][0])
+    assert again.returncode == 1 and "already revoked" in again.stderr
+
+
+def test_clear_errors(tmp_path: Path) -> None:
+    config = tmp_path / "p.toml"
+    config.write_text(f'[store]\npath = "{tmp_path / "p.db"}"\n')
+    bad = run(config, "keys", "create", "--org", "999")
+    assert bad.returncode == 1 and "organisation 999 does not exist" in bad.stderr
+    bad = run(config, "keys", "create", "--org", "1", "--scope", "root")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    bad = run(config, "users", "create", "--org", "5", "--id", "1")
+    assert bad.returncode == 1 and "does not exist" in bad.stderr
+    assert "usage" in run(config, "keys", "--help").stdout
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[daemon]\ngatway_id = 'x'\n")
+    result = run(typo, "keys", "list")
+    assert result.returncode == 3 and "daemon.gatway_id" in result.stderr
