@@ -9,7 +9,9 @@ from structlog.testing import LogCapture
 
 from provisiond.config import Config
 from provisiond.server import Server
-from support import Broker, RpcClient, make_config, running
+from support import Broker, RpcClient, log_sink, make_config, running
+
+pytest_plugins = ["leakcheck"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,7 +47,7 @@ def logs() -> Iterator[LogCapture]:
     """Every log event of the test, as dicts, before rendering (and before redaction)."""
     cap = LogCapture()
     old = structlog.get_config()
-    structlog.configure(processors=[cap])
+    structlog.configure(processors=[log_sink, cap])
     yield cap
     structlog.configure(**old)
 

@@ -21,6 +21,7 @@ from typing import Any
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from structlog.typing import EventDict
 
 from provisiond import auth
 from provisiond.config import Config
@@ -29,6 +30,24 @@ from provisiond.server import Server
 from provisiond.store import connect, migrate
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+# Every secret the suite creates or receives; tests/leakcheck.py asserts that
+# none of them appears in any log line or event of the whole session.
+SECRETS: set[str] = set()
+
+
+# Every log event of every in-process daemon in the session (see leakcheck.py).
+LOG_EVENTS: list[str] = []
+
+
+def log_sink(_logger: object, _method: str, event_dict: EventDict) -> EventDict:
+    LOG_EVENTS.append(repr(event_dict))
+    return event_dict
+
+
+def remember_secret(value: str) -> str:
+    SECRETS.add(value)
+    return value
 
 
 async def eventually(check: Callable[[], object], timeout: float = 5.0, interval: float = 0.02) -> None:
@@ -143,7 +162,7 @@ def seed_key(
         db, org_id=org, user_id=user, scopes=frozenset(scopes), permissions=frozenset(permissions)
     )
     db.conn.close()
-    return key_id, secret
+    return key_id, remember_secret(secret)
 
 
 @contextlib.asynccontextmanager
@@ -209,6 +228,7 @@ class RpcClient:
     async def _read(self) -> None:
         async for message in self.client.messages:
             payload = json.loads(message.payload)  # type: ignore[arg-type]
+            _remember(payload)
             corr = getattr(message.properties, "CorrelationData", None)
             fut = self._pending.pop(bytes(corr), None) if corr is not None else None
             if fut is not None and not fut.done():
@@ -235,6 +255,8 @@ class RpcClient:
             props.UserProperty = ("authorization", f"Bearer {key}")
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = fut
+        if body is not None:
+            _remember(body)
         payload = raw if raw is not None else json.dumps({} if body is None else body).encode()
         await self.client.publish(
             f"{self.prefix}/rpc/{operation}", payload, qos=1, properties=props
@@ -246,3 +268,15 @@ class RpcClient:
     ) -> dict[str, Any]:
         fut = await self.send(operation, body, **kwargs)
         return await asyncio.wait_for(fut, timeout)
+
+
+def _remember(body: Any) -> None:
+    if isinstance(body, dict):
+        for key, value in body.items():
+            if key in ("token", "session_key", "password", "api_key") and isinstance(value, str):
+                remember_secret(value)
+            else:
+                _remember(value)
+    elif isinstance(body, list):
+        for item in body:
+            _remember(item)
