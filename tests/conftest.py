@@ -28,6 +28,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
+def heavy(request: pytest.FixtureRequest) -> bool:
+    """True with --heavy: load and fault tests then run their full-size variant."""
+    return bool(request.config.getoption("--heavy"))
+
+
+@pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     b = Broker(tmp_path_factory.mktemp("broker")).start()
     yield b

@@ -82,8 +82,16 @@ class transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:
+                # A failed COMMIT (disk full) must not leave the connection inside
+                # a transaction, or every later BEGIN would fail too.
+                if self.db.conn.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        elif self.db.conn.in_transaction:
+            # SQLite may already have rolled back itself (e.g. on SQLITE_FULL).
             self.db.execute("ROLLBACK")
 
 

@@ -1,0 +1,117 @@
+"""Abuse: floods, junk and generated bodies never crash, stall or leak the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import resource
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from structlog.testing import LogCapture
+
+from provisiond.config import Config
+from provisiond.server import Server
+from support import Broker, RpcClient, make_config, running, seed_key
+
+DOCUMENTED = {200, 400, 401, 403, 404, 409, 410, 413, 429, 503, 504}
+
+
+async def test_flood_from_one_key_hits_rate_limit_others_unaffected(
+    tmp_path: Path, broker: Broker, logs: LogCapture
+) -> None:
+    config = make_config(tmp_path, broker, limits={"rate_per_key": 20.0, "burst_per_key": 30})
+    _, noisy = seed_key(config)
+    _, quiet = seed_key(config)
+    async with running(config), RpcClient(config) as rpc:
+        futures = [await rpc.send("keys/whoami", {}, key=noisy) for _ in range(200)]
+        replies = await asyncio.wait_for(asyncio.gather(*futures), 30)
+        statuses = [r["status"] for r in replies]
+        assert statuses.count(429) >= 150, statuses
+        assert 30 <= statuses.count(200) <= 50
+        assert {r["error"]["code"] for r in replies if r["status"] == 429} == {"rate_limited"}
+        assert (await rpc.call("keys/whoami", {}, key=quiet))["status"] == 200
+        await asyncio.sleep(0.2)  # the bucket refills at 20/s
+        assert (await rpc.call("keys/whoami", {}, key=noisy))["status"] == 200
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def field_bodies(fields: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    """Bodies that use the operation's own field names with arbitrary values, plus junk keys."""
+    return st.dictionaries(st.sampled_from([*fields, "x", "token"]), json_values, max_size=len(fields) + 1)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def test_generated_bodies_for_every_operation_get_documented_answers(
+    config: Config, daemon: Server, logs: LogCapture, heavy: bool
+) -> None:
+    """≥10k generated bodies with --heavy; a 1.5k quick variant otherwise."""
+    assert daemon.router is not None
+    ops = sorted(daemon.router.operations.items())
+    _, key = seed_key(config, user=None)
+    total = 10_000 if heavy else 1_500
+    bodies: list[tuple[str, bytes]] = []
+
+    fields = {name: list(op.body.model_fields) for name, op in ops}
+
+    @settings(
+        max_examples=total, database=None, deadline=None,
+        suppress_health_check=list(HealthCheck), derandomize=True,
+    )  # fmt: skip
+    @given(st.data())
+    def collect(data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(fields)))
+        body = data.draw(st.one_of(field_bodies(fields[name]), json_values))
+        bodies.append((name, json.dumps(body).encode()))
+
+    collect()
+    # Raw junk too: not JSON, not UTF-8.
+    bodies += [(name, os.urandom(64)) for name, _ in ops]
+    assert len(bodies) >= total
+
+    rss_before: float | None = None
+    async with RpcClient(config) as rpc:
+        statuses: dict[int, int] = {}
+        for i in range(0, len(bodies), 200):
+            batch = bodies[i : i + 200]
+            futures = [await rpc.send(name, raw=raw, key=key) for name, raw in batch]
+            for reply in await asyncio.wait_for(asyncio.gather(*futures), 60):
+                statuses[reply["status"]] = statuses.get(reply["status"], 0) + 1
+            if i == 400:
+                gc.collect()
+                rss_before = _rss_mb()
+        assert set(statuses) <= DOCUMENTED, statuses
+        assert statuses.get(400, 0) > len(bodies) // 2
+        # Still serving, nothing left hanging.
+        assert (await rpc.call("keys/whoami", {}, key=key))["status"] == 200
+    assert daemon.router.inflight == 0
+    assert not daemon.router._pending_replays
+    assert not [e for e in logs.entries if e["event"] == "rpc.internal_error"]
+    if rss_before is not None:
+        assert _rss_mb() - rss_before < 64, "memory grew while handling junk"
+
+
+@pytest.mark.parametrize("size", [0, 1, 10_000])
+async def test_correlation_and_reply_edge_cases(config: Config, rpc: RpcClient, size: int) -> None:
+    _, key = seed_key(config)
+    corr = uuid.uuid4().bytes[:1] * size if size else b""
+    reply = await rpc.call("keys/whoami", {}, key=key, correlation=corr or b"\x00")
+    if size > 256:
+        assert reply["status"] == 400 and reply["error"]["field"] == "correlation_id"
+    else:
+        assert reply["status"] == 200
