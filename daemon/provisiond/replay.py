@@ -9,6 +9,7 @@ same request gets the identical reply, also after a restart.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 
@@ -17,6 +18,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from provisiond.errors import StoreUnavailable
+from provisiond.store import Store, transaction
 
 WINDOW_SECONDS = 600.0
 _INFO = b"provisiond replay v1"
@@ -69,3 +73,50 @@ def save(db: sqlite_utils.Database, rid: str, sealed: bytes, now: float) -> bool
 
 def prune(db: sqlite_utils.Database, now: float) -> int:
     return db.execute("DELETE FROM replays WHERE created_at <= ?", [now - WINDOW_SECONDS]).rowcount
+
+
+class ReplayBuffer:
+    """Sealed replies of operations that wrote nothing, saved to the store in batches.
+
+    Looked up before the store, so a repeat arriving before the next flush is
+    still a replay.
+    """
+
+    FLUSH_SECONDS = 0.2
+    MAX_PENDING = 100_000
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: dict[str, tuple[bytes, float]] = {}
+
+    def add(self, rid: str, sealed: bytes, now: float) -> None:
+        self._pending[rid] = (sealed, now)
+
+    def get(self, rid: str) -> bytes | None:
+        item = self._pending.get(rid)
+        return None if item is None else item[0]
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+
+        def write(db: sqlite_utils.Database) -> None:
+            with transaction(db):
+                db.conn.executemany(
+                    "INSERT OR IGNORE INTO replays (id, created_at, reply) VALUES (?, ?, ?)",
+                    [(rid, now, sealed) for rid, (sealed, now) in batch.items()],
+                )
+
+        try:
+            await self._store.call(write)
+        except StoreUnavailable:
+            # Keep them for the next try rather than forget them, within a bound:
+            # a store down for long must not grow memory without end.
+            if len(self._pending) + len(batch) <= self.MAX_PENDING:
+                self._pending = {**batch, **self._pending}
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.FLUSH_SECONDS)
+            await self.flush()

@@ -1,0 +1,259 @@
+"""Shared bench parts: a private mosquitto, the daemon as a real process, an
+echo responder baseline, and a load driver that keeps N requests in flight.
+
+Everything runs on loopback, bounded in count and time, and cleans up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+ROOT = Path(__file__).resolve().parents[1]
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'daemon'}:{ROOT / 'plugins'}:{ROOT}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("process exited before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+@contextlib.contextmanager
+def mosquitto(directory: Path, extra: str = "") -> Iterator[int]:
+    """A private broker. QoS 0 floods need max_queued_messages raised, or
+    mosquitto drops messages past its queue limit and the numbers lie."""
+    port = free_port()
+    conf = directory / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+        "max_queued_messages 1000000\nmax_inflight_messages 0\nmax_queued_bytes 0\n"
+        f"persistence false\n{extra}\n"
+    )
+    proc = subprocess.Popen(
+        [MOSQUITTO, "-c", str(conf)],
+        stdout=(directory / "mosquitto.log").open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="provisiond-bench-") as d:
+        yield Path(d)
+
+
+def write_config(
+    directory: Path,
+    port: int,
+    *,
+    prefix: str = "bench",
+    client_id: str = "provisiond-bench",
+    extra: str = "",
+    log_level: str = "warning",
+) -> Path:
+    # log_level="info" keeps the one-line-per-request log a production daemon writes.
+    path = directory / "provisiond.toml"
+    path.write_text(
+        f'[log]\nlevel = "{log_level}"\nformat = "json"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\ntopic_prefix = "{prefix}"\nclient_id = "{client_id}"\n'
+        f'[store]\npath = "{directory / "provisiond.db"}"\n{extra}'
+    )
+    return path
+
+
+def seed(directory: Path, *, users: int = 1) -> str:
+    """Organisation 1, users 1..N, and an all-scopes org key; returns the key."""
+    sys.path.insert(0, str(ROOT / "daemon"))
+    from provisiond import auth
+    from provisiond.schema import all_migrations
+    from provisiond.store import connect, migrate
+
+    db = connect(directory / "provisiond.db")
+    migrate(db, all_migrations())
+    auth.create_org(db, 1, "bench")
+    for uid in range(1, users + 1):
+        auth.create_user(db, 1, uid)
+    _, key = auth.create_key(db, org_id=1, scopes=frozenset(auth.SCOPES))
+    db.conn.close()
+    return key
+
+
+@contextlib.contextmanager
+def daemon_process(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "provisiond", "run", "-c", str(config)],
+        env=ENV, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def echo_process(port: int, topic: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.echo", "--port", str(port), "--topic", topic],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@dataclass
+class LoadResult:
+    n: int
+    seconds: float
+    latencies_ms: list[float]
+    statuses: dict[int, int]
+
+    @property
+    def throughput(self) -> float:
+        return self.n / self.seconds
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.n,
+            "throughput_rps": round(self.throughput, 1),
+            "p50_ms": round(self.pct(0.50), 2),
+            "p99_ms": round(self.pct(0.99), 2),
+            "mean_ms": round(statistics.fmean(self.latencies_ms), 2),
+            "statuses": self.statuses,
+        }
+
+
+async def rpc_load(
+    port: int,
+    topic: str,
+    body: dict[str, Any] | bytes,
+    *,
+    key: str | None,
+    n: int,
+    concurrency: int = 32,
+    warmup: int = 200,
+    timeout: float = 120,
+) -> LoadResult:
+    """Closed loop: `concurrency` workers each send a request and wait for its
+    reply before sending the next; n measured requests after a warm-up."""
+    reply_topic = f"bench-replies/{uuid.uuid4().hex}"
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    pending: dict[bytes, asyncio.Future[int]] = {}
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    counter = iter(range(1 << 62))
+
+    async with aiomqtt.Client(
+        "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, max_inflight_messages=65535,
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+    ) as client:  # fmt: skip
+        await client.subscribe(reply_topic, qos=1)
+
+        async def reader() -> None:
+            async for message in client.messages:
+                corr = bytes(message.properties.CorrelationData)  # type: ignore[union-attr]
+                fut = pending.pop(corr, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(json.loads(message.payload).get("status", 0))  # type: ignore[arg-type]
+
+        async def one(measure: bool) -> None:
+            corr = next(counter).to_bytes(8, "big")
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = reply_topic
+            props.CorrelationData = corr
+            if key is not None:
+                props.UserProperty = ("authorization", f"Bearer {key}")
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            pending[corr] = fut
+            started = time.perf_counter()
+            await client.publish(topic, payload, qos=1, properties=props)
+            status = await fut
+            if measure:
+                latencies.append((time.perf_counter() - started) * 1000)
+                statuses[status] = statuses.get(status, 0) + 1
+
+        async def worker(count: int, measure: bool) -> None:
+            for _ in range(count):
+                await one(measure)
+
+        async def phase(total: int, measure: bool) -> None:
+            per, extra = divmod(total, concurrency)
+            await asyncio.gather(*(worker(per + (i < extra), measure) for i in range(concurrency)))
+
+        task = asyncio.create_task(reader())
+        try:
+            if warmup:
+                await asyncio.wait_for(phase(warmup, False), timeout)
+            start = time.perf_counter()
+            await asyncio.wait_for(phase(n, True), timeout)
+            elapsed = time.perf_counter() - start
+        finally:
+            task.cancel()
+    return LoadResult(n, elapsed, latencies, statuses)
+
+
+async def wait_rpc_ready(port: int, topic: str, key: str | None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            await rpc_load(port, topic, {}, key=key, n=1, warmup=0, concurrency=1, timeout=0.5)
+            return
+        except TimeoutError:
+            continue
+    raise TimeoutError(f"no reply on {topic}")
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+def report(name: str, figures: dict[str, Any]) -> dict[str, Any]:
+    print(json.dumps({"bench": name, **figures}, indent=2))
+    return figures

@@ -1,0 +1,51 @@
+"""RPC throughput and latency: whoami and provision/token vs a bare echo responder.
+
+python -m bench rpc [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from bench.common import (
+    daemon_process,
+    echo_process,
+    mosquitto,
+    ratio,
+    report,
+    rpc_load,
+    seed,
+    wait_rpc_ready,
+    workdir,
+    write_config,
+)  # fmt: skip
+
+
+async def run(quick: bool = False) -> dict[str, Any]:
+    n = 2000 if quick else 10_000
+    results: dict[str, Any] = {}
+    with workdir() as d, mosquitto(d) as port:
+        with echo_process(port, "echo/rpc"):
+            await wait_rpc_ready(port, "echo/rpc", None)
+            echo = await rpc_load(port, "echo/rpc", {}, key=None, n=n)
+        results["echo"] = echo.summary()
+        key = seed(d, users=1)
+        with daemon_process(write_config(d, port), d / "daemon.log"):
+            await wait_rpc_ready(port, "bench/rpc/keys/whoami", key)
+            for op, body in (("keys/whoami", {}), ("provision/token", {"orgId": 1, "ownerId": 1})):
+                result = await rpc_load(port, f"bench/rpc/{op}", body, key=key, n=n)
+                results[op] = {
+                    **result.summary(),
+                    "throughput_vs_echo": ratio(result.throughput, echo.throughput),
+                    "p99_vs_echo": ratio(result.pct(0.99), echo.pct(0.99)),
+                }
+    return report("rpc", results)
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+    return asyncio.run(run(quick))
+
+
+if __name__ == "__main__":
+    main()
