@@ -239,11 +239,13 @@ async def rpc_load(
     return LoadResult(n, elapsed, latencies, statuses)
 
 
-async def wait_rpc_ready(port: int, topic: str, key: str | None, timeout: float = 30) -> None:
+async def wait_rpc_ready(
+    port: int, topic: str, key: str | None, timeout: float = 30, poll: float = 0.5
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            await rpc_load(port, topic, {}, key=key, n=1, warmup=0, concurrency=1, timeout=0.5)
+            await rpc_load(port, topic, {}, key=key, n=1, warmup=0, concurrency=1, timeout=poll)
             return
         except TimeoutError:
             continue
