@@ -7,6 +7,7 @@ from typing import Any
 
 import sqlite_utils
 
+from provisiond.clock import iso_utc
 from provisiond.errors import NotFound
 from provisiond.store import Migration
 
@@ -38,6 +39,16 @@ MIGRATIONS: list[Migration] = [
             revoked_at REAL
         );
         CREATE INDEX provision_tokens_device ON provision_tokens(device_id);
+        """,
+    ),
+    # At most one unused, unrevoked token per device, whatever the code does;
+    # and "my devices" listings for user-scoped keys without a scan.
+    Migration(
+        "devices-2-provisioning",
+        """
+        CREATE UNIQUE INDEX provision_tokens_one_open
+            ON provision_tokens(device_id) WHERE used_at IS NULL AND revoked_at IS NULL;
+        CREATE INDEX devices_owner ON devices(org_id, owner_id, id);
         """,
     ),
 ]
@@ -89,3 +100,46 @@ def get_device(db: sqlite_utils.Database, device_id: int, org_id: int) -> Device
     if device is None or device.org_id != org_id:
         raise NotFound(f"device {device_id} not found", code="device_not_found", field="deviceId")
     return device
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else iso_utc(ts)
+
+
+def device_view(device: Device) -> dict[str, Any]:
+    """The public shape of a device, shared by the RPC reads and the CLI."""
+    return {
+        "deviceId": device.id,
+        "orgId": device.org_id,
+        "ownerId": device.owner_id,
+        "state": device.state,
+        "capabilities": device.capabilities,
+        "firmware_version": device.firmware_version,
+        "created_at": _iso(device.created_at),
+        "activated_at": _iso(device.activated_at),
+        "reprovisioned_at": _iso(device.reprovisioned_at),
+    }
+
+
+def list_devices(
+    db: sqlite_utils.Database,
+    *,
+    org_id: int | None,
+    owner_id: int | None = None,
+    after: int = 0,
+    limit: int | None = None,
+) -> list[Device]:
+    """Devices by id, optionally limited to one organisation and owner (None: no filter)."""
+    where = ["id > ?"]
+    params: list[Any] = [after]
+    if org_id is not None:
+        where.append("org_id = ?")
+        params.append(org_id)
+    if owner_id is not None:
+        where.append("owner_id = ?")
+        params.append(owner_id)
+    sql = f"SELECT {COLUMNS} FROM devices WHERE {' AND '.join(where)} ORDER BY id"  # noqa: S608 - constant fragments
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [device_from_row(row) for row in db.execute(sql, params).fetchall()]

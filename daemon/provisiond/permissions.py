@@ -7,8 +7,10 @@ always "not found", so a key can never learn it exists.
 
 from __future__ import annotations
 
+import sqlite_utils
+
 from provisiond.auth import Principal
-from provisiond.devices import Device
+from provisiond.devices import Device, get_device
 from provisiond.errors import BadRequest, Forbidden
 
 PROVISION_DEVICES = "PROVISION_DEVICES"
@@ -64,6 +66,43 @@ def check_owner(principal: Principal, device: Device) -> None:
 
 def can_view_all(principal: Principal) -> bool:
     return principal.user_id is None or ORG_DEVICES_VIEW in principal.permissions
+
+
+def owner_filter(principal: Principal) -> int | None:
+    """For listings: the only owner whose devices this key sees, or None for the whole org."""
+    return None if can_view_all(principal) else principal.user_id
+
+
+def check_owner_in_org(db: sqlite_utils.Database, *, org_id: int, owner_id: int) -> None:
+    """`provision/token`: ownerId must be a user of orgId. Run only after `check_provision`,
+    so a key that may not look at other users cannot probe which ones exist."""
+    row = db.execute("SELECT org_id FROM users WHERE id = ?", [owner_id]).fetchone()
+    if row is None or row[0] != org_id:
+        raise BadRequest(
+            f"ownerId {owner_id} is not a user of organisation {org_id}",
+            code="unknown_user",
+            field="ownerId",
+        )
+
+
+def provisionable_device(db: sqlite_utils.Database, principal: Principal, device_id: int) -> Device:
+    """The whole §5 rule for `provision/reprovision/token` and `provision/reconfigure`:
+    403 for a missing permission (checked before the lookup, so it reveals nothing),
+    404 outside the key's organisation, 403 for another user's device without
+    ORG_DEVICES_VIEW."""
+    check_provision_device(principal)
+    device = get_device(db, device_id, principal.org_id)
+    check_owner(principal, device)
+    return device
+
+
+def viewable_device(db: sqlite_utils.Database, principal: Principal, device_id: int) -> Device:
+    """`device/get` and other reads: the same shape as `provisionable_device`
+    without PROVISION_DEVICES."""
+    check_device_view(principal)
+    device = get_device(db, device_id, principal.org_id)
+    check_owner(principal, device)
+    return device
 
 
 def positive_id(value: int, field: str) -> int:

@@ -1,0 +1,104 @@
+"""`provisiond devices list|show` and `provisiond tokens revoke`: operator views of the store.
+
+These work on the database file directly (the daemon may be running: SQLite
+WAL lets both read, and a revocation is one short BEGIN IMMEDIATE
+transaction). They print JSON, never a token or its hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import sqlite_utils
+
+from provisiond import tokens
+from provisiond.devices import device_view, find_device, list_devices
+from provisiond.errors import NotFound
+from provisiond.store import transaction
+
+EXIT_OK = 0
+
+
+def _open(args: argparse.Namespace) -> sqlite_utils.Database:
+    # Deferred: cli.py imports this module to register it.
+    from provisiond.cli import load_config, open_db
+
+    return open_db(load_config(args))
+
+
+def _print(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _require_device(db: sqlite_utils.Database, device_id: int) -> None:
+    if find_device(db, device_id) is None:
+        raise NotFound(f"no device with id {device_id}")
+
+
+def cmd_devices_list(args: argparse.Namespace) -> int:
+    db = _open(args)
+    devices = list_devices(db, org_id=args.org, owner_id=args.owner)
+    _print([device_view(d) for d in devices if args.state is None or d.state == args.state])
+    return EXIT_OK
+
+
+def cmd_devices_show(args: argparse.Namespace) -> int:
+    db = _open(args)
+    device = find_device(db, args.id)
+    if device is None:
+        raise NotFound(f"no device with id {args.id}")
+    now = time.time()
+    view: dict[str, Any] = device_view(device)
+    view["has_public_key"] = device.public_key is not None
+    view["tokens"] = tokens.history(db, device.id, now=now)
+    _print(view)
+    return EXIT_OK
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    db = _open(args)
+    with transaction(db):
+        _require_device(db, args.device_id)
+        count = tokens.revoke_unused(db, args.device_id, now=time.time())
+    # Nothing to revoke is not an error: the outcome the operator wants holds.
+    print(f"{count} unused token(s) of device {args.device_id} revoked")
+    return EXIT_OK
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Register the `devices` and `tokens` command groups on the main parser."""
+    devices = sub.add_parser("devices", parents=[common], help="inspect devices").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = devices.add_parser("list", parents=[common], help="list devices as JSON")
+    p.add_argument("--org", type=_positive_int, help="only this organisation's devices")
+    p.add_argument("--owner", type=_positive_int, help="only this user's devices")
+    p.add_argument("--state", choices=["pending", "active"], help="only devices in this state")
+    p.set_defaults(fn=cmd_devices_list)
+    p = devices.add_parser(
+        "show", parents=[common], help="one device with its token history (never the tokens)"
+    )
+    p.add_argument("id", type=_positive_int, metavar="ID")
+    p.set_defaults(fn=cmd_devices_show)
+
+    toks = sub.add_parser(
+        "tokens", parents=[common], help="manage provision tokens"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = toks.add_parser(
+        "revoke", parents=[common], help="revoke every unused provision token of a device"
+    )
+    p.add_argument("device_id", type=_positive_int, metavar="DEVICE_ID")
+    p.set_defaults(fn=cmd_tokens_revoke)
