@@ -25,6 +25,8 @@ log = get_logger("provisiond.app")
 
 TopicHandler = Callable[[Delivery, list[str]], Awaitable[None] | None]
 Hook = Callable[[], Awaitable[None]]
+# Called with the new config after SIGHUP swapped it in; raising refuses it (rolled back).
+ReloadHook = Callable[[Config], Awaitable[None]]
 
 
 @dataclass
@@ -47,6 +49,7 @@ class App:
     routes: list[TopicRoute] = field(default_factory=list)
     on_start: list[Hook] = field(default_factory=list)
     on_stop: list[Hook] = field(default_factory=list)
+    on_reload: list[ReloadHook] = field(default_factory=list)
     # Long-lived helpers features share (e.g. "presence", "grants"), set at setup.
     services: dict[str, Any] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-from provisiond import __version__, auth, logs
+from provisiond import __version__, auth, cli_devices, cli_ops, logs
 from provisiond.config import EXIT_BAD_CONFIG, Config, config_path, load, resolve_path
 from provisiond.errors import ConfigError, RpcError
 from provisiond.schema import all_migrations
@@ -29,7 +29,10 @@ EXIT_USAGE = 2
 
 Command = Callable[[argparse.Namespace], int]
 # Modules add subcommand groups here: fn(subparsers, parent_parser).
-EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = []
+EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
+    cli_devices.add_commands,
+    cli_ops.add_commands,
+]
 
 
 def load_config(args: argparse.Namespace) -> Config:
@@ -54,13 +57,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
     logs.setup(config.log)
     from provisiond.server import Server
-    from provisiond.systemd import make_notifier
+    from provisiond.systemd import make_notifier, watchdog_interval
 
     async def main() -> None:
-        server = Server(config, notify=make_notifier())
+        server = Server(
+            config,
+            notify=make_notifier(),
+            watchdog_interval=watchdog_interval(),
+            setup_logging=logs.setup,
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)
+        # The same file (and environment) as at start, read again.
+        loop.add_signal_handler(signal.SIGHUP, server.request_reload, lambda: load_config(args))
         await server.serve()
 
     asyncio.run(main())

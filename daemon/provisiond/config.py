@@ -19,6 +19,8 @@ from provisiond.errors import ConfigError
 DEFAULT_PATH = Path("/etc/provisiond/provisiond.toml")
 ENV_PREFIX = "PROVISIOND_"
 ENV_CONFIG = "PROVISIOND_CONFIG"
+# The operator CLI's API key (`provisiond status`), not a config override.
+ENV_KEY = "PROVISIOND_KEY"
 EXIT_BAD_CONFIG = 3
 
 
@@ -170,7 +172,7 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
         name.upper(): name for name in Config.model_fields if name not in ("plugins", "source")
     }
     for var, value in env.items():
-        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
+        if not var.startswith(ENV_PREFIX) or var in (ENV_CONFIG, ENV_KEY):
             continue
         rest = var[len(ENV_PREFIX) :]
         section = next((s for s in sections if rest.startswith(s + "_")), None)

@@ -125,6 +125,8 @@ class Router:
         self.draining = False
         self._sem = asyncio.Semaphore(app.config.daemon.max_concurrent_requests)
         self._inflight: set[asyncio.Task[None]] = set()
+        # Requests already accepted when the drain began: finished, never refused.
+        self._accepted_before_drain: set[asyncio.Task[None]] = set()
         self._pending_replays: dict[str, asyncio.Future[bytes]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
         self.replays = replay.ReplayBuffer(app.store)
@@ -152,7 +154,9 @@ class Router:
 
     async def drain(self, grace: float) -> int:
         """Refuse new requests and wait up to `grace` for those in flight; returns how many remain."""
-        self.draining = True
+        if not self.draining:
+            self.draining = True
+            self._accepted_before_drain = set(self._inflight)
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=grace)
         return len(self._inflight)
@@ -286,7 +290,7 @@ class Router:
         op = self.operations.get(name)
         if op is None:
             raise NotFound(f"unknown operation {name!r}", code="unknown_operation")
-        if self.draining:
+        if self.draining and asyncio.current_task() not in self._accepted_before_drain:
             raise Unavailable("daemon is shutting down", code="shutting_down")
         principal: auth.Principal | None = None
         now = self.app.clock.now()

@@ -3,23 +3,27 @@
 Start: store (migrations) → features → start hooks → broker connection and
 subscriptions → ready. Stop: refuse new requests → drain in-flight ones up to
 the grace period → stop hooks (reverse order) → clean disconnect → store closed.
+Reload (SIGHUP): swap in a new config, except keys only a restart can change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from functools import partial
 from typing import Any
 
+from provisiond import plugins as plugin_api
 from provisiond import replay
-from provisiond.app import App
+from provisiond.app import App, ReloadHook
 from provisiond.clock import Clock
-from provisiond.config import Config, resolve_path
-from provisiond.errors import StoreUnavailable
+from provisiond.config import Config, LogConfig, resolve_path
+from provisiond.errors import ConfigError, StoreUnavailable
 from provisiond.features import FEATURES, Setup
 from provisiond.logs import get_logger
+from provisiond.reload import changed_keys, keep_restart_only
 from provisiond.rpc import Router
 from provisiond.schema import all_migrations
 from provisiond.store import Store
@@ -28,6 +32,12 @@ from provisiond.transport import Delivery, Subscription, Transport
 log = get_logger("provisiond.server")
 
 Notify = Callable[[str], None]
+
+# While draining, the broker may still be handing us requests (they get a quick
+# 503); wait until none arrived for this long before disconnecting, so their
+# replies go out rather than being cut off.
+DRAIN_SETTLE_SECONDS = 0.1
+STATUS_POLL_SECONDS = 1.0
 
 
 def _no_notify(_state: str) -> None:
@@ -42,22 +52,107 @@ class Server:
         clock: Clock | None = None,
         notify: Notify = _no_notify,
         features: list[Setup] | None = None,
+        watchdog_interval: float | None = None,
+        setup_logging: Callable[[LogConfig], None] | None = None,
+        plugins: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or Clock()
         self.notify = notify
         self.features = FEATURES if features is None else features
+        self.watchdog_interval = watchdog_interval
+        # Only the real process reconfigures logging; in-process tests keep their capture.
+        self.setup_logging = setup_logging
+        # name -> plugin class; None: the installed entry points (plugins.discover).
+        self.plugins = plugins
+        self.supervisor: plugin_api.PluginSupervisor | None = None
         self.ready = asyncio.Event()
         self.app: App | None = None
         self.router: Router | None = None
         self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[bool]] = set()
+        self._last_delivery = 0.0
 
     def request_stop(self) -> None:
         self._stop.set()
 
+    def request_reload(self, load: Callable[[], Config]) -> None:
+        """Reload from `load()` in the background (a signal handler cannot await)."""
+        task = asyncio.get_running_loop().create_task(self.reload_from(load))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload_from(self, load: Callable[[], Config]) -> bool:
+        """Read the config again and apply it; a file that does not load is refused."""
+        try:
+            new = await asyncio.to_thread(load)
+        except ConfigError as exc:
+            log.error("config.reload_refused", error=str(exc), kept="previous config")
+            self.notify("STATUS=serving; config reload refused, see the log")
+            return False
+        return await self.reload(new)
+
+    async def reload(self, new_config: Config) -> bool:
+        """Swap in `new_config`, keeping restart-only keys; returns whether it was applied.
+
+        Features read `app.config` at use time; those holding derived state
+        refresh it in an `app.on_reload` hook. A hook that raises refuses the
+        config, and everything is put back as it was.
+        """
+        async with self._reload_lock:
+            try:
+                # Plugin tables are only dicts to Config; their own schemas judge them.
+                await asyncio.to_thread(plugin_api.resolve, new_config, self.plugins)
+            except ConfigError as exc:
+                log.error("config.reload_refused", error=str(exc), kept="previous config")
+                self.notify("STATUS=serving; config reload refused, see the log")
+                return False
+            old = self.config
+            new, pinned = keep_restart_only(old, new_config)
+            if pinned:
+                log.warning("config.needs_restart", keys=pinned, kept="running values")
+            self.notify(
+                f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=reloading config"
+            )
+            applied: list[ReloadHook] = []
+            try:
+                self._apply(new)
+                for hook in list(self.app.on_reload) if self.app else []:
+                    await hook(new)
+                    applied.append(hook)
+            except Exception:
+                log.exception("config.reload_refused", kept="previous config")
+                self._apply(old)
+                for hook in applied:
+                    try:
+                        await hook(old)
+                    except Exception:
+                        log.exception(
+                            "config.rollback_failed", hook=getattr(hook, "__qualname__", "?")
+                        )
+                self.notify("READY=1\nSTATUS=serving; config reload refused, see the log")
+                return False
+            log.info("config.reloaded", changed=changed_keys(old, new))
+            self.notify("READY=1\nSTATUS=serving")
+            return True
+
+    def _apply(self, config: Config) -> None:
+        logging_changed = config.log != self.config.log
+        self.config = config
+        if self.app is not None:
+            self.app.config = config
+        if logging_changed and self.setup_logging is not None:
+            self.setup_logging(config.log)
+
     async def serve(
         self, shutdown_trigger: Callable[[], Coroutine[Any, Any, object]] | None = None
     ) -> None:
+        watchdog: asyncio.Task[None] | None = None
+        if self.watchdog_interval:
+            watchdog = asyncio.create_task(self._watchdog(self.watchdog_interval))
+        # Before anything opens: a bad [plugins.*] table is a config error (exit 3).
+        plugin_specs = plugin_api.resolve(self.config, self.plugins)
         store = Store(
             resolve_path(self.config, self.config.store.path),
             synchronous=self.config.store.synchronous,
@@ -79,7 +174,12 @@ class Server:
             for hook in app.on_start:
                 await hook()
             started = list(app.on_stop)
+            # Plugins run on top of the core: started after it, stopped before it.
+            self.supervisor = plugin_api.PluginSupervisor(app, router, plugin_specs)
+            started.append(self.supervisor.stop)
+            await self.supervisor.start()
             app.spawn(self._prune_replays(app), name="prune-replays")
+            app.spawn(router.replays.run(), name="flush-replays")
             rpc_filter = app.topic("rpc", "#")
             if self.config.mqtt.shared_group:
                 rpc_filter = f"$share/{self.config.mqtt.shared_group}/{rpc_filter}"
@@ -93,12 +193,14 @@ class Server:
             self.ready.set()
             log.info("daemon.ready", topic_prefix=app.prefix, operations=sorted(router.operations))
             self.notify("READY=1\nSTATUS=serving")
-            await self._stop.wait()
+            app.spawn(self._report_connection(transport), name="status-report")
+            await self._until_stop(conn_task)
         finally:
-            self.notify("STOPPING=1\nSTATUS=draining")
-            left = await router.drain(self.config.daemon.shutdown_grace_seconds)
+            self.notify("STOPPING=1\nSTATUS=draining in-flight requests")
+            left = await self._drain(router, app.config.daemon.shutdown_grace_seconds)
             if left:
                 log.warning("daemon.drain_timeout", unanswered=left)
+            self.notify("STATUS=flushing and disconnecting")
             for hook in reversed(started):
                 try:
                     await hook()
@@ -113,8 +215,56 @@ class Server:
             if trigger_task is not None:
                 trigger_task.cancel()
             await app.cancel_tasks()
+            with contextlib.suppress(StoreUnavailable):
+                await router.replays.flush()
             await store.close()
+            if watchdog is not None:
+                watchdog.cancel()
             log.info("daemon.stopped")
+
+    async def _until_stop(self, conn_task: asyncio.Task[None]) -> None:
+        # The connection task ends by itself only on a bug: exit non-zero then,
+        # so systemd restarts us instead of keeping a daemon that hears nothing.
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({stop, conn_task}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if conn_task.done() and not self._stop.is_set():
+            conn_task.result()
+            raise RuntimeError("the broker connection task ended unexpectedly")
+
+    async def _drain(self, router: Router, grace: float) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while True:
+            left = await router.drain(max(0.0, deadline - loop.time()))
+            if loop.time() >= deadline:
+                return left
+            if left:
+                continue  # more arrived while we waited; they are quick 503s
+            quiet = loop.time() - self._last_delivery
+            if quiet >= DRAIN_SETTLE_SECONDS:
+                return 0
+            await asyncio.sleep(min(DRAIN_SETTLE_SECONDS - quiet, deadline - loop.time()))
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself: a loop that stops turning stops the
+        # pings, and systemd restarts the service (WatchdogSec=).
+        while True:
+            self.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _report_connection(self, transport: Transport) -> None:
+        connected = True
+        while True:
+            await asyncio.sleep(STATUS_POLL_SECONDS)
+            if transport.is_connected != connected:
+                connected = transport.is_connected
+                mqtt = self.config.mqtt
+                self.notify(
+                    "STATUS=serving"
+                    if connected
+                    else f"STATUS=broker {mqtt.host}:{mqtt.port} unreachable; reconnecting"
+                )
 
     async def _wait_ready(self, transport: Transport, conn_task: asyncio.Task[None]) -> None:
         subscribed = asyncio.create_task(transport.subscribed.wait())
@@ -131,6 +281,7 @@ class Server:
         rpc_prefix = router.rpc_prefix
 
         async def dispatch(delivery: Delivery) -> None:
+            self._last_delivery = asyncio.get_running_loop().time()
             topic = delivery.topic
             if topic.startswith(rpc_prefix):
                 await router.submit(delivery)

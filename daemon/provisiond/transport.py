@@ -140,7 +140,8 @@ class Transport:
                     self.connections += 1
                     delay = mqtt.reconnect_min_seconds
                     for sub in subscriptions:
-                        await client.subscribe(sub.topic, qos=sub.qos)
+                        granted = await client.subscribe(sub.topic, qos=sub.qos)
+                        _check_granted(sub, granted)
                     await client.publish(self.status_topic, b"online", qos=1, retain=True)
                     self.connected.set()
                     self.subscribed.set()
@@ -201,3 +202,16 @@ class Transport:
             and delivery.connection == self.connections
         ):
             client._client.ack(delivery.message.mid, delivery.message.qos)
+
+
+def _check_granted(sub: Subscription, granted: Sequence[object]) -> None:
+    """A SUBACK can refuse (ACL, shared subscriptions unsupported): then we are not ready.
+
+    Raised as an MqttError, the run loop retries with backoff and READY=1 is
+    not sent, instead of serving while deaf to a topic.
+    """
+    for code in granted:
+        value = getattr(code, "value", code)
+        if isinstance(value, int) and value >= 0x80:
+            log.error("mqtt.subscribe_refused", topic=sub.topic, reason=str(code))
+            raise aiomqtt.MqttError(f"broker refused the subscription to {sub.topic}: {code}")

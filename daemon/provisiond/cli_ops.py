@@ -1,0 +1,346 @@
+"""Operator commands: `status`, `db backup`, `keys rotate-signing`.
+
+`status` asks the running daemon over MQTT, with the daemon's own broker
+settings and an API key given by the operator (this command creates nothing).
+The other two work on files beside the running daemon: SQLite's online backup
+and the WiFi signing key ring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sqlite3
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from provisiond.config import ENV_KEY, Config, config_path, load, resolve_path
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+DEFAULT_STATUS_TIMEOUT = 5.0
+
+
+class OperatorError(Exception):
+    """Something the operator must fix; printed as one line, exit 1."""
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load(config_path(args.config))
+
+
+def _fail(message: str) -> int:
+    print(f"provisiond: {message}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+# --- status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    key = args.key or os.environ.get(ENV_KEY, "")
+    if not key:
+        return _fail(f"status needs an API key with scope daemon:read: --key or ${ENV_KEY}")
+    config = _config(args)
+    try:
+        reply = asyncio.run(ask_stats(config, key, args.timeout))
+    except OperatorError as exc:
+        return _fail(str(exc))
+    if reply.get("status") != 200:
+        error = reply.get("error") or {}
+        return _fail(
+            f"the daemon answered {reply.get('status')} {error.get('code', '')}: "
+            f"{error.get('message', '')}"
+        )
+    body = reply.get("body") or {}
+    if args.json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+    else:
+        print(format_status(body))
+    return EXIT_OK
+
+
+async def ask_stats(config: Config, key: str, wait_seconds: float) -> dict[str, Any]:
+    """One `daemon/stats` request as a short-lived MQTT v5 client; the reply envelope."""
+    from provisiond.transport import Transport
+
+    timeout = wait_seconds
+    mqtt = config.mqtt
+    prefix = mqtt.topic_prefix
+    tag = uuid.uuid4().hex[:12]
+    reply_topic = f"{prefix}/replies/status-{tag}"
+    correlation = uuid.uuid4().bytes
+    # Same credentials and TLS settings as the daemon, read the same way.
+    client_kwargs = await Transport(config)._client_kwargs()
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ResponseTopic = reply_topic
+    props.CorrelationData = correlation
+    props.UserProperty = [("authorization", f"Bearer {key}")]
+    # If the daemon is down, its persistent session would keep the request;
+    # let the broker drop it once nobody waits for the answer.
+    props.MessageExpiryInterval = max(1, math.ceil(timeout))
+    where = f"{mqtt.host}:{mqtt.port}"
+    try:
+        async with aiomqtt.Client(
+            mqtt.host,
+            mqtt.port,
+            # Never the daemon's own client id: the broker would disconnect the daemon.
+            identifier=f"{mqtt.client_id}-status-{tag}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=True,
+            timeout=timeout,
+            **client_kwargs,  # type: ignore[arg-type]
+        ) as client:
+            await client.subscribe(reply_topic, qos=1)
+            await client.publish(f"{prefix}/rpc/daemon/stats", b"{}", qos=1, properties=props)
+            try:
+                async with asyncio.timeout(timeout):
+                    async for message in client.messages:
+                        got = getattr(message.properties, "CorrelationData", None)
+                        if got is not None and bytes(got) == correlation:
+                            payload = message.payload
+                            data = payload if isinstance(payload, bytes | bytearray) else b""
+                            result: dict[str, Any] = json.loads(data)
+                            return result
+            except TimeoutError:
+                raise OperatorError(
+                    f"no reply from the daemon within {timeout:g}s on {prefix}/rpc/daemon/stats "
+                    f"via {where}; is it running (systemctl status provisiond)?"
+                ) from None
+    except aiomqtt.MqttError as exc:
+        raise OperatorError(f"cannot talk to the broker at {where}: {exc}") from None
+    raise OperatorError(f"the connection to {where} closed before the daemon replied")
+
+
+def format_status(body: dict[str, Any]) -> str:
+    """The stats reply as a few lines for a person."""
+    counters: dict[str, int] = body.get("counters") or {}
+    lines = [
+        f"provisiond {body.get('version', '?')}: up {_duration(body.get('uptime_seconds', 0))}, "
+        f"broker {'connected' if body.get('connected') else 'DISCONNECTED'} "
+        f"(connections since start: {body.get('connections', 0)})",
+    ]
+    by_status = {
+        name.rsplit(".", 1)[1]: n for name, n in counters.items() if name.startswith("rpc.status.")
+    }
+    detail = ", ".join(f"{code}: {by_status[code]}" for code in sorted(by_status))
+    lines.append(
+        f"requests: {counters.get('rpc.requests', 0)}"
+        + (f" ({detail})" if detail else "")
+        + f", in flight {body.get('inflight', 0)}"
+    )
+    heartbeats = {
+        name: n for name, n in counters.items() if "heartbeat" in name and not isinstance(n, dict)
+    }
+    if heartbeats:
+        lines.append("heartbeats: " + ", ".join(f"{k} {v}" for k, v in sorted(heartbeats.items())))
+    presence = _presence(body)
+    if presence is not None:
+        lines.append(f"devices: {presence['online']} online, {presence['offline']} offline")
+    return "\n".join(lines)
+
+
+def _presence(body: dict[str, Any]) -> dict[str, Any] | None:
+    # Whichever stats probe reports device counts (the presence feature's, today).
+    candidates = [body.get("presence"), *body.values()]
+    for value in candidates:
+        if isinstance(value, dict) and {"online", "offline"} <= value.keys():
+            return value
+    return None
+
+
+def _duration(seconds: float) -> str:
+    total = int(seconds)
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s"
+
+
+# --- db backup
+
+
+def cmd_db_backup(args: argparse.Namespace) -> int:
+    config = _config(args)
+    source = resolve_path(config, config.store.path)
+    try:
+        pages = backup_database(source, Path(args.path), overwrite=args.force)
+    except OperatorError as exc:
+        return _fail(str(exc))
+    print(f"backed up {source} to {args.path} ({pages} pages, integrity ok)")
+    return EXIT_OK
+
+
+def backup_database(source: Path, target: Path, *, overwrite: bool = False) -> int:
+    """Copy a live SQLite database with the online backup API; returns its page count.
+
+    The copy is one consistent snapshot even while the daemon writes (WAL
+    readers do not block the writer). It is written beside `target` and
+    renamed into place only after an integrity check, so `target` is never a
+    half-written file. The copy holds key hashes and sealed replies: mode 0600.
+    """
+    if not source.is_file():
+        raise OperatorError(f"no database at {source} (store.path)")
+    if target.exists() and not overwrite:
+        raise OperatorError(f"{target} exists; pass --force to overwrite it")
+    if not target.parent.is_dir():
+        raise OperatorError(f"directory {target.parent} does not exist")
+    partial = target.with_name(f".{target.name}.partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    try:
+        # mode=rw: never create an empty database where the real one is missing.
+        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=rw", uri=True, timeout=30)
+        try:
+            dst = sqlite3.connect(partial)
+            try:
+                src.backup(dst)
+                # A self-contained file: no -wal/-shm companions needed to open it.
+                dst.execute("PRAGMA journal_mode=DELETE")
+                check = dst.execute("PRAGMA integrity_check").fetchone()
+                if check is None or check[0] != "ok":
+                    raise OperatorError(f"the copy failed its integrity check: {check}")
+                pages = int(dst.execute("PRAGMA page_count").fetchone()[0])
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        with partial.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, target)
+    except sqlite3.Error as exc:
+        raise OperatorError(f"backup failed: {exc}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return pages
+
+
+# --- keys rotate-signing
+
+
+def cmd_keys_rotate_signing(args: argparse.Namespace) -> int:
+    config = _config(args)
+    try:
+        new_kid, retired = rotate_signing(config, time.time())
+    except OperatorError as exc:
+        return _fail(str(exc))
+    print(f"new signing key {new_kid} is active on disk")
+    for kid, until in retired:
+        print(f"key {kid} now only verifies, until {_iso(until)}")
+    # The running daemon holds the ring in memory; a restart is graceful (drain, persistent session).
+    print("restart the daemon so it signs with the new key: systemctl restart provisiond")
+    return EXIT_OK
+
+
+def rotate_signing(config: Config, now: float) -> tuple[str, list[tuple[str, float]]]:
+    """Rotate the daemon-managed key ring; returns the new kid and the retired (kid, until)."""
+    from provisiond.wifi.service import keys_directory
+    from provisiond.wifi.signing import MAX_GRANT_LIFETIME, KeyRing, KeyRingError
+
+    wifi = config.wifi
+    if wifi.signing_algorithm == "HS256":
+        raise OperatorError(
+            "signing_algorithm is HS256: grants are keyed per device from the master "
+            "secret; replace wifi.hs256_master_secret_file to change it"
+        )
+    if wifi.signing_key_files:
+        raise OperatorError(
+            "signing keys come from wifi.signing_key_files (operator-managed): put the new "
+            "key first in that list and keep the old one after it for an hour"
+        )
+    directory = keys_directory(config)
+    _require_owner(directory)
+    try:
+        ring = KeyRing.load_or_create(directory, wifi.signing_algorithm, now=now)
+        new = ring.rotate(now, max_grant_lifetime=MAX_GRANT_LIFETIME)
+    except (KeyRingError, OSError) as exc:
+        raise OperatorError(f"cannot rotate the keys in {directory}: {exc}") from None
+    retired = [
+        (k.kid, k.verify_until)
+        for k in ring.keys
+        if k.kid != new.kid and k.verify_until is not None
+    ]
+    return new.kid, retired
+
+
+def _require_owner(directory: Path) -> None:
+    # Files made by another user (typically root) would be unreadable to the
+    # daemon's user, and the next start would fail on a key it cannot open.
+    if directory.exists() and directory.stat().st_uid != os.geteuid():
+        owner = directory.stat().st_uid
+        raise OperatorError(
+            f"{directory} belongs to uid {owner}; run this as that user "
+            f"(e.g. sudo -u provisiond provisiond keys rotate-signing)"
+        )
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+# --- registration
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[Any]:
+    # argparse offers no public way back to a group's subparsers; cli.py made `keys`.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise LookupError(f"{parser.prog} has no subcommands")
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Register `status`, `db backup` and `keys rotate-signing` on the main parser."""
+    p = sub.add_parser(
+        "status",
+        parents=[common],
+        help="ask the running daemon over MQTT: uptime, connection, counters, devices",
+    )
+    p.add_argument(
+        "--key",
+        help=f"API key with scope daemon:read (default ${ENV_KEY}; prefer the variable, "
+        "command lines are visible to other users)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_STATUS_TIMEOUT,
+        help=f"seconds to wait for the reply (default {DEFAULT_STATUS_TIMEOUT:g})",
+    )
+    p.add_argument("--json", action="store_true", help="print the daemon's stats as JSON")
+    p.set_defaults(fn=cmd_status)
+
+    db = sub.add_parser("db", parents=[common], help="database maintenance").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    p = db.add_parser(
+        "backup",
+        parents=[common],
+        help="copy the database to PATH (safe while the daemon runs)",
+    )
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+    p.set_defaults(fn=cmd_db_backup)
+
+    keys = _subcommands(sub.choices["keys"])
+    p = keys.add_parser(
+        "rotate-signing",
+        parents=[common],
+        help="make a new WiFi grant signing key; the old one verifies for one grant lifetime",
+    )
+    p.set_defaults(fn=cmd_keys_rotate_signing)

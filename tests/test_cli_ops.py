@@ -1,0 +1,159 @@
+"""Operator commands as an operator runs them: `status`, `db backup`, `keys rotate-signing`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import stat
+import sys
+import time
+from pathlib import Path
+
+from daemon_proc import ROOT, write_toml
+
+from provisiond.config import Config
+from provisiond.server import Server
+from provisiond.wifi.signing import KeyRing
+from support import free_port, seed_key
+
+
+async def provisiond(*argv: str, **env: str) -> tuple[int, str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
+    environ["PYTHONPATH"] = f"{ROOT / 'daemon'}:{ROOT / 'plugins'}"
+    environ.update(env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "provisiond", *argv,
+        env=environ, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+# --- status
+
+
+async def test_status_asks_the_running_daemon(
+    config: Config, daemon: Server, tmp_path: Path
+) -> None:
+    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    config_file = write_toml(config, tmp_path / "p.toml")
+    code, out, err = await provisiond("status", "-c", str(config_file), PROVISIOND_KEY=secret)
+    assert code == 0, err
+    assert "up 0m" in out and "broker connected" in out
+    assert "requests: " in out
+    assert "devices: 0 online, 0 offline" in out
+    assert secret not in out + err
+
+    code, out, err = await provisiond("status", "--json", "--key", secret, "-c", str(config_file))
+    assert code == 0, err
+    stats = json.loads(out)
+    assert stats["connected"] is True and stats["counters"]["rpc.status.200"] >= 1
+
+
+async def test_status_failures_are_one_clear_line(
+    config: Config, daemon: Server, tmp_path: Path
+) -> None:
+    _key_id, secret = seed_key(config, scopes=("devices:read",))
+    config_file = write_toml(config, tmp_path / "p.toml")
+
+    code, _out, err = await provisiond("status", "-c", str(config_file))
+    assert code == 1 and "needs an API key with scope daemon:read" in err
+
+    code, _out, err = await provisiond("status", "-c", str(config_file), PROVISIOND_KEY=secret)
+    assert code == 1 and "403 missing_scope" in err
+
+    # A prefix nobody serves: no daemon answers.
+    nobody = write_toml(config, tmp_path / "n.toml", mqtt={"topic_prefix": "nobody-here"})
+    started = time.monotonic()
+    code, _out, err = await provisiond(
+        "status", "--timeout", "1", "-c", str(nobody), PROVISIOND_KEY=secret
+    )
+    assert code == 1 and "no reply from the daemon within 1s" in err
+    assert time.monotonic() - started < 15
+
+    closed = write_toml(config, tmp_path / "c.toml", mqtt={"port": free_port()})
+    code, _out, err = await provisiond("status", "-c", str(closed), PROVISIOND_KEY=secret)
+    assert code == 1 and "cannot talk to the broker at 127.0.0.1:" in err
+    assert "Traceback" not in err
+
+
+# --- db backup
+
+
+async def test_db_backup_while_the_daemon_runs(
+    config: Config, daemon: Server, tmp_path: Path
+) -> None:
+    key_id, _secret = seed_key(config)
+    config_file = write_toml(config, tmp_path / "p.toml")
+    target = tmp_path / "backup.db"
+
+    code, out, err = await provisiond("db", "backup", str(target), "-c", str(config_file))
+    assert code == 0, err
+    assert "integrity ok" in out
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    copy = sqlite3.connect(target)
+    assert copy.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert copy.execute("SELECT id FROM api_keys").fetchall() == [(key_id,)]
+    copy.close()
+    assert not list(tmp_path.glob(".backup.db.partial"))
+
+    code, _out, err = await provisiond("db", "backup", str(target), "-c", str(config_file))
+    assert code == 1 and "exists; pass --force" in err
+    code, _out, err = await provisiond(
+        "db", "backup", str(target), "--force", "-c", str(config_file)
+    )
+    assert code == 0, err
+
+
+async def test_db_backup_never_creates_a_missing_database(tmp_path: Path) -> None:
+    config_file = tmp_path / "p.toml"
+    config_file.write_text(f'[store]\npath = "{tmp_path / "missing.db"}"\n')
+    code, _out, err = await provisiond(
+        "db", "backup", str(tmp_path / "b.db"), "-c", str(config_file)
+    )
+    assert code == 1 and "no database at" in err
+    assert not (tmp_path / "missing.db").exists() and not (tmp_path / "b.db").exists()
+
+
+# --- keys rotate-signing
+
+
+async def test_rotate_signing_makes_a_new_active_key(tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    config_file = tmp_path / "p.toml"
+    config_file.write_text(
+        f'[store]\npath = "{tmp_path / "p.db"}"\n[wifi]\nkeys_dir = "{keys_dir}"\n'
+    )
+    # The daemon made its ring at some earlier start.
+    first = KeyRing.load_or_create(keys_dir, "EdDSA", now=time.time()).active.kid
+
+    code, out, err = await provisiond("keys", "rotate-signing", "-c", str(config_file))
+    assert code == 0, err
+    ring = KeyRing.load_or_create(keys_dir, "EdDSA", now=time.time())
+    assert ring.active.kid != first
+    assert f"new signing key {ring.active.kid} is active" in out
+    old = ring.get(first)
+    assert old is not None and old.verify_until is not None
+    assert 3500 < old.verify_until - time.time() <= 3600
+    assert f"key {first} now only verifies" in out
+    assert "systemctl restart provisiond" in out
+    for pem in keys_dir.glob("*.pem"):
+        assert stat.S_IMODE(pem.stat().st_mode) == 0o600
+
+
+async def test_rotate_signing_refuses_keys_it_does_not_manage(tmp_path: Path) -> None:
+    config_file = tmp_path / "p.toml"
+    config_file.write_text(
+        f'[store]\npath = "{tmp_path / "p.db"}"\n'
+        '[wifi]\nsigning_algorithm = "HS256"\nhs256_master_secret_file = "m"\n'
+    )
+    code, _out, err = await provisiond("keys", "rotate-signing", "-c", str(config_file))
+    assert code == 1 and "HS256" in err
+    config_file.write_text(
+        f'[store]\npath = "{tmp_path / "p.db"}"\n[wifi]\nsigning_key_files = ["a.pem"]\n'
+    )
+    code, _out, err = await provisiond("keys", "rotate-signing", "-c", str(config_file))
+    assert code == 1 and "operator-managed" in err

@@ -1,0 +1,291 @@
+"""The shipped mosquitto config (config/mosquitto/) started as-is with the real mosquitto.
+
+Only what cannot be shipped is rewritten: file locations (/etc/mosquitto/ →
+a temp dir) and the two ports (free loopback ports). The TLS listener runs
+with a throwaway CA and server certificate made here; devices use it, the
+daemon and services use the loopback listener, as on a gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import getpass
+import ipaddress
+import json
+import socket
+import ssl
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from support import MOSQUITTO, free_port, make_config, running, seed_key
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "config" / "mosquitto"
+PREFIX = "provisiond"  # the shipped ACL is written for the default prefix
+PASSWORDS = {
+    "provisiond": "daemon-pw-1",
+    "backend": "backend-pw-1",
+    "1": "device-1-pw",
+    "2": "device-2-pw",
+}
+
+
+def _cert(
+    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None,
+    issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool,
+) -> x509.Certificate:  # fmt: skip
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write_tls(certs: Path) -> None:
+    certs.mkdir()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("provisiond test CA", ca_key, None, ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = _cert("localhost", server_key, ca.subject, ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    (certs / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (certs / "server.crt").write_bytes(server.public_bytes(pem))
+    (certs / "server.key").write_bytes(
+        server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+class ExampleBroker:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True)
+        self.local_port = free_port()
+        self.port = self.local_port  # what support.make_config reads
+        self.tls_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ExampleBroker:
+        d = self.directory
+        _write_tls(d / "certs")
+        (d / "provisiond.acl").write_text((SHIPPED / "provisiond.acl").read_text())
+        passwd = d / "provisiond.passwd"
+        passwd.touch(mode=0o600)
+        for user, password in PASSWORDS.items():
+            subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True)
+        conf = (SHIPPED / "provisiond.conf").read_text()
+        for old, new in (
+            ("/etc/mosquitto/", f"{d}/"),
+            ("listener 1883 127.0.0.1\n", f"listener {self.local_port} 127.0.0.1\n"),
+            ("listener 8883\n", f"listener {self.tls_port} 127.0.0.1\n"),
+        ):
+            # A rewrite that matches nothing means the shipped file changed shape.
+            assert old in conf, f"shipped provisiond.conf no longer contains {old!r}"
+            conf = conf.replace(old, new)
+        # As root, mosquitto would switch to the `mosquitto` user, who cannot
+        # read this test's private temp dir; on a gateway the files are its own.
+        extra = f"log_dest file {d}/mosquitto.log\nuser {getpass.getuser()}\n"
+        (d / "mosquitto.conf").write_text(conf + extra)
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(d / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL, stderr=(d / "stderr.log").open("wb"),
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("mosquitto refused the example config: " + self.logs())
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.tls_port), 0.2).close()
+                socket.create_connection(("127.0.0.1", self.local_port), 0.2).close()
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start listening: " + self.logs())
+
+    def logs(self) -> str:
+        return "".join(
+            p.read_text()[-2000:]
+            for p in (self.directory / "stderr.log", self.directory / "mosquitto.log")
+            if p.exists()
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    @contextlib.asynccontextmanager
+    async def client(self, user: str | None, *, tls: bool) -> AsyncIterator[aiomqtt.Client]:
+        kwargs: dict[str, Any] = {}
+        if tls:
+            kwargs["tls_context"] = ssl.create_default_context(
+                cafile=str(self.directory / "certs" / "ca.crt")
+            )
+        if user is not None:
+            kwargs.update(username=user, password=PASSWORDS[user])
+        async with aiomqtt.Client(
+            "localhost" if tls else "127.0.0.1",
+            self.tls_port if tls else self.local_port,
+            identifier=f"{user}-{uuid.uuid4().hex[:8]}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            **kwargs,
+        ) as client:
+            yield client
+
+
+@pytest.fixture
+def example_broker(tmp_path: Path) -> Iterator[ExampleBroker]:
+    broker = ExampleBroker(tmp_path / "mosquitto").start()
+    yield broker
+    broker.stop()
+
+
+async def _collect(client: aiomqtt.Client, into: list[tuple[str, bytes]]) -> None:
+    async for message in client.messages:
+        payload = message.payload
+        into.append((message.topic.value, payload if isinstance(payload, bytes) else b""))
+
+
+def _failed(granted: Any) -> bool:
+    return any(getattr(code, "value", code) >= 0x80 for code in granted)
+
+
+async def test_device_cannot_publish_on_another_devices_heartbeat(
+    example_broker: ExampleBroker,
+) -> None:
+    seen: list[tuple[str, bytes]] = []
+    async with (
+        example_broker.client("provisiond", tls=False) as daemon,
+        example_broker.client("1", tls=True) as device1,
+        example_broker.client("2", tls=True) as device2,
+    ):
+        granted = await daemon.subscribe(f"{PREFIX}/devices/+/heartbeat", qos=1)
+        assert not _failed(granted)
+        await daemon.subscribe(f"{PREFIX}/rpc/#", qos=1)
+        reader = asyncio.create_task(_collect(daemon, seen))
+
+        # Forged first and acknowledged by the broker before the real one, so
+        # had it been forwarded it would arrive first.
+        await device2.publish(f"{PREFIX}/devices/1/heartbeat", b'{"forged": true}', qos=1)
+        await device2.publish(f"{PREFIX}/rpc/provision/token", b"{}", qos=1)
+        await device1.publish(f"{PREFIX}/devices/1/heartbeat", b'{"uptime": 1}', qos=1)
+        await device2.publish(f"{PREFIX}/devices/2/heartbeat", b'{"uptime": 2}', qos=1)
+        await device1.publish(f"{PREFIX}/rpc/device/activate", b'{"token": "x"}', qos=1)
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(seen) < 3 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        reader.cancel()
+
+        assert seen == [
+            (f"{PREFIX}/devices/1/heartbeat", b'{"uptime": 1}'),
+            (f"{PREFIX}/devices/2/heartbeat", b'{"uptime": 2}'),
+            (f"{PREFIX}/rpc/device/activate", b'{"token": "x"}'),
+        ]
+        # Nor may a device read another device's commands (mosquitto grants the
+        # subscription but checks read access on every message it would deliver).
+        got1: list[tuple[str, bytes]] = []
+        got2: list[tuple[str, bytes]] = []
+        await device1.subscribe(f"{PREFIX}/devices/1/commands/#", qos=1)
+        await device2.subscribe(f"{PREFIX}/devices/1/commands/#", qos=1)
+        await device2.subscribe(f"{PREFIX}/rpc/#", qos=1)
+        readers = [
+            asyncio.create_task(_collect(device1, got1)),
+            asyncio.create_task(_collect(device2, got2)),
+        ]
+        await daemon.publish(f"{PREFIX}/devices/1/commands/reconfigure", b'{"id": 1}', qos=1)
+        await device1.publish(f"{PREFIX}/rpc/device/activate", b"{}", qos=1)
+        deadline = asyncio.get_running_loop().time() + 5
+        while not got1 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        for task in readers:
+            task.cancel()
+        assert got1 == [(f"{PREFIX}/devices/1/commands/reconfigure", b'{"id": 1}')]
+        assert got2 == []
+
+    # No anonymous access on either listener.
+    for tls in (False, True):
+        with pytest.raises(aiomqtt.MqttError):
+            async with example_broker.client(None, tls=tls):
+                pass
+
+
+async def test_daemon_serves_through_the_example_broker(
+    example_broker: ExampleBroker, tmp_path: Path
+) -> None:
+    """The daemon's account may do all it needs; a service and a device get their replies."""
+    (tmp_path / "mqtt-password").write_text(PASSWORDS["provisiond"] + "\n")
+    config = make_config(
+        tmp_path,
+        example_broker,  # type: ignore[arg-type]  # only .port is read
+        mqtt={
+            "topic_prefix": PREFIX,
+            "username": "provisiond",
+            "password_file": str(tmp_path / "mqtt-password"),
+        },
+    )
+    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    async with running(config):
+        replies: list[tuple[str, bytes]] = []
+        async with (
+            example_broker.client("backend", tls=False) as backend,
+            example_broker.client("1", tls=True) as device1,
+        ):
+            await backend.subscribe(f"{PREFIX}/replies/backend/#", qos=1)
+            await device1.subscribe(f"{PREFIX}/devices/1/replies/#", qos=1)
+            readers = [
+                asyncio.create_task(_collect(backend, replies)),
+                asyncio.create_task(_collect(device1, replies)),
+            ]
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = f"{PREFIX}/replies/backend/1"
+            props.CorrelationData = b"c1"
+            props.UserProperty = ("authorization", f"Bearer {secret}")
+            await backend.publish(f"{PREFIX}/rpc/daemon/stats", b"{}", qos=1, properties=props)
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = f"{PREFIX}/devices/1/replies/activate"
+            props.CorrelationData = b"c2"
+            body = {"token": "A" * 32, "capabilities": 2, "public_key": "AAAA"}
+            await device1.publish(
+                f"{PREFIX}/rpc/device/activate", json.dumps(body).encode(), qos=1, properties=props
+            )
+            deadline = asyncio.get_running_loop().time() + 10
+            while len(replies) < 2 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            for reader in readers:
+                reader.cancel()
+    by_topic = {topic: json.loads(payload) for topic, payload in replies}
+    assert by_topic[f"{PREFIX}/replies/backend/1"]["status"] == 200
+    # A made-up token: the device is refused, but it does get its answer.
+    assert by_topic[f"{PREFIX}/devices/1/replies/activate"]["status"] in (400, 401, 410)
