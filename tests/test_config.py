@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from provisiond.config import Config, load, read_secret
+from provisiond.config import Config, load, read_secret, secret_path
 from provisiond.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +92,8 @@ def test_secret_from_credentials_directory_then_beside_config(
     (creds / "mqtt-password").write_text("from-systemd")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     assert read_secret(config, "mqtt-password", key="mqtt.password_file") == b"from-systemd"
+    assert secret_path(config, "mqtt-password") == creds / "mqtt-password"
+    assert secret_path(config, "tls.key") == tmp_path / "tls.key"
     with pytest.raises(ConfigError) as err:
         read_secret(config, "absent", key="mqtt.password_file")
     assert err.value.key == "mqtt.password_file"

@@ -209,6 +209,22 @@ def resolve_path(config: Config, value: str) -> Path:
     return Path(config.source).parent / path
 
 
+def _secret_candidates(config: Config, name: str) -> list[Path]:
+    candidates: list[Path] = []
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and not Path(name).is_absolute():
+        candidates.append(Path(creds) / name)
+    candidates.append(resolve_path(config, name))
+    return candidates
+
+
+def secret_path(config: Config, name: str) -> Path:
+    """Where a secret file is, for libraries that want a path (a TLS key):
+    `$CREDENTIALS_DIRECTORY` first, then beside the config file."""
+    candidates = _secret_candidates(config, name)
+    return next((c for c in candidates if c.exists()), candidates[-1])
+
+
 def read_secret(config: Config, name: str, *, key: str) -> bytes:
     """Read a secret from a file.
 
@@ -216,12 +232,7 @@ def read_secret(config: Config, name: str, *, key: str) -> bytes:
     `LoadCredential=`), then beside the config file. Errors name the config key,
     never the secret's content.
     """
-    candidates: list[Path] = []
-    creds = os.environ.get("CREDENTIALS_DIRECTORY")
-    if creds and not Path(name).is_absolute():
-        candidates.append(Path(creds) / name)
-    candidates.append(resolve_path(config, name))
-    for candidate in candidates:
+    for candidate in _secret_candidates(config, name):
         try:
             data = candidate.read_bytes()
         except FileNotFoundError:

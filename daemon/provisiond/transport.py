@@ -19,7 +19,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from provisiond.config import Config, read_secret, resolve_path
+from provisiond.config import Config, read_secret, resolve_path, secret_path
 from provisiond.logs import get_logger
 
 log = get_logger("provisiond.transport")
@@ -94,7 +94,7 @@ class Transport:
         if tls.cert_file:
             ctx.load_cert_chain(
                 str(resolve_path(self._config, tls.cert_file)),
-                str(resolve_path(self._config, tls.key_file)) if tls.key_file else None,
+                str(secret_path(self._config, tls.key_file)) if tls.key_file else None,
             )
         if tls.insecure:
             ctx.check_hostname = False
