@@ -189,6 +189,9 @@ async def rpc_load(
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     counter = iter(range(1 << 62))
+    # Unique per run: the daemon answers a repeated (key, operation, correlation)
+    # from its replay store, so reused correlations would measure that cache.
+    run_id = uuid.uuid4().bytes[:8]
 
     async with aiomqtt.Client(
         "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, max_inflight_messages=65535,
@@ -204,7 +207,7 @@ async def rpc_load(
                     fut.set_result(json.loads(message.payload).get("status", 0))  # type: ignore[arg-type]
 
         async def one(measure: bool) -> None:
-            corr = next(counter).to_bytes(8, "big")
+            corr = run_id + next(counter).to_bytes(8, "big")
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = reply_topic
             props.CorrelationData = corr

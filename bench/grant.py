@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,21 @@ def app_public_key() -> str:
     return b64url_encode(X25519PrivateKey.generate().public_key().public_bytes_raw())
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux), to report CPU per request:
+    on a shared machine it varies far less than throughput does."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(pid: int, *args: Any, **kwargs: Any) -> tuple[LoadResult, float]:
+    """`rpc_load`, plus the responder's CPU microseconds per request (warm-up included)."""
+    before = cpu_seconds(pid)
+    result = await rpc_load(*args, **kwargs)
+    total = result.n + kwargs.get("warmup", 200)
+    return result, round((cpu_seconds(pid) - before) / total * 1e6)
+
+
 def figures(result: LoadResult, echo: LoadResult) -> dict[str, Any]:
     thr = ratio(result.throughput, echo.throughput)
     p99 = ratio(result.pct(0.99), echo.pct(0.99))
@@ -90,33 +106,44 @@ async def run(
     results: dict[str, Any] = {"n": n, "concurrency": concurrency, "daemon_log_level": log_level}
     with workdir() as d, mosquitto(d) as port:
         body_echo = {"device_id": 1, "expires_in_seconds": 900}
-        with echo_process(port, "echo/rpc"):
+        with echo_process(port, "echo/rpc") as echo_proc:
             await wait_rpc_ready(port, "echo/rpc", None)
-            echo = await rpc_load(port, "echo/rpc", body_echo, key=None, n=n, concurrency=concurrency)
-        results["echo"] = echo.summary()
+            echo, cpu = await load(
+                echo_proc.pid, port, "echo/rpc", body_echo, key=None, n=n, concurrency=concurrency
+            )
+        results["echo"] = {**echo.summary(), "cpu_us_per_request": cpu}
 
         key = seed(d, users=1)
         device_id = seed_wifi_device(d)
         config = write_config(d, port, log_level=log_level)
         topic = "bench/rpc/wifi-config/grant"
-        with daemon_process(config, d / "daemon.log"):
+        with daemon_process(config, d / "daemon.log") as proc:
             await wait_rpc_ready(port, "bench/rpc/keys/whoami", key)
+            # The router's floor: an authenticated op that does no work of its own.
+            floor, cpu = await load(
+                proc.pid, port, "bench/rpc/keys/whoami", {}, key=key, n=n, concurrency=concurrency
+            )
+            results["whoami_floor"] = {**figures(floor, echo), "cpu_us_per_request": cpu}
             bodies = {
                 "grant_server_generated": {"device_id": device_id},
                 "grant_e2e": {"device_id": device_id, "app_public_key": app_public_key()},
             }
             for name, body in bodies.items():
-                result = await rpc_load(port, topic, body, key=key, n=n, concurrency=concurrency)
-                results[name] = figures(result, echo)
+                result, cpu = await load(
+                    proc.pid, port, topic, body, key=key, n=n, concurrency=concurrency
+                )
+                results[name] = {**figures(result, echo), "cpu_us_per_request": cpu}
 
         # Echo again after the daemon: the baseline is the better of the two,
         # so a machine that warmed up (or slowed down) never flatters the daemon.
-        with echo_process(port, "echo/rpc"):
+        with echo_process(port, "echo/rpc") as echo_proc:
             await wait_rpc_ready(port, "echo/rpc", None)
-            echo2 = await rpc_load(port, "echo/rpc", body_echo, key=None, n=n, concurrency=concurrency)
-        results["echo_after"] = echo2.summary()
+            echo2, cpu = await load(
+                echo_proc.pid, port, "echo/rpc", body_echo, key=None, n=n, concurrency=concurrency
+            )
+        results["echo_after"] = {**echo2.summary(), "cpu_us_per_request": cpu}
         if echo2.throughput > echo.throughput:
-            for name in ("grant_server_generated", "grant_e2e"):
+            for name in ("whoami_floor", "grant_server_generated", "grant_e2e"):
                 tput = results[name]["throughput_rps"]
                 p99 = results[name]["p99_ms"]
                 results[name]["throughput_vs_echo"] = ratio(tput, echo2.throughput)

@@ -449,12 +449,20 @@ def sign_grant_hs256(claims: dict[str, Any], master_secret: bytes, device_id: in
     )
 
 
+# A clamped X25519 scalar is a multiple of 8 (killing every small-order
+# component) and, lying in [2^254, 2^255), never a multiple of the large prime
+# order of the curve or its twist. So X25519(k, P) is all-zero exactly when P
+# has small order, whatever k is: one probe key for the process tests as much
+# as a fresh one per call, without a key generation on every grant.
+_PROBE_KEY: Final = X25519PrivateKey.generate()
+
+
 def check_x25519_public(public: bytes, field: str) -> None:
     """Refuse a public key that would make Z all-zero, before signing anything."""
     if len(public) != X25519_KEY_LEN:
         raise InvalidGrantRequest(field, "must be a 32-byte X25519 public key")
     try:
-        x25519_shared(X25519PrivateKey.generate(), public)
+        x25519_shared(_PROBE_KEY, public)
     except InvalidPeerKey as exc:
         raise InvalidGrantRequest(field, "is a low-order X25519 point") from exc
 

@@ -1,0 +1,187 @@
+"""WiFi configuration grants over RPC, and devices' reports of using them (DESIGN §2-§4).
+
+- `P/rpc/wifi-config/grant` (scope devices:write): sign a grant.
+- `P/rpc/wifi-config/keys` (scope devices:read): the public verification keys.
+- `P/devices/N/wifi/status`: a device says it used a grant; the jti is
+  recorded as consumed and `P/events/wifi/configured` or `.../failed` follows.
+
+The work is in `provisiond.wifi.service.GrantService`, shared with the BLE
+bridge as `app.services["grants"]`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Final
+
+from pydantic import Field, field_validator
+
+from provisiond.app import App
+from provisiond.devices import find_device
+from provisiond.logs import get_logger
+from provisiond.rpc import Body, EmptyBody, Operation, Request, Router
+from provisiond.transport import Delivery
+from provisiond.wifi.crypto import b64url_decode
+from provisiond.wifi.service import GrantService
+
+log = get_logger("provisiond.wifi")
+
+_DECIMAL_ID: Final = re.compile(r"[1-9][0-9]{0,18}")
+_MAX_ID: Final = (1 << 63) - 1  # SQLite INTEGER
+_REASON: Final = re.compile(r"[a-z0-9_\-]{1,64}")
+# A jti is b64url of 16 bytes (22 chars); allow some slack for other issuers
+# but never an unbounded string into the database.
+_GRANT_ID: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+MAX_STATUS_BYTES: Final = 1024
+
+
+def _b64url_field(value: str, *, lo: int, hi: int) -> str:
+    try:
+        raw = b64url_decode(value)
+    except ValueError as exc:
+        raise ValueError(f"must be base64url without padding ({exc})") from None
+    if not lo <= len(raw) <= hi:
+        size = f"{lo} bytes" if lo == hi else f"{lo}..{hi} bytes"
+        raise ValueError(f"must decode to {size}, got {len(raw)}")
+    return value
+
+
+class GrantBody(Body):
+    device_id: int
+    # Strict: 900.5, "900", true and null are all refused, naming the field.
+    expires_in_seconds: Annotated[int, Field(ge=60, le=3600)] = 900
+    app_public_key: str | None = None
+    device_nonce: str | None = None
+
+    @field_validator("device_id", mode="before")
+    @classmethod
+    def _device_id_string(cls, value: object) -> object:
+        # The integer deviceId, or its decimal string (the seed's path parameter
+        # was a string); anything else is left for the strict int check to refuse.
+        if isinstance(value, str):
+            if not _DECIMAL_ID.fullmatch(value):
+                raise ValueError("must be a positive integer or its decimal string")
+            return int(value)
+        return value
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id_range(cls, value: int) -> int:
+        if not 0 < value <= _MAX_ID:
+            raise ValueError("must be a positive integer")
+        return value
+
+    @field_validator("app_public_key")
+    @classmethod
+    def _app_public_key(cls, value: str | None) -> str | None:
+        return None if value is None else _b64url_field(value, lo=32, hi=32)
+
+    @field_validator("device_nonce")
+    @classmethod
+    def _device_nonce(cls, value: str | None) -> str | None:
+        return None if value is None else _b64url_field(value, lo=8, hi=32)
+
+
+def setup(app: App, router: Router) -> None:
+    service = GrantService(app)
+    app.services["grants"] = service
+    # The activation reply (provisioning feature) includes these for the device to pin.
+    app.services["grant_keys"] = service.verification_jwks
+
+    async def start() -> None:
+        await service.load_keys()
+        app.spawn(service.prune_forever(), name="wifi-prune")
+
+    app.on_start.append(start)
+
+    async def grant(request: Request, body: GrantBody) -> dict[str, Any]:
+        assert request.principal is not None
+        device_id = body.device_id
+        request.log_fields["device"] = device_id
+        expires_in = (
+            body.expires_in_seconds if "expires_in_seconds" in body.model_fields_set else None
+        )
+        app_key = body.app_public_key
+        nonce = body.device_nonce
+        reply, result = await service.issue_reply(
+            request.write,
+            org_id=request.principal.org_id,
+            device_id=device_id,
+            principal=request.principal,
+            expires_in=expires_in,
+            app_public_key=None if app_key is None else b64url_decode(app_key),
+            device_nonce=None if nonce is None else b64url_decode(nonce),
+        )
+        request.log_fields["mode"] = result.mode
+        request.log_fields["grant_id"] = result.jti
+        return reply
+
+    async def keys(_request: Request, _body: EmptyBody) -> dict[str, Any]:
+        return {"keys": service.public_jwks()}
+
+    router.register(Operation("wifi-config/grant", grant, body=GrantBody, scope="devices:write"))
+    router.register(Operation("wifi-config/keys", keys, scope="devices:read"))
+
+    async def wifi_status(delivery: Delivery, values: list[str]) -> None:
+        report = _parse_status(values[0], delivery.payload)
+        if report is None:
+            app.counters["wifi.status.malformed"] += 1
+            return
+        device_id, grant_id, state, reason = report
+        known = service.issued_by_us(grant_id)
+        if known is not None and known[0] != device_id:
+            # A device may only spend its own grants (the broker ACL pins it to its topic).
+            app.counters["wifi.status.wrong_device"] += 1
+            return
+        device = await app.store.call(lambda db: find_device(db, device_id))
+        if device is None or not device.active:
+            app.counters["wifi.status.unknown_device"] += 1
+            return
+        # A failed attempt spends the grant too: the device accepted it and
+        # will refuse it again, so the bridge must not offer it a second time.
+        new = await service.record_consumed(
+            device_id, grant_id, service.exp_for(grant_id), state=state
+        )
+        if not new:
+            # A redelivery or repeat: the event for this grant went out already.
+            app.counters["wifi.status.duplicate"] += 1
+            return
+        app.counters[f"wifi.status.{state}"] += 1
+        log.info("wifi.status", device=device_id, grant_id=grant_id, state=state, reason=reason)
+        if state == "connected":
+            await app.publish_event(
+                "wifi/configured", {"device_id": device_id, "grant_id": grant_id}
+            )
+        else:
+            await app.publish_event(
+                "wifi/failed", {"device_id": device_id, "grant_id": grant_id, "reason": reason}
+            )
+
+    app.route("devices/+/wifi/status", wifi_status, qos=1)
+
+
+def _parse_status(segment: str, payload: bytes) -> tuple[int, str, str, str | None] | None:
+    """(device_id, grant_id, state, reason) of a well-formed report, else None.
+
+    Reasons must be machine codes: free text is how an SSID or a password
+    would find its way from a device into our logs and events.
+    """
+    if not _DECIMAL_ID.fullmatch(segment) or len(payload) > MAX_STATUS_BYTES:
+        return None
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    grant_id, state, reason = doc.get("grant_id"), doc.get("state"), doc.get("reason")
+    if not isinstance(grant_id, str) or not _GRANT_ID.fullmatch(grant_id):
+        return None
+    if state not in ("connected", "failed"):
+        return None
+    if reason is not None and (not isinstance(reason, str) or not _REASON.fullmatch(reason)):
+        return None
+    if state == "failed" and reason is None:
+        reason = "unknown"
+    return int(segment), grant_id, str(state), None if state == "connected" else reason

@@ -1,0 +1,450 @@
+"""The daemon's grant service: who may get a grant, signing keys, consumed grants.
+
+`provisiond.wifi.signing` knows how to sign; this module decides whether to,
+with which key, and remembers what devices report back. It is shared as
+`app.services["grants"]` by the RPC feature (`provisiond.ops.wifi`) and the
+BLE bridge plugin, which calls `issue` in-process (bridge mode).
+
+Grants themselves are stateless: nothing is written when one is issued. The
+only table is `consumed_grants`, the jtis devices reported as used, kept until
+their `exp` so the bridge never offers one again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import sqlite_utils
+
+from provisiond import permissions
+from provisiond.app import App
+from provisiond.auth import Principal
+from provisiond.clock import iso_utc
+from provisiond.config import Config, read_secret, resolve_path
+from provisiond.devices import Device, get_device
+from provisiond.errors import (
+    BadRequest,
+    ConfigError,
+    Conflict,
+    NotFound,
+    StoreUnavailable,
+    Unavailable,
+)
+from provisiond.logs import get_logger
+from provisiond.store import Migration
+from provisiond.wifi.crypto import b64url_encode
+from provisiond.wifi.signing import (
+    MAX_GRANT_LIFETIME,
+    AlgorithmUnavailable,
+    DeviceNotWifiCapable,
+    InvalidGrantRequest,
+    IssuedGrant,
+    KeyRing,
+    KeyRingError,
+    hs256_device_jwk,
+    issue_grant,
+)
+
+log = get_logger("provisiond.wifi")
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        "wifi-1-consumed-grants",
+        """
+        CREATE TABLE consumed_grants (
+            jti TEXT PRIMARY KEY,
+            device_id INTEGER NOT NULL,
+            exp INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            consumed_at REAL NOT NULL
+        );
+        CREATE INDEX consumed_grants_exp ON consumed_grants(exp);
+        """,
+    ),
+]
+
+# Grants issued by this process, remembered only to know a reported jti's
+# exp (and device). Bounded: an evicted jti falls back to now + the maximum
+# lifetime, which keeps a consumed record longer than needed, never shorter.
+MAX_ISSUED_MEMORY: Final = 65_536
+PRUNE_INTERVAL_SECONDS: Final = 60.0
+MIN_HS256_SECRET: Final = 32
+
+Mode = Literal["e2e", "server"]
+# Runs a function of the database on the store thread: `store.call`, or an
+# RPC's `request.write` (which also records the reply for replays).
+DbRunner = Callable[[Callable[[sqlite_utils.Database], dict[str, Any]]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class GrantResult:
+    """One issued grant, as the RPC reply and the BLE bridge need it."""
+
+    grant_blob: str
+    jti: str
+    exp: int
+    expires_at: str
+    device_public_key: bytes
+    # Only in server-generated mode; out of repr so it cannot reach a log line.
+    session_key: bytes | None = field(repr=False)
+    # "e2e" covers bridge mode too: the daemon cannot tell (and need not) who
+    # holds the private half of an app_public_key.
+    mode: Mode
+
+
+@dataclass(frozen=True)
+class _Keys:
+    """What signs, decided once at start."""
+
+    algorithm: str
+    ring: KeyRing | None
+    hs256_master: bytes | None = field(repr=False)
+
+
+class GrantService:
+    """Issue grants and keep the consumed-grant ledger for one daemon."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._keys: _Keys | None = None
+        self._issued: OrderedDict[str, tuple[int, int]] = OrderedDict()  # jti -> (device, exp)
+        self._issued_lock = threading.Lock()
+
+    # ---- keys
+
+    async def load_keys(self) -> None:
+        """Load or create the signing keys (disk I/O, so off the event loop)."""
+        self._keys = await asyncio.to_thread(_load_keys, self.app.config, self.app.clock.now())
+        ring = self._keys.ring
+        log.info(
+            "wifi.keys_loaded",
+            algorithm=self._keys.algorithm,
+            kid=None if ring is None else ring.active.kid,
+            verification_keys=0 if ring is None else len(ring.keys),
+        )
+
+    @property
+    def keyring(self) -> KeyRing | None:
+        """The asymmetric key ring (None in HS256 mode); for rotation and tests."""
+        return None if self._keys is None else self._keys.ring
+
+    def _require_keys(self) -> _Keys:
+        if self._keys is None:
+            raise Unavailable("grant signing keys are not loaded yet", code="keys_unavailable")
+        return self._keys
+
+    def verification_jwks(self, device_id: int) -> list[dict[str, Any]]:
+        """The JWKs a device should pin to verify its grants.
+
+        EdDSA/ES256: the gateway's public keys that still verify, active first.
+        HS256: the device's own derived `oct` key — a secret, for that device's
+        activation reply only, never for a published list.
+        """
+        keys = self._require_keys()
+        if keys.algorithm == "HS256":
+            assert keys.hs256_master is not None
+            return [hs256_device_jwk(keys.hs256_master, device_id)]
+        return self.public_jwks()
+
+    def public_jwks(self) -> list[dict[str, Any]]:
+        """Public verification keys (what `wifi-config/keys` publishes)."""
+        ring = self._require_keys().ring
+        return [] if ring is None else ring.verification_jwks(self.app.clock.now())
+
+    # ---- issue
+
+    async def issue(
+        self,
+        *,
+        org_id: int,
+        device_id: int,
+        principal: Principal | None = None,
+        expires_in: int | None = None,
+        app_public_key: bytes | None = None,
+        device_nonce: bytes | None = None,
+    ) -> GrantResult:
+        """Sign a grant for `device_id` in `org_id`, or raise an errors.py exception.
+
+        `principal` is the API key of an RPC caller; in-process callers (the
+        BLE bridge) pass None and are trusted for `org_id`. A user-scoped key
+        needs OWN_DEVICES_VIEW on its own devices or ORG_DEVICES_VIEW — the
+        same device rules as DESIGN §5 gives reconfigure, applied here too.
+        """
+        _reply, result = await self.issue_reply(
+            self.app.store.call,
+            org_id=org_id,
+            device_id=device_id,
+            principal=principal,
+            expires_in=expires_in,
+            app_public_key=app_public_key,
+            device_nonce=device_nonce,
+        )
+        return result
+
+    async def issue_reply(
+        self,
+        run: DbRunner,
+        *,
+        org_id: int,
+        device_id: int,
+        principal: Principal | None = None,
+        expires_in: int | None = None,
+        app_public_key: bytes | None = None,
+        device_nonce: bytes | None = None,
+    ) -> tuple[dict[str, Any], GrantResult]:
+        """`issue`, also building the `wifi-config/grant` reply body, in ONE call of `run`.
+
+        The RPC passes `request.write`, so the device lookup, the signing and
+        the router's replay record share a single trip to the store thread:
+        each hop between threads costs more than the lookup itself, and doing
+        the signing there keeps it off the event loop all the same.
+        """
+        config = self.app.config.wifi
+        if principal is not None:
+            if principal.org_id != org_id:
+                # A key never reaches another organisation's devices, nor learns they exist.
+                raise NotFound(
+                    f"device {device_id} not found", code="device_not_found", field="device_id"
+                )
+            permissions.check_device_view(principal)
+        keys = self._require_keys()
+        lifetime = config.default_expires_in_seconds if expires_in is None else expires_in
+        gateway_id = self.app.config.daemon.gateway_id
+        now = self.app.clock.now()
+        results: list[GrantResult] = []
+
+        def work(db: sqlite_utils.Database) -> dict[str, Any]:
+            device = _lookup(db, device_id, org_id)
+            if principal is not None:
+                permissions.check_owner(principal, device)
+            if not device.active or device.public_key is None:
+                raise Conflict(
+                    f"device {device_id} has not activated yet", code="device_not_activated"
+                )
+            if not device.wifi_capable:
+                raise BadRequest(
+                    f"device {device_id} does not have the WiFi Upload capability (0x02)",
+                    code="device_not_wifi_capable",
+                    field="device_id",
+                )
+            if app_public_key is None and not config.allow_server_generated:
+                raise BadRequest(
+                    "server-generated session keys are disabled; send app_public_key",
+                    code="app_public_key_required",
+                    field="app_public_key",
+                )
+            issued = _sign(
+                keys,
+                gateway_id=gateway_id,
+                device_id=device.id,
+                device_public_key=device.public_key,
+                capabilities=device.capabilities,
+                expires_in=lifetime,
+                now=now,
+                app_public_key=app_public_key,
+                device_nonce=device_nonce,
+            )
+            result = GrantResult(
+                grant_blob=issued.grant_blob,
+                jti=issued.jti,
+                exp=issued.exp,
+                expires_at=iso_utc(issued.exp),
+                device_public_key=device.public_key,
+                session_key=issued.session_key,
+                mode=issued.mode,
+            )
+            results.append(result)
+            return reply_body(result)
+
+        reply = await run(work)
+        result = results[0]
+        self._remember(result.jti, device_id, result.exp)
+        self.app.counters[f"wifi.grants.{result.mode}"] += 1
+        return reply, result
+
+    def _remember(self, jti: str, device_id: int, exp: int) -> None:
+        with self._issued_lock:
+            self._issued[jti] = (device_id, exp)
+            while len(self._issued) > MAX_ISSUED_MEMORY:
+                self._issued.popitem(last=False)
+
+    def issued_by_us(self, jti: str) -> tuple[int, int] | None:
+        """(device_id, exp) of a grant this process issued and still remembers."""
+        with self._issued_lock:
+            return self._issued.get(jti)
+
+    # ---- consumed grants
+
+    def exp_for(self, jti: str) -> int:
+        """The jti's exp if we issued it, else the latest it could possibly be."""
+        known = self.issued_by_us(jti)
+        if known is not None:
+            return known[1]
+        return int(self.app.clock.now()) + MAX_GRANT_LIFETIME
+
+    async def record_consumed(
+        self, device_id: int, jti: str, exp: int, *, state: str = "connected"
+    ) -> bool:
+        """Record `jti` as used until `exp`; True if it was not recorded before."""
+        now = self.app.clock.now()
+
+        def insert(db: sqlite_utils.Database) -> bool:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO consumed_grants (jti, device_id, exp, state, consumed_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [jti, device_id, exp, state, now],
+            )
+            return cur.rowcount == 1
+
+        return await self.app.store.write(insert)
+
+    async def is_consumed(self, jti: str) -> bool:
+        now = self.app.clock.now()
+
+        def find(db: sqlite_utils.Database) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM consumed_grants WHERE jti = ? AND exp > ?", [jti, now]
+            ).fetchone()
+            return row is not None
+
+        return await self.app.store.call(find)
+
+    async def prune(self) -> int:
+        """Drop consumed records, remembered jtis and retired keys past their time."""
+        now = self.app.clock.now()
+        with self._issued_lock:
+            for jti in [j for j, (_d, exp) in self._issued.items() if exp <= now]:
+                del self._issued[jti]
+
+        def delete(db: sqlite_utils.Database) -> int:
+            return db.execute("DELETE FROM consumed_grants WHERE exp <= ?", [now]).rowcount
+
+        removed = await self.app.store.write(delete)
+        ring = self.keyring
+        if ring is not None:
+            kids = await asyncio.to_thread(ring.prune, now)
+            if kids:
+                log.info("wifi.keys_pruned", kids=kids)
+        return removed
+
+    async def prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+            with contextlib.suppress(StoreUnavailable):
+                await self.prune()
+
+
+def reply_body(result: GrantResult) -> dict[str, Any]:
+    """The `wifi-config/grant` reply: `session_key` only in server-generated mode."""
+    body: dict[str, Any] = {
+        "grant_blob": result.grant_blob,
+        "expires_at": result.expires_at,
+        "device_public_key": b64url_encode(result.device_public_key),
+    }
+    if result.session_key is not None:
+        body["session_key"] = b64url_encode(result.session_key)
+    return body
+
+
+def _sign(keys: _Keys, *, device_id: int, **kwargs: Any) -> IssuedGrant:
+    """Run `issue_grant`, turning its refusals into errors.py exceptions."""
+    try:
+        return issue_grant(
+            keys.ring,
+            device_id=device_id,
+            hs256_master_secret=keys.hs256_master,
+            algorithm=keys.algorithm,
+            **kwargs,
+        )
+    except InvalidGrantRequest as exc:
+        if exc.field == "device_public_key":
+            # Stored at activation, so this is the device's record, not the request.
+            raise Conflict(
+                f"device {device_id} has an unusable public key; re-provision it",
+                code="device_key_invalid",
+            ) from None
+        raise BadRequest(exc.message, code="invalid_field", field=exc.field) from None
+    except DeviceNotWifiCapable:  # pragma: no cover - the caller checks first
+        raise BadRequest(
+            f"device {device_id} does not have the WiFi Upload capability (0x02)",
+            code="device_not_wifi_capable",
+            field="device_id",
+        ) from None
+    except AlgorithmUnavailable as exc:
+        raise Unavailable(str(exc), code="keys_unavailable") from None
+
+
+def _lookup(db: sqlite_utils.Database, device_id: int, org_id: int) -> Device:
+    try:
+        return get_device(db, device_id, org_id)
+    except NotFound:
+        # Same answer, but named after this operation's field.
+        raise NotFound(
+            f"device {device_id} not found", code="device_not_found", field="device_id"
+        ) from None
+
+
+# --------------------------------------------------------------------------- key loading
+
+
+def keys_directory(config: Config) -> Path:
+    """Where generated signing keys live: `wifi.keys_dir`, or beside the database."""
+    if config.wifi.keys_dir:
+        return resolve_path(config, config.wifi.keys_dir)
+    return resolve_path(config, config.store.path).parent / "signing_keys"
+
+
+def _credential_path(config: Config, name: str) -> Path:
+    # Like read_secret's lookup: systemd's $CREDENTIALS_DIRECTORY first for a
+    # relative name, then beside the config file.
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and not Path(name).is_absolute():
+        candidate = Path(creds) / name
+        if candidate.exists():
+            return candidate
+    return resolve_path(config, name)
+
+
+def _load_keys(config: Config, now: float) -> _Keys:
+    wifi = config.wifi
+    alg = wifi.signing_algorithm
+    if alg == "HS256":
+        if not wifi.hs256_master_secret_file:
+            raise ConfigError(
+                "required when signing_algorithm is HS256", key="wifi.hs256_master_secret_file"
+            )
+        master = read_secret(
+            config, wifi.hs256_master_secret_file, key="wifi.hs256_master_secret_file"
+        )
+        if len(master) < MIN_HS256_SECRET:
+            raise ConfigError(
+                f"the secret must be at least {MIN_HS256_SECRET} bytes",
+                key="wifi.hs256_master_secret_file",
+            )
+        if wifi.signing_key_files:
+            log.warning("wifi.signing_key_files_unused", reason="signing_algorithm is HS256")
+        return _Keys("HS256", None, master)
+    try:
+        if wifi.signing_key_files:
+            ring = KeyRing.load_files([_credential_path(config, n) for n in wifi.signing_key_files])
+            if ring.active.alg != alg:
+                raise ConfigError(
+                    f"the first key is {ring.active.alg}, but signing_algorithm is {alg}",
+                    key="wifi.signing_key_files",
+                )
+        else:
+            ring = KeyRing.load_or_create(keys_directory(config), alg, now=now)
+    except KeyRingError as exc:
+        key = "wifi.signing_key_files" if wifi.signing_key_files else "wifi.keys_dir"
+        raise ConfigError(str(exc), key=key) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot use signing keys: {exc}", key="wifi.keys_dir") from None
+    return _Keys(alg, ring, None)
