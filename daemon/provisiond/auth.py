@@ -204,6 +204,39 @@ def lookup_key(db: sqlite_utils.Database, secret: str) -> Principal:
     )
 
 
+class KeyCache:
+    """Principals of keys seen recently, so a request needs no store trip.
+
+    Keys are created and revoked by the CLI, another process: SQLite's
+    `PRAGMA data_version` changes whenever another connection commits, and the
+    router polls it a few times a second and clears this cache when it moves.
+    A revocation therefore takes effect within one poll interval.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, Principal] = {}
+        self.data_version: int | None = None
+
+    def get(self, secret: str) -> Principal | None:
+        return self._by_hash.get(hash_secret(secret))
+
+    def put(self, secret: str, principal: Principal) -> None:
+        if len(self._by_hash) >= self.MAX_ENTRIES:
+            self._by_hash.clear()
+        self._by_hash[hash_secret(secret)] = principal
+
+    def observe(self, data_version: int) -> None:
+        if data_version != self.data_version:
+            self._by_hash.clear()
+            self.data_version = data_version
+
+
+def data_version(db: sqlite_utils.Database) -> int:
+    return int(db.execute("PRAGMA data_version").fetchone()[0])
+
+
 def parse_bearer(header: str | None) -> str:
     if not header:
         raise Unauthorized("missing authorization")

@@ -75,6 +75,48 @@ def prune(db: sqlite_utils.Database, now: float) -> int:
     return db.execute("DELETE FROM replays WHERE created_at <= ?", [now - WINDOW_SECONDS]).rowcount
 
 
+def recent_ids(db: sqlite_utils.Database, now: float) -> list[str]:
+    return [
+        r[0]
+        for r in db.execute("SELECT id FROM replays WHERE created_at > ?", [now - WINDOW_SECONDS])
+    ]
+
+
+class RecentIds:
+    """Which replay ids were recorded in the last window, as 64-bit prefixes.
+
+    Most requests are new: when an id is not here, no stored reply can exist
+    (in this process's store view), so the store is not asked. A false
+    positive costs one lookup. Another process sharing the store may record
+    ids this one never sees; for operations that write, the transactional
+    insert of the reply (see `Request.write`) still catches the duplicate.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[int, float] = {}
+
+    @staticmethod
+    def _key(rid: str) -> int:
+        return int(rid[:16], 16)
+
+    def add(self, rid: str, now: float) -> None:
+        self._ids[self._key(rid)] = now
+
+    def __contains__(self, rid: object) -> bool:
+        return isinstance(rid, str) and self._key(rid) in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def prune(self, now: float) -> None:
+        # Insertion order is time order, so expired entries are at the front.
+        cutoff = now - WINDOW_SECONDS
+        for key, at in list(self._ids.items()):
+            if at > cutoff:
+                break
+            del self._ids[key]
+
+
 class ReplayBuffer:
     """Sealed replies of operations that wrote nothing, saved to the store in batches.
 

@@ -8,6 +8,7 @@ answers 500 with an error id that is in the log, and nothing else notices.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -29,6 +30,7 @@ from provisiond.errors import (
     PayloadTooLarge,
     RateLimited,
     RpcError,
+    StoreUnavailable,
     Unavailable,
 )
 from provisiond.logs import get_logger
@@ -39,6 +41,8 @@ log = get_logger("provisiond.rpc")
 # Keys an MQTT 3.1.1 client puts in the body, since it has no properties.
 V3_KEYS = ("reply_to", "correlation_id", "authorization")
 MAX_CORRELATION_BYTES = 256
+# How often the key cache checks whether another process (the CLI) changed keys.
+KEY_POLL_SECONDS = 0.2
 
 
 class Body(BaseModel):
@@ -84,6 +88,7 @@ class Request:
     log_fields: dict[str, Any] = field(default_factory=dict)
     _replay_id: str | None = None
     _replay_secret: str | None = None
+    _recent: replay.RecentIds | None = None
     replay_saved: bool = False
 
     async def write(self, fn: Callable[[sqlite_utils.Database], dict[str, Any]]) -> dict[str, Any]:
@@ -104,7 +109,10 @@ class Request:
             return result
 
         result = await self.app.store.write(tx)
-        self.replay_saved = rid is not None
+        if rid is not None:
+            self.replay_saved = True
+            if self._recent is not None:
+                self._recent.add(rid, now)
         return result
 
 
@@ -130,7 +138,25 @@ class Router:
         self._pending_replays: dict[str, asyncio.Future[bytes]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
         self.replays = replay.ReplayBuffer(app.store)
+        self.recent = replay.RecentIds()
+        self.keys = auth.KeyCache()
         self.rpc_prefix = app.topic("rpc") + "/"
+
+    async def start(self) -> None:
+        """Load what the router keeps in memory, and start its upkeep tasks."""
+        now = self.app.clock.now()
+        for rid in await self.app.store.call(lambda db: replay.recent_ids(db, now)):
+            self.recent.add(rid, now)
+        self.keys.observe(await self.app.store.call(auth.data_version))
+        self.app.spawn(self.replays.run(), name="flush-replays")
+        self.app.spawn(self._watch_keys(), name="watch-keys")
+
+    async def _watch_keys(self) -> None:
+        while True:
+            await asyncio.sleep(KEY_POLL_SECONDS)
+            with contextlib.suppress(StoreUnavailable):
+                self.keys.observe(await self.app.store.call(auth.data_version))
+            self.recent.prune(self.app.clock.now())
 
     def register(self, op: Operation) -> None:
         if op.name in self.operations:
@@ -297,10 +323,17 @@ class Router:
         corr = path.correlation
         if op.auth == "api_key":
             secret = auth.parse_bearer(user_auth)
-            # One trip to the store thread for both the key and a stored reply.
-            key, rid, stored = await self.app.store.call(
-                lambda db: _key_prelude(db, secret, name, corr, now)
-            )
+            cached = self.keys.get(secret)
+            if cached is not None:
+                key = cached
+                rid = replay.replay_id(key.key_id, name, corr) if corr else None
+                stored = await self._load_replay(rid, now)
+            else:
+                # One trip to the store thread for both the key and a stored reply.
+                key, rid, stored = await self.app.store.call(
+                    lambda db: _key_prelude(db, secret, name, corr, now, self.recent)
+                )
+                self.keys.put(secret, key)
             principal = key
             fields["key_id"] = key.key_id
             self._rate_limit(key.key_id)
@@ -367,15 +400,24 @@ class Router:
             parsed = op.body.model_validate(body)
         except ValidationError as exc:
             raise _bad_body(exc) from None
-        request = Request(self.app, op.name, principal, fields, rid, secret if rid else None)
+        request = Request(
+            self.app, op.name, principal, fields, rid, secret if rid else None, self.recent
+        )
         result = await op.handler(request, parsed)
         reply = _envelope_ok(result)
         if rid is not None and not request.replay_saved:
             # The handler changed nothing in the store, so its reply can be saved
             # in a batch: losing the last fraction of a second of these to a crash
             # only means a repeat is answered afresh, with nothing created twice.
-            self.replays.add(rid, replay.seal(secret, rid, reply), self.app.clock.now())
+            now = self.app.clock.now()
+            self.replays.add(rid, replay.seal(secret, rid, reply), now)
+            self.recent.add(rid, now)
         return reply
+
+    async def _load_replay(self, rid: str | None, now: float) -> bytes | None:
+        if rid is None or rid not in self.recent:
+            return None
+        return await self.app.store.call(lambda db: replay.load(db, rid, now))
 
     async def _find_replay(self, rid: str, secret: str) -> bytes | None:
         now = self.app.clock.now()
@@ -410,13 +452,18 @@ class Router:
 
 
 def _key_prelude(
-    db: sqlite_utils.Database, secret: str, operation: str, correlation: bytes | None, now: float
+    db: sqlite_utils.Database,
+    secret: str,
+    operation: str,
+    correlation: bytes | None,
+    now: float,
+    recent: replay.RecentIds,
 ) -> tuple[auth.Principal, str | None, bytes | None]:
     principal = auth.lookup_key(db, secret)
     if not correlation:
         return principal, None, None
     rid = replay.replay_id(principal.key_id, operation, correlation)
-    return principal, rid, replay.load(db, rid, now)
+    return principal, rid, replay.load(db, rid, now) if rid in recent else None
 
 
 def _envelope_error(status: int, error: dict[str, Any]) -> bytes:

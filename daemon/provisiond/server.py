@@ -179,7 +179,7 @@ class Server:
             started.append(self.supervisor.stop)
             await self.supervisor.start()
             app.spawn(self._prune_replays(app), name="prune-replays")
-            app.spawn(router.replays.run(), name="flush-replays")
+            await router.start()
             rpc_filter = app.topic("rpc", "#")
             if self.config.mqtt.shared_group:
                 rpc_filter = f"$share/{self.config.mqtt.shared_group}/{rpc_filter}"
