@@ -197,6 +197,7 @@ async def rpc_load(
         "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, max_inflight_messages=65535,
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     ) as client:  # fmt: skip
+        client.pending_calls_threshold = 1 << 30  # many in flight is the point here
         await client.subscribe(reply_topic, qos=1)
 
         async def reader() -> None:

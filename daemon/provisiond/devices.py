@@ -86,9 +86,12 @@ def find_device(db: sqlite_utils.Database, device_id: int) -> Device | None:
     return None if row is None else device_from_row(row)
 
 
+_FIELDS = tuple(COLUMNS.replace(" ", "").split(","))
+
+
 def device_from_row(row: tuple[object, ...]) -> Device:
     """Build a Device from a row selected with `COLUMNS`."""
-    values: dict[str, Any] = dict(zip(COLUMNS.replace(" ", "").split(","), row, strict=True))
+    values: dict[str, Any] = dict(zip(_FIELDS, row, strict=True))
     if values["public_key"] is not None:
         values["public_key"] = bytes(values["public_key"])
     return Device(**values)

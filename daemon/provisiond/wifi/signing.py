@@ -497,7 +497,11 @@ def issue_grant(
         raise InvalidGrantRequest(
             "expires_in_seconds", f"must be {MIN_GRANT_LIFETIME}..{MAX_GRANT_LIFETIME}"
         )
-    check_x25519_public(device_public_key, "device_public_key")
+    if len(device_public_key) != X25519_KEY_LEN:
+        raise InvalidGrantRequest("device_public_key", "must be a 32-byte X25519 public key")
+    # No low-order probe for the device's key on every grant: activation
+    # refused low-order keys before storing one, and in server-generated mode
+    # x25519_shared below refuses an all-zero Z anyway.
     if device_nonce is not None and not 8 <= len(device_nonce) <= 64:
         raise InvalidGrantRequest("device_nonce", "must be 8..64 bytes")
 
