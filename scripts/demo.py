@@ -98,6 +98,12 @@ Ctrl-C stops the daemon and the broker.
         flush=True,
     )
     sim: subprocess.Popen[bytes] | None = None
+
+    def on_term(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # A SIGTERM (e.g. from `timeout` or a service manager) stops everything as Ctrl-C does.
+    signal.signal(signal.SIGTERM, on_term)
     daemon = subprocess.Popen([*PROVISIOND, "run"], env=env)
     try:
         if args.devices > 0 and (ROOT / "daemon" / "provisiond" / "sim").exists():
