@@ -6,8 +6,9 @@ A feature appends its own named steps; names are recorded in
 
 from __future__ import annotations
 
-from provisiond import devices
+from provisiond import commands, devices, presence
 from provisiond.store import Migration
+from provisiond.wifi import service as wifi_service
 
 CORE: list[Migration] = [
     Migration(
@@ -51,4 +52,4 @@ CORE: list[Migration] = [
 
 
 def all_migrations() -> list[Migration]:
-    return [*CORE, *devices.MIGRATIONS]
+    return [*CORE, *devices.MIGRATIONS, *wifi_service.MIGRATIONS, *presence.MIGRATIONS, *commands.MIGRATIONS]
