@@ -323,6 +323,14 @@ class Presence:
             dev.since = at
             self._online += 1 if online else -1
             self._counters["presence.went_online" if online else "presence.went_offline"] += 1
+            # Operators read device comings and goings in the journal; in steady
+            # operation these are rare next to heartbeats, which are never logged.
+            log.info(
+                "presence.changed",
+                device=device_id,
+                online=online,
+                channels=self._channels(device_id, dev),
+            )
         self._dirty.add(device_id)
         self._outbox[device_id] = None
         self._outbox_wake.set()

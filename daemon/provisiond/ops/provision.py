@@ -162,6 +162,10 @@ def setup(app: App, router: Router) -> None:
 
         result = await request.write(tx)
         before = seen[0]
+        presence = app.services.get("presence")
+        if presence is not None:
+            # Its first heartbeat then needs no store lookup to be recognised.
+            presence.device_activated(device_id)
         await app.publish_event(
             "device/activated",
             {
