@@ -246,3 +246,35 @@ def test_server_validates_plugins_before_opening_anything(tmp_path: Path, broker
     with pytest.raises(ConfigError):
         asyncio.run(Server(config, plugins={"example": ExamplePlugin}).serve())
     assert not Path(config.store.path).exists()
+
+
+async def test_reload_applies_new_plugin_settings(
+    tmp_path: Path, broker: Broker, logs: LogCapture
+) -> None:
+    config = make_config(tmp_path, broker, plugins={"example": {"greeting": "hi"}})
+    _, key = seed_key(config)
+    async with running(config) as server, RpcClient(config) as rpc:
+        reply = await rpc.call("example/echo", {"message": "a"}, key=key)
+        assert reply["body"]["greeting"] == "hi"
+        # The same path SIGHUP takes: a new config whose plugin table changed.
+        changed = config.model_copy(update={"plugins": {"example": {"greeting": "bonjour"}}})
+        assert await server.reload(changed)
+        reply = await rpc.call("example/echo", {"message": "b"}, key=key)
+        assert reply["body"]["greeting"] == "bonjour"
+        # A plugin table its schema refuses is refused whole; the running settings stay.
+        broken = config.model_copy(update={"plugins": {"example": {"greting": "typo"}}})
+        assert not await server.reload(broken)
+        reply = await rpc.call("example/echo", {"message": "c"}, key=key)
+        assert reply["body"]["greeting"] == "bonjour"
+    assert any(e["event"] == "plugins.reconfigured" for e in logs.entries)
+
+
+def test_check_config_judges_plugin_tables(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[plugins.example]\ngreting = "typo"\n')
+    env = {"PYTHONPATH": f"{ROOT / 'daemon'}:{ROOT / 'plugins'}", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "provisiond", "check-config", "-c", str(path)],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 3 and "plugins.example.greting" in proc.stderr

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-from provisiond import __version__, auth, cli_devices, cli_ops, logs
+from provisiond import __version__, auth, cli_devices, cli_ops, logs, plugins
 from provisiond.config import EXIT_BAD_CONFIG, Config, config_path, load, resolve_path
 from provisiond.errors import ConfigError, RpcError
 from provisiond.schema import all_migrations
@@ -79,6 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args)
+    # Plugin tables are judged by their plugins' own schemas, as at start.
+    plugins.resolve(config)
     print(f"config ok: {config.source or '(defaults and environment only)'}")
     return EXIT_OK
 

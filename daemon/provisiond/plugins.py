@@ -264,6 +264,30 @@ class PluginSupervisor:
                 await self._stop_locked(slot)
                 slot.state = "stopped"
 
+    async def reconfigure(self, specs: list[PluginSpec]) -> tuple[list[str], list[str]]:
+        """Apply reloaded plugin settings: a plugin whose validated settings
+        changed is stopped and started again with them. Returns (restarted,
+        needs a daemon restart): enabling or disabling a plugin changes which
+        operations exist, which only a restart does."""
+        by_name = {spec.name: spec for spec in specs}
+        current = {slot.name for slot in self._slots}
+        added_or_removed = sorted(set(by_name) ^ current)
+        restarted: list[str] = []
+        for slot in self._slots:
+            new = by_name.get(slot.name)
+            if new is None or new.config == slot.spec.config:
+                continue
+            if slot.retry is not None:
+                slot.retry.cancel()
+                slot.retry = None
+            async with slot.lock:
+                await self._stop_locked(slot)
+                slot.spec = new
+                slot.delay = self.backoff_initial
+                await self._start_locked(slot)
+            restarted.append(slot.name)
+        return restarted, added_or_removed
+
     async def _start_locked(self, slot: _Slot) -> None:
         slot.state = "starting"
         slot.instance = slot.spec.cls()

@@ -52,4 +52,10 @@ CORE: list[Migration] = [
 
 
 def all_migrations() -> list[Migration]:
-    return [*CORE, *devices.MIGRATIONS, *wifi_service.MIGRATIONS, *presence.MIGRATIONS, *commands.MIGRATIONS]
+    return [
+        *CORE,
+        *devices.MIGRATIONS,
+        *wifi_service.MIGRATIONS,
+        *presence.MIGRATIONS,
+        *commands.MIGRATIONS,
+    ]

@@ -103,7 +103,7 @@ class Server:
         async with self._reload_lock:
             try:
                 # Plugin tables are only dicts to Config; their own schemas judge them.
-                await asyncio.to_thread(plugin_api.resolve, new_config, self.plugins)
+                specs = await asyncio.to_thread(plugin_api.resolve, new_config, self.plugins)
             except ConfigError as exc:
                 log.error("config.reload_refused", error=str(exc), kept="previous config")
                 self.notify("STATUS=serving; config reload refused, see the log")
@@ -133,6 +133,16 @@ class Server:
                         )
                 self.notify("READY=1\nSTATUS=serving; config reload refused, see the log")
                 return False
+            if self.supervisor is not None:
+                restarted, pinned_plugins = await self.supervisor.reconfigure(specs)
+                if restarted:
+                    log.info("plugins.reconfigured", plugins=restarted)
+                if pinned_plugins:
+                    log.warning(
+                        "config.needs_restart",
+                        keys=[f"plugins.{name}" for name in pinned_plugins],
+                        kept="running plugins",
+                    )
             log.info("config.reloaded", changed=changed_keys(old, new))
             self.notify("READY=1\nSTATUS=serving")
             return True
