@@ -38,6 +38,10 @@ class PresenceSpy:
         self.inner = inner
         self.calls: list[tuple[int, str, bool]] = []
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything but set_channel is the real presence service's.
+        return getattr(self.inner, name)
+
     async def set_channel(self, device_id: int, channel: str, online: bool) -> None:
         self.calls.append((device_id, channel, online))
         if self.inner is not None:
