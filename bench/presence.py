@@ -431,7 +431,10 @@ async def run(n: int, burst: bool) -> dict[str, Any]:
     return figures
 
 
-def main() -> None:
+def main(quick: bool | None = None) -> dict[str, Any] | None:
+    if quick is not None:
+        # Called by `python -m bench`: the standard fleet, or a small one with --quick.
+        return report("presence", asyncio.run(run(10_000 if quick else 100_000, False)))
     if len(sys.argv) > 1 and sys.argv[1] == "publish":
         publish_main(sys.argv[2:])
         return
@@ -443,7 +446,7 @@ def main() -> None:
     parser.add_argument("--burst", action="store_true", help="also expire the whole fleet at once")
     args = parser.parse_args()
     figures = asyncio.run(run(args.devices, args.burst))
-    report("presence", figures)
+    return report("presence", figures)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,9 @@ async def run(quick: bool = False) -> dict[str, Any]:
                 for i in range(processes):
                     sub = d / f"p{processes}-{i}"
                     sub.mkdir()
-                    config = write_config(
-                        d, port, client_id=f"scale-{processes}-{i}", extra='',
-                    )  # fmt: skip
+                    # The same client ids in both phases: a stopped member keeps its
+                    # persistent session, and with it its share of the requests.
+                    config = write_config(d, port, client_id=f"scale-{i}")
                     text = config.read_text().replace(
                         "[mqtt]\n", '[mqtt]\nshared_group = "bench"\n'
                     )
