@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import resource
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,18 @@ async def test_flood_from_one_key_hits_rate_limit_others_unaffected(
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
 
 def field_bodies(fields: list[str]) -> st.SearchStrategy[dict[str, Any]]:
     """Bodies that use the operation's own field names with arbitrary values, plus junk keys."""
-    return st.dictionaries(st.sampled_from([*fields, "x", "token"]), json_values, max_size=len(fields) + 1)
+    return st.dictionaries(
+        st.sampled_from([*fields, "x", "token"]), json_values, max_size=len(fields) + 1
+    )
 
 
 def _rss_mb() -> float:
@@ -115,3 +120,54 @@ async def test_correlation_and_reply_edge_cases(config: Config, rpc: RpcClient, 
         assert reply["status"] == 400 and reply["error"]["field"] == "correlation_id"
     else:
         assert reply["status"] == 200
+
+
+async def test_junk_on_heartbeat_and_status_topics_is_counted_never_stored(
+    config: Config, daemon: Server, logs: LogCapture, heavy: bool
+) -> None:
+    """100 MB of junk with --heavy (10 MB quick): random bytes, huge and tiny
+    payloads, ids that are not ids, on the topics every device may publish to."""
+    import random
+
+    import aiomqtt
+
+    total = (100 if heavy else 10) * 1024 * 1024
+    rng = random.Random(7)
+    prefix = config.mqtt.topic_prefix
+    ids = ["1", "007", "-3", "abc", "99999999999999999999", "4294967296", "%00", "x" * 200]
+    _, key = seed_key(config)
+    db_path = Path(config.store.path)
+    gc.collect()
+    rss_before = _rss_mb()
+    sent = messages = 0
+    async with aiomqtt.Client(
+        "127.0.0.1", config.mqtt.port, protocol=aiomqtt.ProtocolVersion.V5
+    ) as client:
+        client.pending_calls_threshold = 1 << 30
+        while sent < total:
+            size = rng.choice([0, 1, 17, 4096, 5000, 65_536, 262_144])
+            payload = rng.randbytes(size) if rng.random() < 0.7 else b"{" * size
+            kind = rng.choice(["heartbeat", "heartbeat", "status"])
+            await client.publish(f"{prefix}/devices/{rng.choice(ids)}/{kind}", payload, qos=0)
+            sent += size + 1
+            messages += 1
+    async with RpcClient(config) as rpc:
+        # Still answering, with the junk drained (the RPC waits behind it in the same session).
+        reply = await rpc.call("daemon/stats", {}, key=key, timeout=120)
+    assert reply["status"] == 200
+    counters = reply["body"]["counters"]
+    ignored = sum(
+        v for k, v in counters.items() if k.startswith("presence.") and k != "presence.heartbeats"
+    )
+    seen = counters.get("presence.heartbeats", 0) + sum(
+        v for k, v in counters.items() if k.startswith("presence.status.")
+    )
+    # The junk really reached the daemon (the test broker does not drop QoS 0 here).
+    assert seen >= 0.95 * messages, (seen, messages)
+    assert ignored > 0
+    assert "presence.went_online" not in counters
+    db = sqlite3.connect(db_path)
+    assert db.execute("SELECT COUNT(*) FROM devices").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM presence").fetchone()[0] == 0
+    gc.collect()
+    assert _rss_mb() - rss_before < 64, "memory grew while ingesting junk"
