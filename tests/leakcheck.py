@@ -40,7 +40,10 @@ def secret_leak_check(broker: support.Broker) -> Iterator[None]:
             PUBLISHED.append(f"{msg.topic} {msg.payload.decode('utf-8', 'replace')}")
 
     listener.on_message = on_message
-    listener.on_connect = lambda c, *_a: (c.subscribe("+/events/#"), c.subscribe("+/devices/+/presence"))
+    listener.on_connect = lambda c, *_a: (
+        c.subscribe("+/events/#"),
+        c.subscribe("+/devices/+/presence"),
+    )
     listener.connect("127.0.0.1", broker.port)
     listener.loop_start()
     yield

@@ -50,7 +50,9 @@ def remember_secret(value: str) -> str:
     return value
 
 
-async def eventually(check: Callable[[], object], timeout: float = 5.0, interval: float = 0.02) -> None:
+async def eventually(
+    check: Callable[[], object], timeout: float = 5.0, interval: float = 0.02
+) -> None:
     """Wait until `check()` is truthy (for effects that follow a reply, like its log line)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
@@ -280,3 +282,35 @@ def _remember(body: Any) -> None:
     elif isinstance(body, list):
         for item in body:
             _remember(item)
+
+
+class Events:
+    """Collects what the daemon publishes under `P/events/<topic_filter>`."""
+
+    def __init__(self, config: Config, topic_filter: str = "#") -> None:
+        self.config = config
+        self.topic_filter = topic_filter
+        self.items: list[tuple[str, dict[str, Any]]] = []
+        self.raw: list[bytes] = []
+
+    async def __aenter__(self) -> Events:
+        self.client = aiomqtt.Client(
+            "127.0.0.1", self.config.mqtt.port, identifier=f"ev-{uuid.uuid4().hex[:10]}"
+        )
+        await self.client.__aenter__()
+        await self.client.subscribe(
+            f"{self.config.mqtt.topic_prefix}/events/{self.topic_filter}", qos=1
+        )
+        self.task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        async for msg in self.client.messages:
+            payload = bytes(msg.payload)  # type: ignore[arg-type]
+            self.raw.append(payload)
+            self.items.append((msg.topic.value, json.loads(payload)))
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.client.__aexit__(None, None, None)

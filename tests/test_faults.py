@@ -136,7 +136,9 @@ async def test_broker_killed_and_restarted_under_load(
             assert not task.done(), task
             await asyncio.sleep(0.005)
         own_broker.kill()
-        assert requester.unanswered(), "everything was answered before the kill"  # SIGKILL: the broker loses whatever it held in memory
+        assert requester.unanswered(), (
+            "everything was answered before the kill"
+        )  # SIGKILL: the broker loses whatever it held in memory
         await asyncio.sleep(0.5)
         own_broker.start()
         await task

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
 from provision_support import (
     FakeClock,
@@ -26,6 +25,7 @@ from provision_support import (
 )
 from structlog.testing import LogCapture
 
+import support
 from provisiond.app import App
 from provisiond.config import Config
 from provisiond.ops import devices as device_ops
@@ -39,33 +39,8 @@ TOKEN_RE = re.compile(r"^[A-Za-z0-9]{32}$")
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 
-class Events:
-    """Everything the daemon publishes on P/events/device/#."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.items: list[tuple[str, dict[str, Any]]] = []
-        self.raw: list[bytes] = []
-
-    async def __aenter__(self) -> Events:
-        self.client = aiomqtt.Client(
-            "127.0.0.1", self.config.mqtt.port, identifier=f"ev-{uuid.uuid4().hex[:10]}"
-        )
-        await self.client.__aenter__()
-        await self.client.subscribe(f"{self.config.mqtt.topic_prefix}/events/device/#", qos=1)
-        self.task = asyncio.create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        async for msg in self.client.messages:
-            payload = bytes(msg.payload)  # type: ignore[arg-type]
-            self.raw.append(payload)
-            self.items.append((msg.topic.value, json.loads(payload)))
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-        await self.client.__aexit__(None, None, None)
+def Events(config: Config) -> support.Events:
+    return support.Events(config, "device/#")
 
 
 @pytest.fixture

@@ -79,6 +79,9 @@ async def test_bad_input_each_gets_its_answer_and_daemon_keeps_serving(
     assert reply["status"] == 400 and reply["error"]["code"] == "invalid_body"
     reply = await rpc.call("keys/whoami", raw=b"\xff\xfe\x00", key=secret)
     assert reply["status"] == 400
+    # Nested deeper than the parser recurses: still a plain 400, not a lost request.
+    reply = await rpc.call("keys/whoami", raw=b"[" * 60_000, key=secret)
+    assert reply["status"] == 400 and reply["error"]["code"] == "invalid_json"
     reply = await rpc.call("keys/whoami", raw=b"x" * (1024 * 1024), key=secret)
     assert reply["status"] == 413
     reply = await rpc.call("keys/whoami", {})
@@ -137,6 +140,7 @@ async def test_same_correlation_twice_gets_identical_reply_once_logged_as_replay
     first = await rpc.call("keys/whoami", {}, key=secret, correlation=corr)
     second = await rpc.call("keys/whoami", {}, key=secret, correlation=corr)
     assert first == second and first["status"] == 200
+
     def lines() -> list[dict[str, object]]:
         return [e for e in logs.entries if e["event"] == "rpc" and e.get("op") == "keys/whoami"]
 

@@ -8,7 +8,6 @@ import json
 import os
 import stat
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from structlog.testing import LogCapture
 
+import support
 from provisiond.clock import Clock
 from provisiond.config import Config
 from provisiond.device import GrantRejected, ReferenceDevice, Uploader, parse_unverified
@@ -133,33 +133,8 @@ async def complete_upload(device: ReferenceDevice, up: Uploader, blob: str) -> N
     assert up.read_status(device.finish(True)) == {"state": "connected", "grant_id": up.grant_id}
 
 
-class Events:
-    """Subscribe to P/events/wifi/# and collect what the daemon publishes."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.items: list[tuple[str, dict[str, Any]]] = []
-        self.raw: list[bytes] = []
-
-    async def __aenter__(self) -> Events:
-        self.client = aiomqtt.Client(
-            "127.0.0.1", self.config.mqtt.port, identifier=f"ev-{uuid.uuid4().hex[:10]}"
-        )
-        await self.client.__aenter__()
-        await self.client.subscribe(f"{self.config.mqtt.topic_prefix}/events/wifi/#", qos=1)
-        self.task = asyncio.create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        async for msg in self.client.messages:
-            payload = bytes(msg.payload)  # type: ignore[arg-type]
-            self.raw.append(payload)
-            self.items.append((msg.topic.value, json.loads(payload)))
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-        await self.client.__aexit__(None, None, None)
+def Events(config: Config) -> support.Events:
+    return support.Events(config, "wifi/#")
 
 
 async def publish_status(config: Config, device_id: int, payload: Any) -> None:

@@ -27,6 +27,7 @@ from provisiond.app import App
 from provisiond.clock import iso_utc
 from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
+from provisiond.payloads import json_object
 from provisiond.presence import Presence, parse_device_id
 from provisiond.store import Migration
 from provisiond.transport import Delivery, NotConnected
@@ -397,11 +398,8 @@ class Commands:
 
 
 def _parse_ack(payload: bytes) -> tuple[str, str | None] | None:
-    try:
-        doc = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(doc, dict):
+    doc = json_object(payload)
+    if doc is None:
         return None
     command_id = doc.get("id")
     if not isinstance(command_id, str) or not COMMAND_ID.fullmatch(command_id):

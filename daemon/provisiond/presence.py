@@ -35,6 +35,7 @@ from provisiond.clock import iso_utc
 from provisiond.config import Config, PresenceConfig
 from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
+from provisiond.payloads import json_object
 from provisiond.store import Migration
 from provisiond.transport import Delivery, NotConnected
 
@@ -289,11 +290,8 @@ class Presence:
 
     def _interval_hint(self, payload: bytes) -> float | None:
         """The heartbeat's interval, clamped; None when the payload is malformed."""
-        try:
-            doc = json.loads(payload)
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(doc, dict):
+        doc = json_object(payload)
+        if doc is None:
             return None
         hint = doc.get("interval")
         if hint is None:

@@ -34,6 +34,7 @@ from provisiond.errors import (
     Unavailable,
 )
 from provisiond.logs import get_logger
+from provisiond.payloads import NotJson, parse_json
 from provisiond.transport import Delivery, NotConnected
 
 log = get_logger("provisiond.rpc")
@@ -235,11 +236,9 @@ class Router:
                 f"payload is {len(payload)} bytes; the limit is {self.app.config.daemon.max_payload_bytes}"
             )
         try:
-            body = json.loads(payload) if payload.strip() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return path, BadRequest(
-                f"body is not valid JSON: {exc.__class__.__name__}", code="invalid_json"
-            )
+            body = parse_json(payload) if payload.strip() else {}
+        except NotJson as exc:
+            return path, BadRequest(f"body is not valid JSON: {exc}", code="invalid_json")
         if isinstance(body, dict) and path is None and isinstance(body.get("reply_to"), str):
             corr_id = body.get("correlation_id")
             path = ReplyPath(

@@ -11,7 +11,6 @@ bridge as `app.services["grants"]`.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Any, Final
 
@@ -20,6 +19,7 @@ from pydantic import Field, field_validator
 from provisiond.app import App
 from provisiond.devices import find_device
 from provisiond.logs import get_logger
+from provisiond.payloads import json_object
 from provisiond.rpc import Body, EmptyBody, Operation, Request, Router
 from provisiond.transport import Delivery
 from provisiond.wifi.crypto import b64url_decode
@@ -172,11 +172,8 @@ def _parse_status(segment: str, payload: bytes) -> tuple[int, str, str, str | No
     """
     if not _DECIMAL_ID.fullmatch(segment) or len(payload) > MAX_STATUS_BYTES:
         return None
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(doc, dict):
+    doc = json_object(payload)
+    if doc is None:
         return None
     grant_id, state, reason = doc.get("grant_id"), doc.get("state"), doc.get("reason")
     if not isinstance(grant_id, str) or not _GRANT_ID.fullmatch(grant_id):

@@ -1,0 +1,28 @@
+"""Parsing what devices and callers send: one place that knows every way JSON fails."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class NotJson(ValueError):
+    """The payload is not JSON (bad syntax, not UTF-8, or nested too deep to parse)."""
+
+
+def parse_json(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and UnicodeDecodeError; a deeply
+        # nested document ("[[[[…") exhausts the parser's recursion instead.
+        raise NotJson(exc.__class__.__name__) from None
+
+
+def json_object(payload: bytes) -> dict[str, Any] | None:
+    """The payload as a JSON object, or None for anything else."""
+    try:
+        doc = parse_json(payload)
+    except NotJson:
+        return None
+    return doc if isinstance(doc, dict) else None
