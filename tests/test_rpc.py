@@ -219,3 +219,29 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = f"{root / 'daemon'}:{root / 'plugins'}"
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     return env
+
+
+async def test_bad_reply_topics_never_get_an_answer_nor_jam_the_daemon(
+    tmp_path, broker, logs: LogCapture  # type: ignore[no-untyped-def]
+) -> None:
+    """Wildcards or the daemon's own device topics as Response Topic, with a body
+    that fails early: refused before any reply, acknowledged, daemon still serving."""
+    from support import make_config, running
+
+    # A small in-flight window: a few unacknowledged messages would stall delivery.
+    config = make_config(tmp_path, broker, mqtt={"receive_maximum": 10})
+    _, secret = seed_key(config)
+    prefix = config.mqtt.topic_prefix
+    async with running(config), RpcClient(config) as rpc:
+        await rpc.client.subscribe(f"{prefix}/devices/#", qos=1)
+        for topic in ("evil/+/x", "evil/#", f"{prefix}/devices/5/heartbeat"):
+            rpc.reply_topic, saved = topic, rpc.reply_topic
+            for raw in (b"{", b"x" * (1024 * 1024), b"[1]"):
+                for _ in range(10):
+                    await rpc.send("keys/whoami", raw=raw)
+            rpc.reply_topic = saved
+        reply = await rpc.call("keys/whoami", {}, key=secret)
+        assert reply["status"] == 200
+        # Nothing was published on the device's topic in the daemon's name.
+        assert not [u for u in rpc.unmatched if "status" in u]
+    await eventually(lambda: len([e for e in logs.entries if e.get("reply_topic_refused")]) >= 90)

@@ -20,7 +20,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from provisiond.errors import StoreUnavailable
+from provisiond.logs import get_logger
 from provisiond.store import Store, transaction
+
+log = get_logger("provisiond.replay")
 
 WINDOW_SECONDS = 600.0
 _INFO = b"provisiond replay v1"
@@ -99,7 +102,15 @@ class RecentIds:
     def _key(rid: str) -> int:
         return int(rid[:16], 16)
 
+    MAX_IDS = 2_000_000
+
     def add(self, rid: str, now: float) -> None:
+        if len(self._ids) >= self.MAX_IDS:
+            # Bounded memory under a flood: forgetting the oldest ids only means
+            # their repeats are looked up no more; writes stay exactly-once
+            # through the transactional reply insert.
+            for key in list(self._ids)[: self.MAX_IDS // 10]:
+                del self._ids[key]
         self._ids[self._key(rid)] = now
 
     def __contains__(self, rid: object) -> bool:
@@ -161,4 +172,7 @@ class ReplayBuffer:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.FLUSH_SECONDS)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("replay.flush_failed")

@@ -8,7 +8,6 @@ answers 500 with an error id that is in the log, and nothing else notices.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import time
@@ -155,8 +154,14 @@ class Router:
     async def _watch_keys(self) -> None:
         while True:
             await asyncio.sleep(KEY_POLL_SECONDS)
-            with contextlib.suppress(StoreUnavailable):
+            try:
                 self.keys.observe(await self.app.store.call(auth.data_version))
+            except StoreUnavailable:
+                pass
+            except Exception:
+                # Keep watching: a dead watcher would leave revoked keys cached.
+                log.exception("rpc.key_watch_failed")
+                self.keys.observe(-1)
             self.recent.prune(self.app.clock.now())
 
     def register(self, op: Operation) -> None:
@@ -211,6 +216,10 @@ class Router:
             fields["reply"] = "lost; left unacknowledged for redelivery"
         except Exception:  # a bug in the router itself; never let it kill the loop
             log.exception("rpc.router_failed", **fields)
+            # Acknowledged all the same: a message left unacknowledged holds one
+            # of the broker's in-flight slots for good, and enough of them would
+            # stop all delivery to the daemon.
+            self.app.transport.ack(delivery)
         finally:
             self.app.counters[f"rpc.status.{status}"] += 1
             self.app.counters["rpc.requests"] += 1
@@ -230,6 +239,12 @@ class Router:
             for key, value in getattr(props, "UserProperty", None) or []:
                 if key.lower() == "authorization":
                     user_auth = value
+            # Vetted before anything is answered on it: even an error reply must
+            # never go to a wildcard topic or pose as a device's heartbeat.
+            if self._refuse_reply_topic(path, fields):
+                return None, None
+            if path.correlation is not None and len(path.correlation) > MAX_CORRELATION_BYTES:
+                return path, BadRequest("correlation data is too long", field="correlation_id")
         if len(payload) > self.app.config.daemon.max_payload_bytes:
             fields["bytes"] = len(payload)
             return path, PayloadTooLarge(
@@ -247,21 +262,24 @@ class Router:
                 correlation_id=corr_id,
                 v5=False,
             )
+            if self._refuse_reply_topic(path, fields):
+                return None, None
+            if path.correlation is not None and len(path.correlation) > MAX_CORRELATION_BYTES:
+                return path, BadRequest("correlation data is too long", field="correlation_id")
         if isinstance(body, dict):
             if user_auth is None and isinstance(body.get("authorization"), str):
                 user_auth = body["authorization"]
             for key in V3_KEYS:
                 body.pop(key, None)
-        if path is not None:
-            problem = self._check_reply_topic(path.topic)
-            if problem:
-                fields["reply_topic_refused"] = problem
-                return None, None
-            if path.correlation is not None and len(path.correlation) > MAX_CORRELATION_BYTES:
-                return path, BadRequest("correlation data is too long", field="correlation_id")
         if not isinstance(body, dict):
             return path, BadRequest("body must be a JSON object", code="invalid_body")
         return path, (user_auth, body)
+
+    def _refuse_reply_topic(self, path: ReplyPath, fields: dict[str, Any]) -> bool:
+        problem = self._check_reply_topic(path.topic)
+        if problem:
+            fields["reply_topic_refused"] = problem
+        return problem is not None
 
     def _check_reply_topic(self, topic: str) -> str | None:
         if not topic or "+" in topic or "#" in topic or len(topic) > 512:
@@ -376,6 +394,9 @@ class Router:
             if stored is None:
                 raise Unavailable("duplicate request raced; retry") from None
             fields["replay"] = True
+            if rid is not None and not self._pending_replays[rid].done():
+                # A third copy may be waiting on this one: it gets the same answer.
+                self._pending_replays[rid].set_result(stored)
             return stored
         except BaseException as exc:
             if rid is not None and not self._pending_replays[rid].done():
