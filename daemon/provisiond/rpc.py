@@ -41,6 +41,8 @@ log = get_logger("provisiond.rpc")
 # Keys an MQTT 3.1.1 client puts in the body, since it has no properties.
 V3_KEYS = ("reply_to", "correlation_id", "authorization")
 MAX_CORRELATION_BYTES = 256
+# Requests accepted beyond the concurrency bound, waiting for a slot.
+MAX_WAITING = 10_000
 # How often the key cache checks whether another process (the CLI) changed keys.
 KEY_POLL_SECONDS = 0.2
 
@@ -132,6 +134,7 @@ class Router:
         self.operations: dict[str, Operation] = {}
         self.draining = False
         self._sem = asyncio.Semaphore(app.config.daemon.max_concurrent_requests)
+        self._admit = asyncio.Semaphore(app.config.daemon.max_concurrent_requests + MAX_WAITING)
         self._inflight: set[asyncio.Task[None]] = set()
         # Requests already accepted when the drain began: finished, never refused.
         self._accepted_before_drain: set[asyncio.Task[None]] = set()
@@ -174,15 +177,24 @@ class Router:
         return len(self._inflight)
 
     async def submit(self, delivery: Delivery) -> None:
-        """Start handling a request; waits only when the concurrency bound is reached."""
-        await self._sem.acquire()
-        task = asyncio.get_running_loop().create_task(self._handle(delivery))
+        """Start handling a request without holding up the message loop.
+
+        At most `max_concurrent_requests` run; the rest wait in their tasks, so
+        heartbeats keep flowing while slow operations (a BLE upload) fill the
+        slots. Only a backlog far beyond that makes the loop itself wait.
+        """
+        await self._admit.acquire()
+        task = asyncio.get_running_loop().create_task(self._queued(delivery))
         self._inflight.add(task)
         task.add_done_callback(self._done)
 
+    async def _queued(self, delivery: Delivery) -> None:
+        async with self._sem:
+            await self._handle(delivery)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        self._sem.release()
+        self._admit.release()
 
     async def drain(self, grace: float) -> int:
         """Refuse new requests and wait up to `grace` for those in flight; returns how many remain."""

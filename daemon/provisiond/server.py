@@ -37,6 +37,8 @@ Notify = Callable[[str], None]
 # 503); wait until none arrived for this long before disconnecting, so their
 # replies go out rather than being cut off.
 DRAIN_SETTLE_SECONDS = 0.1
+# Topic handlers that wait may run this many at once; more wait their turn.
+TOPIC_HANDLER_TASKS = 64
 STATUS_POLL_SECONDS = 1.0
 
 
@@ -289,6 +291,19 @@ class Server:
 
     def _dispatcher(self, app: App, router: Router) -> Callable[[Delivery], Awaitable[None]]:
         rpc_prefix = router.rpc_prefix
+        # Handlers that wait (a store write for a command ack or a WiFi report)
+        # run beside the message loop, so heartbeats never queue behind them.
+        slots = asyncio.Semaphore(TOPIC_HANDLER_TASKS)
+
+        async def finish(pending: Awaitable[None], delivery: Delivery) -> None:
+            try:
+                await pending
+            except Exception:
+                app.counters["topics.handler_failed"] += 1
+                log.exception("topic.handler_failed", topic=delivery.topic)
+            finally:
+                slots.release()
+            app.transport.ack(delivery)
 
         async def dispatch(delivery: Delivery) -> None:
             self._last_delivery = asyncio.get_running_loop().time()
@@ -304,7 +319,9 @@ class Server:
             try:
                 result = route.handler(delivery, values)
                 if result is not None:
-                    await result
+                    await slots.acquire()
+                    app.spawn(finish(result, delivery), name="topic-handler")
+                    return
             except Exception:
                 app.counters["topics.handler_failed"] += 1
                 log.exception("topic.handler_failed", topic=topic)
