@@ -13,6 +13,7 @@ the commit, so a rolled-back request never announces anything.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ from pydantic import AfterValidator, Field
 from provisiond import permissions, tokens
 from provisiond.app import App
 from provisiond.devices import Device, find_device
-from provisiond.errors import Conflict, Unavailable
+from provisiond.errors import BadRequest, Conflict, Unavailable
 from provisiond.ops.devices import INT32_MAX, DeviceId, OrgId, UserId
 from provisiond.rpc import Body, Operation, Request, Router
 from provisiond.wifi.crypto import InvalidPeerKey, b64url_decode, x25519_shared
@@ -40,13 +41,22 @@ def _x25519_public_key(value: str) -> str:
         raise ValueError("must be base64url without padding") from None
     if len(raw) != 32:
         raise ValueError("must be a 32-byte X25519 public key")
+    return value
+
+
+def _refuse_low_order(raw: bytes) -> None:
+    """A low-order point would make every session key derivable by anyone;
+    refuse it at activation rather than at the device's first WiFi grant.
+    Run only once the token is known good, and off the event loop: an
+    unauthenticated flood must not buy a key agreement per request."""
     try:
-        # A low-order point would make every session key derivable by anyone;
-        # refuse it now rather than at the device's first WiFi grant.
         x25519_shared(X25519PrivateKey.generate(), raw)
     except InvalidPeerKey:
-        raise ValueError("is not a usable X25519 public key (low-order point)") from None
-    return value
+        raise BadRequest(
+            "public_key is not a usable X25519 public key (low-order point)",
+            code="invalid_field",
+            field="public_key",
+        ) from None
 
 
 class ProvisionBody(Body):
@@ -135,9 +145,10 @@ def setup(app: App, router: Router) -> None:
         )
         device_id = record.device_id
         request.log_fields["device"] = device_id
+        public_key = b64url_decode(body.public_key)
+        await asyncio.to_thread(_refuse_low_order, public_key)
         grant_keys: GrantKeys | None = app.services.get("grant_keys")
         jwks = list(grant_keys(device_id)) if grant_keys is not None else []
-        public_key = b64url_decode(body.public_key)
         seen: list[Device] = []
 
         def tx(db: sqlite_utils.Database) -> dict[str, Any]:
