@@ -6,7 +6,6 @@ import asyncio
 import gc
 import json
 import os
-import resource
 import sqlite3
 import uuid
 from pathlib import Path
@@ -27,18 +26,19 @@ DOCUMENTED = {200, 400, 401, 403, 404, 409, 410, 413, 429, 503, 504}
 async def test_flood_from_one_key_hits_rate_limit_others_unaffected(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:
-    config = make_config(tmp_path, broker, limits={"rate_per_key": 20.0, "burst_per_key": 30})
+    # A slow refill, so the counts hold however long 200 requests take here.
+    config = make_config(tmp_path, broker, limits={"rate_per_key": 0.5, "burst_per_key": 30})
     _, noisy = seed_key(config)
     _, quiet = seed_key(config)
     async with running(config), RpcClient(config) as rpc:
         futures = [await rpc.send("keys/whoami", {}, key=noisy) for _ in range(200)]
         replies = await asyncio.wait_for(asyncio.gather(*futures), 30)
         statuses = [r["status"] for r in replies]
-        assert statuses.count(429) >= 150, statuses
-        assert 30 <= statuses.count(200) <= 50
+        assert 30 <= statuses.count(200) <= 40, statuses
+        assert statuses.count(429) == 200 - statuses.count(200)
         assert {r["error"]["code"] for r in replies if r["status"] == 429} == {"rate_limited"}
         assert (await rpc.call("keys/whoami", {}, key=quiet))["status"] == 200
-        await asyncio.sleep(0.2)  # the bucket refills at 20/s
+        await asyncio.sleep(2.5)  # the bucket refills at 0.5/s
         assert (await rpc.call("keys/whoami", {}, key=noisy))["status"] == 200
 
 
@@ -59,7 +59,10 @@ def field_bodies(fields: list[str]) -> st.SearchStrategy[dict[str, Any]]:
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Resident memory now (not the peak, which earlier tests already raised)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
 async def test_generated_bodies_for_every_operation_get_documented_answers(
@@ -111,11 +114,11 @@ async def test_generated_bodies_for_every_operation_get_documented_answers(
         assert _rss_mb() - rss_before < 64, "memory grew while handling junk"
 
 
-@pytest.mark.parametrize("size", [0, 1, 10_000])
+@pytest.mark.parametrize("size", [1, 256, 10_000])
 async def test_correlation_and_reply_edge_cases(config: Config, rpc: RpcClient, size: int) -> None:
     _, key = seed_key(config)
-    corr = uuid.uuid4().bytes[:1] * size if size else b""
-    reply = await rpc.call("keys/whoami", {}, key=key, correlation=corr or b"\x00")
+    corr = uuid.uuid4().bytes[:1] * size
+    reply = await rpc.call("keys/whoami", {}, key=key, correlation=corr)
     if size > 256:
         assert reply["status"] == 400 and reply["error"]["field"] == "correlation_id"
     else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import time
 import tracemalloc
 from pathlib import Path
@@ -321,4 +320,3 @@ def test_parse_device_id_refuses_non_canonical_ids() -> None:
     assert parse("17") == 17
     for bad in ("", "0", "017", "+1", "-1", "1.0", " 1", "١٢", "9" * 30, "abc"):
         assert parse(bad) is None, bad
-    assert json.loads("[1]") == [1]

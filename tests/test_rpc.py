@@ -119,7 +119,7 @@ async def test_bad_input_each_gets_its_answer_and_daemon_keeps_serving(
     loop = asyncio.get_running_loop()
     revoked_at = loop.time()
     while (await rpc.call("keys/whoami", {}, key=secret))["status"] != 401:
-        assert loop.time() - revoked_at < 1.0, "revocation not effective within 1 s"
+        assert loop.time() - revoked_at < 3.0, "revocation not effective within 3 s"
         await asyncio.sleep(0.02)
 
 
@@ -222,7 +222,9 @@ def _env() -> dict[str, str]:
 
 
 async def test_bad_reply_topics_never_get_an_answer_nor_jam_the_daemon(
-    tmp_path, broker, logs: LogCapture  # type: ignore[no-untyped-def]
+    tmp_path,
+    broker,
+    logs: LogCapture,  # type: ignore[no-untyped-def]
 ) -> None:
     """Wildcards or the daemon's own device topics as Response Topic, with a body
     that fails early: refused before any reply, acknowledged, daemon still serving."""
