@@ -11,6 +11,7 @@ re-provisioning, and its own tests live with the reconfigure feature.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,6 +260,29 @@ async def test_reprovision_rule(
             "message": f"device {device_id} not found",
             "field": "deviceId",
         }
+
+
+@pytest.mark.parametrize(
+    ("rule", "key", "target", "status"), DEVICE_RULES, ids=[r[0] for r in DEVICE_RULES]
+)
+async def test_reconfigure_rule(
+    config: Config, rpc: RpcClient, rule: str, key: Key, target: str, status: int
+) -> None:
+    """The seed's reconfigure rules are the re-provisioning rules, on active devices."""
+    world = await make_world(config, rpc)
+    db = sqlite3.connect(config.store.path)
+    with db:
+        db.execute("UPDATE devices SET state = 'active', public_key = ?", [bytes(range(1, 33))])
+    db.close()
+    secret = make_key(config, key)
+    device_id = world[target]
+    before = rows(config, "SELECT COUNT(*) FROM commands")[0][0]
+    reply = await rpc.call("provision/reconfigure", {"deviceId": device_id}, key=secret)
+    assert reply["status"] == status, reply
+    after = rows(config, "SELECT COUNT(*) FROM commands")[0][0]
+    assert after == before + (1 if status == 200 else 0)
+    if status == 404:
+        assert reply["error"]["code"] == "device_not_found"
 
 
 # --- device/get: devices:read; OWN_DEVICES_VIEW sees own, ORG_DEVICES_VIEW sees the org
