@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import support
 from provisiond.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,10 @@ class DaemonProcess:
     async def _read(self) -> None:
         assert self.proc.stdout is not None
         async for raw in self.proc.stdout:
-            self.output.append(raw.decode(errors="replace").rstrip("\n"))
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.output.append(line)
+            # Subprocess daemons' output joins the suite-wide secret check.
+            support.LOG_EVENTS.append(line)
             self._changed.set()
 
     def events(self) -> list[dict[str, Any]]:

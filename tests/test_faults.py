@@ -25,6 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from structlog.testing import LogCapture
 
+import support
 from provisiond.config import Config
 from support import Broker, RpcClient, make_config, remember_secret, running, seed_key
 
@@ -210,6 +211,7 @@ async def test_daemon_kill9_under_load_loses_and_doubles_nothing(
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, log.read_text()[-3000:]
+    support.LOG_EVENTS.extend(log.read_text().splitlines())
     assert_each_answered_once_without_duplicates(requester, Path(config.store.path))
     text = log.read_text()
     assert key not in text and not any(t in text for t in _tokens(requester))
