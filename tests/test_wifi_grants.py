@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -651,3 +652,26 @@ async def test_signing_key_files_from_credentials_directory(
     raw = key.public_key().public_bytes_raw()
     assert [b64url_decode(j["x"]) for j in jwks] == [raw]
     assert not (Path(config.store.path).parent / "signing_keys").exists()
+
+
+async def test_invented_grant_ids_from_one_device_are_rate_limited(
+    config: Config, rpc: RpcClient, daemon: Server, events: Events
+) -> None:
+    """A device reporting grant ids the daemon never issued gets a few per minute,
+    not an unbounded ledger and event stream."""
+    dev = Dev(config)
+    for i in range(30):
+        jti = b64url_encode(i.to_bytes(16, "big"))
+        await publish_status(config, dev.id, {"grant_id": jti, "state": "failed", "reason": "x"})
+    assert daemon.app is not None
+    counters = daemon.app.counters
+    await eventually(
+        lambda: counters["wifi.status.failed"] + counters["wifi.status.rate_limited"] >= 30
+    )
+    assert counters["wifi.status.failed"] == 10
+    assert counters["wifi.status.rate_limited"] == 20
+    await eventually(lambda: len(events.items) >= 10)
+    await asyncio.sleep(0.1)
+    assert len(events.items) == 10
+    db = sqlite3.connect(config.store.path)
+    assert db.execute("SELECT COUNT(*) FROM consumed_grants").fetchone()[0] == 10

@@ -126,6 +126,8 @@ def setup(app: App, router: Router) -> None:
     router.register(Operation("wifi-config/grant", grant, body=GrantBody, scope="devices:write"))
     router.register(Operation("wifi-config/keys", keys, scope="devices:read"))
 
+    unknown_reports = _PerDeviceBudget(UNKNOWN_REPORTS_PER_MINUTE)
+
     async def wifi_status(delivery: Delivery, values: list[str]) -> None:
         report = _parse_status(values[0], delivery.payload)
         if report is None:
@@ -140,6 +142,12 @@ def setup(app: App, router: Router) -> None:
         device = await app.store.call(lambda db: find_device(db, device_id))
         if device is None or not device.active:
             app.counters["wifi.status.unknown_device"] += 1
+            return
+        if known is None and not unknown_reports.allow(device_id, app.clock.monotonic()):
+            # Grant ids this process did not issue (e.g. before a restart) cannot
+            # be checked; a device inventing them would fill the ledger and the
+            # event stream, so each device gets only a few per minute.
+            app.counters["wifi.status.rate_limited"] += 1
             return
         # A failed attempt spends the grant too: the device accepted it and
         # will refuse it again, so the bridge must not offer it a second time.
@@ -162,6 +170,28 @@ def setup(app: App, router: Router) -> None:
             )
 
     app.route("devices/+/wifi/status", wifi_status, qos=1)
+
+
+UNKNOWN_REPORTS_PER_MINUTE = 10
+
+
+class _PerDeviceBudget:
+    """A token bucket per device (only devices found active get one, so the
+    map is bounded by the fleet, not by what anyone publishes)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._buckets: dict[int, tuple[float, float]] = {}
+
+    def allow(self, device_id: int, now: float) -> bool:
+        tokens, last = self._buckets.get(device_id, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[device_id] = (tokens, now)
+            return False
+        self._buckets[device_id] = (tokens - 1, now)
+        return True
 
 
 def _parse_status(segment: str, payload: bytes) -> tuple[int, str, str, str | None] | None:
