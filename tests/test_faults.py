@@ -15,7 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,34 +245,44 @@ def _fill(path: Path) -> None:
             f.flush()
 
 
-async def test_disk_full_gives_503_then_recovers(
-    tmp_path: Path, broker: Broker, logs: LogCapture
-) -> None:
+@contextlib.asynccontextmanager
+async def daemon_on_small_disk(
+    tmp_path: Path, broker: Broker
+) -> AsyncIterator[tuple[Path, str, RpcClient]]:
+    """A daemon whose store lives on its own small tmpfs, after one good write."""
     with small_disk(tmp_path / "disk") as disk:
         config = make_config(tmp_path, broker, store={"path": str(disk / "p.db")})
         _, key = seed_key(config, users=(1,))
-        body = {"orgId": 1, "ownerId": 1}
         async with running(config), RpcClient(config) as rpc:
-            assert (await rpc.call("provision/token", body, key=key))["status"] == 200
-            before = _devices(disk / "p.db")
-            _fill(disk / "junk")
-            statuses = []
-            for _ in range(200):
-                reply = await rpc.call("provision/token", body, key=key)
-                statuses.append(reply["status"])
-                if reply["status"] == 503:
-                    assert reply["error"]["code"] == "store_unavailable"
-                    break
-            assert statuses[-1] == 503, "a full disk never refused a write"
-            # Reads still work; the daemon is up.
-            assert (await rpc.call("keys/whoami", {}, key=key))["status"] == 200
-            (disk / "junk").unlink()
-            assert (await rpc.call("provision/token", body, key=key))["status"] == 200
+            assert (await rpc.call("provision/token", PROVISION, key=key))["status"] == 200
+            yield disk, key, rpc
+
+
+PROVISION = {"orgId": 1, "ownerId": 1}
+
+
+async def test_disk_full_gives_503_then_recovers(
+    tmp_path: Path, broker: Broker, logs: LogCapture
+) -> None:
+    async with daemon_on_small_disk(tmp_path, broker) as (disk, key, rpc):
+        before = _devices(disk / "p.db")
+        _fill(disk / "junk")
+        statuses = []
+        for _ in range(200):
+            reply = await rpc.call("provision/token", PROVISION, key=key)
+            statuses.append(reply["status"])
+            if reply["status"] == 503:
+                assert reply["error"]["code"] == "store_unavailable"
+                break
+        assert statuses[-1] == 503, "a full disk never refused a write"
+        # Reads still work; the daemon is up.
+        assert (await rpc.call("keys/whoami", {}, key=key))["status"] == 200
+        (disk / "junk").unlink()
+        assert (await rpc.call("provision/token", PROVISION, key=key))["status"] == 200
         # Every 200 made exactly one device; the 503 made none.
         assert _devices(disk / "p.db") == before + statuses.count(200) + 1
-        assert (
-            sqlite3.connect(disk / "p.db").execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        )
+        db = sqlite3.connect(disk / "p.db")
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 def _devices(path: Path) -> int:
@@ -282,29 +292,24 @@ def _devices(path: Path) -> int:
 async def test_read_only_store_gives_503_then_recovers(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:
-    with small_disk(tmp_path / "disk") as disk:
-        config = make_config(tmp_path, broker, store={"path": str(disk / "p.db")})
-        _, key = seed_key(config, users=(1,))
-        body = {"orgId": 1, "ownerId": 1}
-        async with running(config), RpcClient(config) as rpc:
-            assert (await rpc.call("provision/token", body, key=key))["status"] == 200
-            remount = subprocess.run(
-                ["mount", "-o", "remount,ro", str(disk)],
-                capture_output=True,
-                text=True,
-                check=False,
+    async with daemon_on_small_disk(tmp_path, broker) as (disk, key, rpc):
+        remount = subprocess.run(
+            ["mount", "-o", "remount,ro", str(disk)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if remount.returncode != 0:
+            # Linux refuses to remount read-only while a file is open for
+            # writing (EBUSY); a kernel-forced read-only remount after I/O
+            # errors gives EROFS, which takes the same path as disk full.
+            pytest.skip(
+                f"cannot make the store read-only under a running daemon: {remount.stderr.strip()}"
             )
-            if remount.returncode != 0:
-                # Linux refuses to remount read-only while a file is open for
-                # writing (EBUSY); a kernel-forced read-only remount after I/O
-                # errors gives EROFS, which takes the same path as disk full.
-                pytest.skip(
-                    f"cannot make the store read-only under a running daemon: {remount.stderr.strip()}"
-                )
-            try:
-                reply = await rpc.call("provision/token", body, key=key)
-                assert reply["status"] == 503 and reply["error"]["code"] == "store_unavailable"
-                assert (await rpc.call("keys/whoami", {}, key=key))["status"] == 200
-            finally:
-                subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
-            assert (await rpc.call("provision/token", body, key=key))["status"] == 200
+        try:
+            reply = await rpc.call("provision/token", PROVISION, key=key)
+            assert reply["status"] == 503 and reply["error"]["code"] == "store_unavailable"
+            assert (await rpc.call("keys/whoami", {}, key=key))["status"] == 200
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        assert (await rpc.call("provision/token", PROVISION, key=key))["status"] == 200
