@@ -42,7 +42,7 @@ log = get_logger("provisiond.rpc")
 V3_KEYS = ("reply_to", "correlation_id", "authorization")
 MAX_CORRELATION_BYTES = 256
 # Requests accepted beyond the concurrency bound, waiting for a slot.
-MAX_WAITING = 10_000
+MAX_WAITING = 1_000
 # How often the key cache checks whether another process (the CLI) changed keys.
 KEY_POLL_SECONDS = 0.2
 
