@@ -249,8 +249,9 @@ def cmd_keys_rotate_signing(args: argparse.Namespace) -> int:
 
 def rotate_signing(config: Config, now: float) -> tuple[str, list[tuple[str, float]]]:
     """Rotate the daemon-managed key ring; returns the new kid and the retired (kid, until)."""
+    from provisiond.wifi.crypto import MAX_GRANT_LIFETIME
     from provisiond.wifi.service import keys_directory
-    from provisiond.wifi.signing import MAX_GRANT_LIFETIME, KeyRing, KeyRingError
+    from provisiond.wifi.signing import KeyRing, KeyRingError
 
     wifi = config.wifi
     if wifi.signing_algorithm == "HS256":

@@ -35,6 +35,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from provisiond.wifi.crypto import (
+    CAP_WIFI_UPLOAD,
+    GRANT_AUDIENCE,
+    MAX_GRANT_LIFETIME,
     DecryptionFailed,
     InvalidCredentials,
     InvalidPeerKey,
@@ -50,13 +53,8 @@ from provisiond.wifi.crypto import (
     x25519_shared,
 )
 
-GRANT_AUDIENCE: Final = "wifi-config"
-CAP_WIFI_UPLOAD: Final = 0x02
 # Clock skew tolerated between gateway and device, in seconds.
 DEFAULT_LEEWAY: Final = 30
-# No grant may claim a longer life than the gateway ever issues; this bounds
-# the damage of a stolen grant on a device that cannot check `exp`.
-MAX_GRANT_LIFETIME: Final = 3600
 # A grant travels through a BLE characteristic; anything larger is not ours.
 MAX_GRANT_LEN: Final = 2048
 # Bound on remembered jtis. Safe to evict: an evicted grant's iat is <= the

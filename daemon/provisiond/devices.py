@@ -10,8 +10,9 @@ import sqlite_utils
 from provisiond.clock import iso_utc
 from provisiond.errors import NotFound
 from provisiond.store import Migration
+from provisiond.wifi.crypto import CAP_WIFI_UPLOAD
 
-WIFI_UPLOAD = 0x02
+WIFI_UPLOAD = CAP_WIFI_UPLOAD
 
 MIGRATIONS: list[Migration] = [
     Migration(

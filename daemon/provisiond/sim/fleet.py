@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from provisiond.device import CAP_WIFI_UPLOAD
 from provisiond.sim.device import Broker, Identity, SimDevice, provision
+from provisiond.wifi.crypto import CAP_WIFI_UPLOAD
 
 DEFAULT_NETWORKS = {"provisiond-lab": "correct horse battery staple"}
 

@@ -31,6 +31,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 # Domain-separation strings. They carry the protocol version, so a future v2
 # can never be confused with v1 even if the message layout stays the same.
 SESSION_INFO: Final = b"provisiond wifi-session v1"
+# Grant claims both sides agree on (DESIGN §3).
+GRANT_AUDIENCE: Final = "wifi-config"
+CAP_WIFI_UPLOAD: Final = 0x02
+# The longest life a grant may claim; devices without a clock rely on it.
+MAX_GRANT_LIFETIME: Final = 3600
 CREDENTIAL_AAD: Final = b"provisiond wifi-credential v1"
 STATUS_AAD: Final = b"provisiond wifi-status v1"
 GRANT_KEY_INFO_PREFIX: Final = b"provisiond grant-key v1|"

@@ -40,9 +40,8 @@ from provisiond.errors import (
 )
 from provisiond.logs import get_logger
 from provisiond.store import Migration
-from provisiond.wifi.crypto import b64url_encode
+from provisiond.wifi.crypto import MAX_GRANT_LIFETIME, b64url_encode
 from provisiond.wifi.signing import (
-    MAX_GRANT_LIFETIME,
     AlgorithmUnavailable,
     DeviceNotWifiCapable,
     InvalidGrantRequest,

@@ -29,6 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from provisiond.wifi.crypto import (
+    CAP_WIFI_UPLOAD,
+    GRANT_AUDIENCE,
+    MAX_GRANT_LIFETIME,
     X25519_KEY_LEN,
     InvalidPeerKey,
     b64url_encode,
@@ -37,10 +40,7 @@ from provisiond.wifi.crypto import (
     x25519_shared,
 )
 
-GRANT_AUDIENCE: Final = "wifi-config"
-CAP_WIFI_UPLOAD: Final = 0x02
 MIN_GRANT_LIFETIME: Final = 60
-MAX_GRANT_LIFETIME: Final = 3600
 ASYMMETRIC_ALGS: Final = frozenset({"EdDSA", "ES256"})
 INDEX_NAME: Final = "keys.json"
 
