@@ -77,9 +77,10 @@ class Transport:
         if mqtt.username:
             kwargs["username"] = mqtt.username
             if mqtt.password_file:
-                kwargs["password"] = read_secret(
-                    self._config, mqtt.password_file, key="mqtt.password_file"
-                ).decode()
+                secret = await asyncio.to_thread(
+                    read_secret, self._config, mqtt.password_file, key="mqtt.password_file"
+                )
+                kwargs["password"] = secret.decode()
         if mqtt.tls.enabled:
             kwargs["tls_context"] = await asyncio.to_thread(self._tls_context)
             if mqtt.tls.insecure:
