@@ -136,9 +136,19 @@ async def test_unknown_malformed_and_oversize_heartbeats_are_counted_never_store
         lookups_before = app.counters["presence.lookups"]
         started = time.monotonic()
 
+        def refused() -> int:
+            counters = app.counters
+            return (
+                counters["presence.heartbeats.unknown"]
+                + counters["presence.heartbeats.lookup_overflow"]
+            )
+
         async def flooded(first: int, n: int, total: int) -> None:
             await flood(first, n)
             await eventually(lambda: app.counters["presence.heartbeats"] >= total, timeout=30)
+            # Every id answered: queued ids leave `_pending` before their lookup
+            # returns, so wait for the verdicts themselves (+1: device 2, pending).
+            await eventually(lambda: refused() >= total - 9 + 1, timeout=30)
             await eventually(lambda: not service._pending, timeout=30)
 
         await flooded(1_000_000, 10_000, 10_009)
