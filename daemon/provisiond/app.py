@@ -17,6 +17,7 @@ from typing import Any
 
 from provisiond.clock import Clock
 from provisiond.config import Config
+from provisiond.devices import DeviceCache
 from provisiond.logs import get_logger
 from provisiond.store import Store
 from provisiond.transport import Delivery, NotConnected, Subscription, Transport
@@ -52,6 +53,7 @@ class App:
     on_reload: list[ReloadHook] = field(default_factory=list)
     # Long-lived helpers features share (e.g. "presence", "grants"), set at setup.
     services: dict[str, Any] = field(default_factory=dict)
+    devices: DeviceCache = field(default_factory=DeviceCache)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property

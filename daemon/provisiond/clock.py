@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
 
 class Clock:
@@ -18,4 +17,4 @@ class Clock:
 
 def iso_utc(ts: float) -> str:
     """ISO 8601 in UTC with a `Z` suffix, second precision, as the seed's API shows."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -98,6 +98,48 @@ def device_from_row(row: tuple[object, ...]) -> Device:
     return Device(**values)
 
 
+class DeviceCache:
+    """Device records read recently, so a grant needs no store trip.
+
+    Local writes to a device call `forget` once committed; another process's
+    commits (the CLI, a second daemon on the same store) move SQLite's
+    `PRAGMA data_version`, which the router polls a few times a second and
+    passes to `observe`, clearing everything. A change made elsewhere is
+    therefore seen within one poll interval, as with API keys.
+
+    A read that started before a `forget` must not refill the cache with what
+    it saw: `generation` is taken before the read and `put` ignores results
+    from an older generation.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self._devices: dict[int, Device] = {}
+        self.generation = 0
+        self.data_version: int | None = None
+
+    def get(self, device_id: int) -> Device | None:
+        return self._devices.get(device_id)
+
+    def put(self, device: Device, generation: int) -> None:
+        if generation != self.generation:
+            return
+        if len(self._devices) >= self.MAX_ENTRIES:
+            self._devices.clear()
+        self._devices[device.id] = device
+
+    def forget(self, device_id: int) -> None:
+        self.generation += 1
+        self._devices.pop(device_id, None)
+
+    def observe(self, data_version: int) -> None:
+        if data_version != self.data_version:
+            self.generation += 1
+            self._devices.clear()
+            self.data_version = data_version
+
+
 def get_device(db: sqlite_utils.Database, device_id: int, org_id: int) -> Device:
     """The device if it exists in `org_id`; otherwise 404 — never revealing which."""
     device = find_device(db, device_id)

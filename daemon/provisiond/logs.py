@@ -86,7 +86,7 @@ def setup(config: LogConfig, *, stream: Any = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    # paho/aiomqtt log through the standard library; keep them quiet but visible.
+    # Libraries (asyncio, bumble) log through the standard library; keep them quiet but visible.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 

@@ -58,10 +58,10 @@ LOOKUP_PAUSE_SECONDS = 0.05
 # A negative answer is trusted this long, for at most this many ids (FIFO).
 NEGATIVE_TTL_SECONDS = 10.0
 NEGATIVE_MAX = 4096
-# Concurrent presence publishers. aiomqtt warns past 10 pending QoS 1 calls
-# per client, and each publisher has at most two (presence, then its event)
-# in turn; more would not be faster against paho's 20-message inflight window.
-PUBLISHERS = 8
+# Concurrent presence publishers, each with one QoS 1 publish in flight at a
+# time: mosquitto's default in-flight window (its Receive Maximum) is 20, and
+# more publishers than the window would only queue for it.
+PUBLISHERS = 16
 # Device ids are positive SQLite integers; longer digit strings are garbage.
 MAX_ID_DIGITS = 18
 

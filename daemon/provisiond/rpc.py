@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import sqlite_utils
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from provisiond import auth, replay
@@ -150,7 +148,7 @@ class Router:
         now = self.app.clock.now()
         for rid in await self.app.store.call(lambda db: replay.recent_ids(db, now)):
             self.recent.add(rid, now)
-        self.keys.observe(await self.app.store.call(auth.data_version))
+        self._observe(await self.app.store.call(auth.data_version))
         self.app.spawn(self.replays.run(), name="flush-replays")
         self.app.spawn(self._watch_keys(), name="watch-keys")
 
@@ -158,14 +156,19 @@ class Router:
         while True:
             await asyncio.sleep(KEY_POLL_SECONDS)
             try:
-                self.keys.observe(await self.app.store.call(auth.data_version))
+                self._observe(await self.app.store.call(auth.data_version))
             except StoreUnavailable:
                 pass
             except Exception:
                 # Keep watching: a dead watcher would leave revoked keys cached.
                 log.exception("rpc.key_watch_failed")
-                self.keys.observe(-1)
+                self._observe(-1)
             self.recent.prune(self.app.clock.now())
+
+    def _observe(self, data_version: int) -> None:
+        """Another process committed (or not): drop what it may have changed."""
+        self.keys.observe(data_version)
+        self.app.devices.observe(data_version)
 
     def register(self, op: Operation) -> None:
         if op.name in self.operations:
@@ -221,8 +224,9 @@ class Router:
                 return
             reply, status = await self._reply_for(name, body, path, fields)
             if path.topic:
-                await self._publish(path, reply)
-            self.app.transport.ack(delivery)
+                await self._publish(path, reply, delivery)
+            else:
+                self.app.transport.ack(delivery)
         except NotConnected:
             # Unacked, so the broker redelivers it and the replay record answers it.
             fields["reply"] = "lost; left unacknowledged for redelivery"
@@ -240,15 +244,13 @@ class Router:
 
     def _parse(self, delivery: Delivery, fields: dict[str, Any]) -> tuple[ReplyPath | None, Any]:
         """Find the reply path and the body; errors are returned as the body."""
-        props = delivery.message.properties
-        payload = delivery.payload
+        message = delivery.message
+        payload = message.payload
         path: ReplyPath | None = None
         user_auth: str | None = None
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        if response_topic:
-            corr = getattr(props, "CorrelationData", None)
-            path = ReplyPath(response_topic, bytes(corr) if corr is not None else None)
-            for key, value in getattr(props, "UserProperty", None) or []:
+        if message.response_topic:
+            path = ReplyPath(message.response_topic, message.correlation_data)
+            for key, value in message.user_properties:
                 if key.lower() == "authorization":
                     user_auth = value
             # Vetted before anything is answered on it: even an error reply must
@@ -470,17 +472,18 @@ class Router:
             raise RateLimited("too many requests for this key")
         self._buckets[key_id] = (tokens - 1, now)
 
-    async def _publish(self, path: ReplyPath, reply: bytes) -> None:
-        props: Properties | None = None
+    async def _publish(self, path: ReplyPath, reply: bytes, request: Delivery) -> None:
+        """Publish the reply and acknowledge the request with it, in one write."""
+        correlation: bytes | None = None
         if path.v5:
-            if path.correlation is not None:
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.CorrelationData = path.correlation
+            correlation = path.correlation
         else:
             envelope = json.loads(reply)
             envelope["correlation_id"] = path.correlation_id
             reply = json.dumps(envelope, separators=(",", ":")).encode()
-        await self.app.transport.publish(path.topic, reply, qos=1, properties=props)
+        await self.app.transport.publish(
+            path.topic, reply, qos=1, correlation_data=correlation, ack=request
+        )
 
 
 def _key_prelude(

@@ -1,4 +1,4 @@
-"""The broker connection: MQTT v5 on aiomqtt, reconnecting with capped backoff.
+"""The broker connection: MQTT v5 (`provisiond.mqtt`), reconnecting with capped backoff.
 
 The session is persistent (clean start off) and QoS 1 messages are
 acknowledged by hand, only after they were handled: a request the broker
@@ -10,15 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
+from provisiond import mqtt
 from provisiond.config import Config, read_secret, resolve_path, secret_path
 from provisiond.logs import get_logger
 
@@ -29,19 +25,16 @@ log = get_logger("provisiond.transport")
 class Delivery:
     """A received message and the connection it came on (acks go to that one only)."""
 
-    message: aiomqtt.Message
+    message: mqtt.Message
     connection: int
 
     @property
     def topic(self) -> str:
-        return self.message.topic.value
+        return self.message.topic
 
     @property
     def payload(self) -> bytes:
-        payload = self.message.payload
-        if isinstance(payload, bytes | bytearray):
-            return bytes(payload)
-        return str(payload).encode() if payload is not None else b""
+        return self.message.payload
 
 
 MessageHandler = Callable[[Delivery], Awaitable[None]]
@@ -60,7 +53,7 @@ class Subscription:
 class Transport:
     def __init__(self, config: Config) -> None:
         self._config = config
-        self._client: aiomqtt.Client | None = None
+        self._client: mqtt.Client | None = None
         self.connected = asyncio.Event()
         self.subscribed = asyncio.Event()
         self._stopping = False
@@ -72,19 +65,16 @@ class Transport:
         return self._client is not None and self.connected.is_set()
 
     async def _client_kwargs(self) -> dict[str, object]:
-        mqtt = self._config.mqtt
+        cfg = self._config.mqtt
         kwargs: dict[str, object] = {}
-        if mqtt.username:
-            kwargs["username"] = mqtt.username
-            if mqtt.password_file:
-                secret = await asyncio.to_thread(
-                    read_secret, self._config, mqtt.password_file, key="mqtt.password_file"
+        if cfg.username:
+            kwargs["username"] = cfg.username
+            if cfg.password_file:
+                kwargs["password"] = await asyncio.to_thread(
+                    read_secret, self._config, cfg.password_file, key="mqtt.password_file"
                 )
-                kwargs["password"] = secret.decode()
-        if mqtt.tls.enabled:
-            kwargs["tls_context"] = await asyncio.to_thread(self._tls_context)
-            if mqtt.tls.insecure:
-                kwargs["tls_insecure"] = True
+        if cfg.tls.enabled:
+            kwargs["tls"] = await asyncio.to_thread(self._tls_context)
         return kwargs
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -102,44 +92,32 @@ class Transport:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
-    def _connect_properties(self) -> Properties:
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self._config.mqtt.session_expiry_seconds
-        props.ReceiveMaximum = self._config.mqtt.receive_maximum
-        return props
-
     async def run(
         self,
         subscriptions: Sequence[Subscription],
         on_message: MessageHandler,
     ) -> None:
         """Connect, subscribe and feed messages to `on_message` until `stop()`."""
-        mqtt = self._config.mqtt
-        delay = mqtt.reconnect_min_seconds
+        cfg = self._config.mqtt
+        delay = cfg.reconnect_min_seconds
         kwargs = await self._client_kwargs()
         while not self._stopping:
-            client = aiomqtt.Client(
-                mqtt.host,
-                mqtt.port,
-                identifier=mqtt.client_id,
-                protocol=aiomqtt.ProtocolVersion.V5,
+            client = mqtt.Client(
+                cfg.host,
+                cfg.port,
+                client_id=cfg.client_id,
                 clean_start=False,
-                keepalive=mqtt.keepalive_seconds,
-                properties=self._connect_properties(),
-                # Without TCP_NODELAY, Nagle holds small replies for ~40 ms twice per round trip.
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-                will=aiomqtt.Will(self.status_topic, b"offline", qos=1, retain=True),
-                max_queued_outgoing_messages=0,
+                keepalive=cfg.keepalive_seconds,
+                session_expiry=cfg.session_expiry_seconds,
+                receive_maximum=cfg.receive_maximum,
+                will=mqtt.Will(self.status_topic, b"offline", qos=1, retain=True),
                 **kwargs,  # type: ignore[arg-type]
             )
-            # Acknowledge QoS 1 only once handled (see module docstring). aiomqtt does
-            # not expose this paho switch, so we reach the wrapped client.
-            client._client.manual_ack_set(True)
             try:
                 async with client:
                     self._client = client
                     self.connections += 1
-                    delay = mqtt.reconnect_min_seconds
+                    delay = cfg.reconnect_min_seconds
                     for sub in subscriptions:
                         granted = await client.subscribe(sub.topic, qos=sub.qos)
                         _check_granted(sub, granted)
@@ -148,21 +126,21 @@ class Transport:
                     self.subscribed.set()
                     log.info(
                         "mqtt.connected",
-                        host=mqtt.host,
-                        port=mqtt.port,
+                        host=cfg.host,
+                        port=cfg.port,
                         subscriptions=len(subscriptions),
                     )
                     connection = self.connections
-                    async for message in client.messages:
+                    async for message in client.messages():
                         await on_message(Delivery(message, connection))
-            except aiomqtt.MqttError as exc:
+            except mqtt.MqttError as exc:
                 if self._stopping:
                     break
                 self.connected.clear()
                 self._client = None
                 log.warning("mqtt.disconnected", error=str(exc), retry_in=round(delay, 2))
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter only
-                delay = min(delay * 2, mqtt.reconnect_max_seconds)
+                delay = min(delay * 2, cfg.reconnect_max_seconds)
             finally:
                 self.connected.clear()
                 self._client = None
@@ -172,10 +150,11 @@ class Transport:
         self._stopping = True
         client = self._client
         if client is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.publish(self.status_topic, b"offline", qos=1, retain=True, timeout=2)
+            with contextlib.suppress(mqtt.MqttError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await client.publish(self.status_topic, b"offline", qos=1, retain=True)
             # A normal DISCONNECT makes the run loop's `async for` end.
-            client._client.disconnect()
+            await client.disconnect()
 
     async def publish(
         self,
@@ -184,35 +163,49 @@ class Transport:
         *,
         qos: int = 1,
         retain: bool = False,
-        properties: Properties | None = None,
+        correlation_data: bytes | None = None,
+        ack: Delivery | None = None,
     ) -> None:
+        """Publish; `ack`: a delivery to acknowledge together with it (see mqtt.Client.publish)."""
         client = self._client
         if client is None:
             raise NotConnected(topic)
+        if ack is not None and ack.connection != self.connections:
+            ack = None  # came on an earlier connection: the broker redelivers it instead
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        except aiomqtt.MqttError as exc:
+            await client.publish(
+                topic,
+                payload,
+                qos=qos,
+                retain=retain,
+                correlation_data=correlation_data,
+                ack=None if ack is None else ack.message,
+            )
+        except mqtt.MqttError as exc:
             raise NotConnected(str(exc)) from exc
 
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a QoS 1 message; after a reconnect the broker redelivers it instead."""
         client = self._client
-        if (
-            client is not None
-            and delivery.message.qos > 0
-            and delivery.connection == self.connections
-        ):
-            client._client.ack(delivery.message.mid, delivery.message.qos)
+        if client is not None and delivery.connection == self.connections:
+            client.ack(delivery.message)
 
 
-def _check_granted(sub: Subscription, granted: Sequence[object]) -> None:
+SUBACK_REASONS = {
+    0x80: "unspecified error", 0x83: "implementation specific error",
+    0x87: "not authorized", 0x8F: "topic filter invalid", 0x97: "quota exceeded",
+    0x9E: "shared subscriptions not supported", 0xA2: "wildcard subscriptions not supported",
+}  # fmt: skip
+
+
+def _check_granted(sub: Subscription, granted: Sequence[int]) -> None:
     """A SUBACK can refuse (ACL, shared subscriptions unsupported): then we are not ready.
 
     Raised as an MqttError, the run loop retries with backoff and READY=1 is
     not sent, instead of serving while deaf to a topic.
     """
     for code in granted:
-        value = getattr(code, "value", code)
-        if isinstance(value, int) and value >= 0x80:
-            log.error("mqtt.subscribe_refused", topic=sub.topic, reason=str(code))
-            raise aiomqtt.MqttError(f"broker refused the subscription to {sub.topic}: {code}")
+        if code >= 0x80:
+            reason = f"{SUBACK_REASONS.get(code, 'refused')} (0x{code:02x})"
+            log.error("mqtt.subscribe_refused", topic=sub.topic, reason=reason)
+            raise mqtt.MqttError(f"broker refused the subscription to {sub.topic}: {reason}")

@@ -127,7 +127,11 @@ def setup(app: App, router: Router) -> None:
             seen.append(device)
             return {"token": token, "deviceId": device.id}
 
-        result = await request.write(tx)
+        try:
+            result = await request.write(tx)
+        finally:
+            # Even if this task is cancelled mid-write: the commit may still land.
+            app.devices.forget(body.deviceId)
         device = seen[0]
         await app.publish_event(
             "device/reprovisioned",
@@ -171,7 +175,11 @@ def setup(app: App, router: Router) -> None:
                 "heartbeat_interval": app.config.presence.heartbeat_interval_seconds,
             }
 
-        result = await request.write(tx)
+        try:
+            result = await request.write(tx)
+        finally:
+            # Even if this task is cancelled mid-write: the commit may still land.
+            app.devices.forget(device_id)
         before = seen[0]
         presence = app.services.get("presence")
         if presence is not None:

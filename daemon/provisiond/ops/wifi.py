@@ -104,11 +104,10 @@ def setup(app: App, router: Router) -> None:
         )
         app_key = body.app_public_key
         nonce = body.device_nonce
-        # A grant changes nothing in the store (it is stateless), so it takes a
-        # read trip, not a write transaction; its reply is kept for replays by
-        # the router's batched buffer like any read-only operation's.
+        # A grant changes nothing in the store (it is stateless): its reply is
+        # kept for replays by the router's batched buffer like any read-only
+        # operation's.
         reply, result = await service.issue_reply(
-            app.store.call,
             org_id=request.principal.org_id,
             device_id=device_id,
             principal=request.principal,
