@@ -132,9 +132,12 @@ def daemon_process(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]
 
 
 @contextlib.contextmanager
-def echo_process(port: int, topic: str) -> Iterator[subprocess.Popen[bytes]]:
+def echo_process(
+    port: int, topic: str, client: str = "aiomqtt"
+) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.echo", "--port", str(port), "--topic", topic],
+        [sys.executable, "-m", "bench.echo", "--port", str(port), "--topic", topic,
+         "--client", client],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:

@@ -135,6 +135,9 @@ async def run(
         # the same work for both and the ratio is the cost of the daemon's own.
         figures_to_run = {
             "echo": ("echo/rpc", e2e_body),
+            # Not a goal: the same echo on the daemon's own MQTT client, the
+            # floor of the daemon's transport (see bench/echo.py).
+            "echo_own_client": ("echo-own/rpc", e2e_body),
             # The router's floor: an authenticated op that does no work of its own.
             "whoami_floor": ("bench/rpc/keys/whoami", {}),
             "grant_server_generated": (grant, {"device_id": device_id}),
@@ -143,15 +146,18 @@ async def run(
         config = write_config(d, port, log_level=log_level)
         with (
             echo_process(port, "echo/rpc") as echo_proc,
+            echo_process(port, "echo-own/rpc", client="provisiond") as own_proc,
             daemon_process(config, d / "daemon.log") as daemon_proc,
         ):
+            pids = {"echo": echo_proc.pid, "echo_own_client": own_proc.pid}
             await wait_rpc_ready(port, "echo/rpc", key)
+            await wait_rpc_ready(port, "echo-own/rpc", key)
             await wait_rpc_ready(port, "bench/rpc/keys/whoami", key)
             samples: dict[str, list[LoadResult]] = {name: [] for name in figures_to_run}
             cpu: dict[str, float] = dict.fromkeys(figures_to_run, 0.0)
             for _ in range(rounds):
                 for name, (topic, body) in figures_to_run.items():
-                    pid = echo_proc.pid if name == "echo" else daemon_proc.pid
+                    pid = pids.get(name, daemon_proc.pid)
                     before = cpu_seconds(pid)
                     samples[name].append(
                         await rpc_load(

@@ -9,8 +9,8 @@ Reload (SIGHUP): swap in a new config, except keys only a restart can change.
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from functools import partial
