@@ -255,6 +255,7 @@ async def settled(presence: Any) -> None:
 
 async def memory_per_device(config: Any, n: int) -> dict[str, float]:
     """Bytes held by presence.py per active device: loaded, then each heartbeated once."""
+    from provisiond import mqtt
     from provisiond import presence as presence_mod
     from provisiond.app import App
     from provisiond.clock import Clock
@@ -285,13 +286,11 @@ async def memory_per_device(config: Any, n: int) -> dict[str, float]:
         await presence.flush()
         tracked = held()
         tracemalloc.stop()
-        # CPU per heartbeat on the daemon's side of aiomqtt: route match + handler,
+        # CPU per heartbeat on the daemon's side of its MQTT client: route match + handler,
         # what server.py's dispatcher does for a QoS 0 heartbeat.
         app.route("devices/+/heartbeat", presence.on_heartbeat, qos=0)
         deliveries = [
-            Delivery(
-                aiomqtt.Message(f"{PREFIX}/devices/{i}/heartbeat", payload, 0, False, 0, None), 1
-            )
+            Delivery(mqtt.Message(f"{PREFIX}/devices/{i}/heartbeat", payload, 0, False, 0), 1)
             for i in range(1, n + 1)
         ]
         started = time.perf_counter()
