@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sqlite3
 import stat
 import sys
 import time
 from pathlib import Path
 
-from daemon_proc import ROOT, write_toml
+import jwt
+from daemon_proc import ROOT, NotifySocket, daemon_process, write_toml
+from provision_support import activate, org_key, provision
 
 from provisiond.config import Config
 from provisiond.server import Server
 from provisiond.wifi.signing import KeyRing
-from support import free_port, seed_key
+from support import RpcClient, free_port, seed_key
 
 
 async def provisiond(*argv: str, **env: str) -> tuple[int, str, str]:
@@ -139,7 +142,7 @@ async def test_rotate_signing_makes_a_new_active_key(tmp_path: Path) -> None:
     assert old is not None and old.verify_until is not None
     assert 3500 < old.verify_until - time.time() <= 3600
     assert f"key {first} now only verifies" in out
-    assert "systemctl restart provisiond" in out
+    assert "systemctl reload provisiond" in out
     for pem in keys_dir.glob("*.pem"):
         assert stat.S_IMODE(pem.stat().st_mode) == 0o600
 
@@ -157,3 +160,47 @@ async def test_rotate_signing_refuses_keys_it_does_not_manage(tmp_path: Path) ->
     )
     code, _out, err = await provisiond("keys", "rotate-signing", "-c", str(config_file))
     assert code == 1 and "operator-managed" in err
+
+
+async def test_sighup_after_rotate_signing_signs_grants_with_the_new_key(
+    config: Config, tmp_path: Path
+) -> None:
+    """The operator's sequence: rotate on disk, `systemctl reload` (SIGHUP), no restart."""
+    keys_dir = tmp_path / "keys"
+    config_file = write_toml(
+        config,
+        tmp_path / "provisiond.toml",
+        log={"format": "json"},
+        wifi={"keys_dir": str(keys_dir)},
+    )
+    key = org_key(config)
+    notify = NotifySocket()
+    notify.start()
+    async with RpcClient(config) as rpc, daemon_process(config_file, notify) as daemon:
+        await notify.wait_for("READY=1")
+        token, device_id = await provision(rpc, key)
+        assert (await activate(rpc, token))["status"] == 200
+        first = (await rpc.call("wifi-config/keys", key=key))["body"]["keys"][0]["kid"]
+
+        code, out, err = await provisiond("keys", "rotate-signing", "-c", str(config_file))
+        assert code == 0, err
+        # Before the reload the running daemon still signs with the old key.
+        grant = await rpc.call("wifi-config/grant", {"device_id": device_id}, key=key)
+        assert jwt.get_unverified_header(grant["body"]["grant_blob"])["kid"] == first
+
+        mark = len(notify.lines())
+        daemon.signal(signal.SIGHUP)
+        await notify.wait_for("READY=1", after=mark)
+        loaded = await daemon.wait_event("wifi.keys_loaded", count=2)
+        new = loaded["kid"]
+        assert new != first and loaded["previous_kid"] == first
+        assert f"new signing key {new} is active" in out
+
+        keys = (await rpc.call("wifi-config/keys", key=key))["body"]["keys"]
+        assert [k["kid"] for k in keys] == [new, first]  # the old one still verifies
+        grant = await rpc.call("wifi-config/grant", {"device_id": device_id}, key=key)
+        assert jwt.get_unverified_header(grant["body"]["grant_blob"])["kid"] == new
+
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait(timeout=15) == 0, daemon.tail()
+    notify.close()

@@ -242,8 +242,8 @@ def cmd_keys_rotate_signing(args: argparse.Namespace) -> int:
     print(f"new signing key {new_kid} is active on disk")
     for kid, until in retired:
         print(f"key {kid} now only verifies, until {_iso(until)}")
-    # The running daemon holds the ring in memory; a restart is graceful (drain, persistent session).
-    print("restart the daemon so it signs with the new key: systemctl restart provisiond")
+    # The running daemon holds the ring in memory and reloads it on SIGHUP.
+    print("reload the daemon so it signs with the new key: systemctl reload provisiond")
     return EXIT_OK
 
 

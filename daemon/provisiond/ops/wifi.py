@@ -94,6 +94,7 @@ def setup(app: App, router: Router) -> None:
         app.spawn(service.prune_forever(), name="wifi-prune")
 
     app.on_start.append(start)
+    app.on_reload.append(service.reload_keys)
 
     async def grant(request: Request, body: GrantBody) -> dict[str, Any]:
         assert request.principal is not None

@@ -126,6 +126,24 @@ class GrantService:
             verification_keys=0 if ring is None else len(ring.keys),
         )
 
+    async def reload_keys(self, config: Config) -> None:
+        """Reload the signing keys on SIGHUP: after `keys rotate-signing`, the new
+        key signs from here on. A failure raises, which refuses the reload and
+        keeps the keys in memory."""
+        keys = await asyncio.to_thread(_load_keys, config, self.app.clock.now())
+        old = self._keys
+        self._keys = keys
+        old_kid = None if old is None or old.ring is None else old.ring.active.kid
+        new_kid = None if keys.ring is None else keys.ring.active.kid
+        if old is None or old.algorithm != keys.algorithm or old_kid != new_kid:
+            log.info(
+                "wifi.keys_loaded",
+                algorithm=keys.algorithm,
+                kid=new_kid,
+                previous_kid=old_kid,
+                verification_keys=0 if keys.ring is None else len(keys.ring.keys),
+            )
+
     @property
     def keyring(self) -> KeyRing | None:
         """The asymmetric key ring (None in HS256 mode); for rotation and tests."""
