@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from provisiond import mqtt
 from support import MOSQUITTO, free_port, make_config, running, seed_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,3 +290,47 @@ async def test_daemon_serves_through_the_example_broker(
     assert by_topic[f"{PREFIX}/replies/backend/1"]["status"] == 200
     # A made-up token: the device is refused, but it does get its answer.
     assert by_topic[f"{PREFIX}/devices/1/replies/activate"]["status"] in (400, 401, 410)
+
+
+async def test_daemon_connects_over_tls_and_refuses_a_broker_it_cannot_verify(
+    example_broker: ExampleBroker, tmp_path: Path
+) -> None:
+    """mqtt.tls: the daemon verifies the broker against ca_file, then serves through it."""
+    (tmp_path / "mqtt-password").write_text(PASSWORDS["provisiond"] + "\n")
+    tls = {"enabled": True, "ca_file": str(example_broker.directory / "certs" / "ca.crt")}
+    config = make_config(
+        tmp_path,
+        example_broker,  # type: ignore[arg-type]  # only .port is read
+        mqtt={
+            "host": "localhost",  # the name in the server certificate
+            "port": example_broker.tls_port,
+            "topic_prefix": PREFIX,
+            "username": "provisiond",
+            "password_file": str(tmp_path / "mqtt-password"),
+            "tls": tls,
+        },
+    )
+    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    async with running(config), example_broker.client("backend", tls=True) as backend:
+        await backend.subscribe(f"{PREFIX}/replies/backend/#", qos=1)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = f"{PREFIX}/replies/backend/tls"
+        props.CorrelationData = b"c1"
+        props.UserProperty = ("authorization", f"Bearer {secret}")
+        await backend.publish(f"{PREFIX}/rpc/daemon/stats", b"{}", qos=1, properties=props)
+        async with asyncio.timeout(10):
+            reply = await anext(aiter(backend.messages))
+        assert json.loads(reply.payload)["status"] == 200  # type: ignore[arg-type]
+
+    # Another CA: the handshake fails and nothing is sent, the password included.
+    other = tmp_path / "other-ca"
+    _write_tls(other)
+    client = mqtt.Client(
+        "localhost",
+        example_broker.tls_port,
+        username="provisiond",
+        password=PASSWORDS["provisiond"].encode(),
+        tls=ssl.create_default_context(cafile=str(other / "ca.crt")),
+    )
+    with pytest.raises(mqtt.ConnectionLost, match="CERTIFICATE_VERIFY_FAILED"):
+        await client.connect()
