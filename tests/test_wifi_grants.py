@@ -675,3 +675,56 @@ async def test_invented_grant_ids_from_one_device_are_rate_limited(
     assert len(events.items) == 10
     db = sqlite3.connect(config.store.path)
     assert db.execute("SELECT COUNT(*) FROM consumed_grants").fetchone()[0] == 10
+
+
+# --------------------------------------------------------------------------- cached devices
+
+
+async def test_a_reactivated_device_is_granted_under_its_new_key_at_once(
+    config: Config, rpc: RpcClient
+) -> None:
+    """Grants read devices from a cache; a local re-activation must not leave it stale."""
+    _, key = seed_key(config, users=(10,), scopes=("provision:write", "devices:write"))
+    reply = await rpc.call("provision/token", {"orgId": 1, "ownerId": 10}, key=key)
+    device_id = reply["body"]["deviceId"]
+
+    async def activate(token: str) -> str:
+        public = b64url_encode(X25519PrivateKey.generate().public_key().public_bytes_raw())
+        body = {"token": token, "capabilities": WIFI, "public_key": public}
+        assert (await rpc.call("device/activate", body))["status"] == 200
+        return public
+
+    async def granted_key() -> str:
+        grant = await rpc.call("wifi-config/grant", {"device_id": device_id}, key=key)
+        assert grant["status"] == 200, grant
+        return str(grant["body"]["device_public_key"])
+
+    first = await activate(reply["body"]["token"])
+    assert await granted_key() == first  # now cached
+    again = await rpc.call("provision/reprovision/token", {"deviceId": device_id}, key=key)
+    # Until it activates again the device keeps its key, and the cache has it.
+    assert await granted_key() == first
+    second = await activate(again["body"]["token"])
+    assert await granted_key() == second
+
+
+async def test_a_device_changed_by_another_process_is_seen_within_the_poll(
+    config: Config, rpc: RpcClient
+) -> None:
+    """Another process's commit (the CLI, a second daemon) clears the cache within ~0.2 s."""
+    _, key = seed_key(config)
+    dev = Dev(config)
+    assert (await rpc.call("wifi-config/grant", {"device_id": dev.id}, key=key))["status"] == 200
+    conn = sqlite3.connect(config.store.path)
+    with conn:
+        conn.execute("UPDATE devices SET capabilities = 1 WHERE id = ?", [dev.id])
+    conn.close()
+    changed_at = time.monotonic()
+
+    while True:
+        reply = await rpc.call("wifi-config/grant", {"device_id": dev.id}, key=key)
+        if reply.get("error", {}).get("code") == "device_not_wifi_capable":
+            break
+        assert reply["status"] == 200  # still the cached record, for at most one poll
+        assert time.monotonic() - changed_at < 1.5, "the change was never seen"
+        await asyncio.sleep(0.02)

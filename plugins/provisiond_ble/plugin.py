@@ -42,6 +42,7 @@ from provisiond.wifi.crypto import (
     b64url_decode,
     credential_plaintext,
 )
+from provisiond.wifi.service import require_grantable
 from provisiond_ble import profile
 from provisiond_ble.central import BleError, GattSession, Radio
 
@@ -218,14 +219,7 @@ class BleBridgePlugin:
         device = await ctx.app.store.call(
             lambda db: permissions.viewable_device(db, principal, device_id)
         )
-        if not device.active or device.public_key is None:
-            raise Conflict(f"device {device_id} has not activated yet", code="device_not_activated")
-        if not device.wifi_capable:
-            raise BadRequest(
-                f"device {device_id} does not have the WiFi Upload capability (0x02)",
-                code="device_not_wifi_capable",
-                field="device_id",
-            )
+        public_key = require_grantable(device)
         grants = ctx.grants
         if grants is None or self.radio is None:
             raise Unavailable("the grant service is not running", code="grants_unavailable")
@@ -243,7 +237,7 @@ class BleBridgePlugin:
             async with asyncio.timeout(timeout):
                 attempts = 1
                 outcome = await self._attempt(
-                    request, device_id, device.public_key, body, grants, progress
+                    request, device_id, public_key, body, grants, progress
                 )
                 if (
                     outcome.state == "failed"
@@ -253,7 +247,7 @@ class BleBridgePlugin:
                     attempts = 2
                     ctx.log.info("ble.retry", device=device_id, reason=outcome.reason)
                     outcome = await self._attempt(
-                        request, device_id, device.public_key, body, grants, progress
+                        request, device_id, public_key, body, grants, progress
                     )
         except TimeoutError:
             if progress.stage == "scan":

@@ -180,6 +180,9 @@ class Client:
         except OSError as exc:
             self._abort(ConnectionLost(str(exc)))
             raise ConnectionLost(f"cannot connect to {self._host}:{self._port}: {exc}") from None
+        except asyncio.CancelledError:
+            self._abort(ConnectionLost("connect cancelled"))
+            raise
         if connack.reason_code >= 0x80:
             self._abort(ConnectRefused(connack.reason_code))
             raise ConnectRefused(connack.reason_code)
@@ -243,18 +246,23 @@ class Client:
         """
         self._check()
         if not self._writable.is_set():
-            await self._writable.wait()
-        if qos == 0:
-            self._write(
-                codec.publish(
-                    topic,
-                    payload,
-                    retain=retain,
-                    correlation_data=correlation_data,
-                    response_topic=response_topic,
-                    user_properties=user_properties,
-                )
+            await self._writable.wait()  # the socket's buffer is full: wait for it to drain
+            self._check()
+
+        def packet(mid: int) -> bytes:
+            return codec.publish(
+                topic,
+                payload,
+                qos=qos,
+                retain=retain,
+                mid=mid,
+                correlation_data=correlation_data,
+                response_topic=response_topic,
+                user_properties=user_properties,
             )
+
+        if qos == 0:
+            self._write(packet(0))
             if ack is not None:
                 self.ack(ack)
             return
@@ -262,18 +270,7 @@ class Client:
         assert inflight is not None, "publish before connect"
         async with inflight:
             mid, future = self._register(topic)
-            self._write(
-                codec.publish(
-                    topic,
-                    payload,
-                    qos=1,
-                    retain=retain,
-                    mid=mid,
-                    correlation_data=correlation_data,
-                    response_topic=response_topic,
-                    user_properties=user_properties,
-                )
-            )
+            self._write(packet(mid))
             if ack is not None:
                 self.ack(ack)
             reason = await future

@@ -232,14 +232,7 @@ class GrantService:
         device = await self._device(device_id, org_id)
         if principal is not None:
             permissions.check_owner(principal, device)
-        if not device.active or device.public_key is None:
-            raise Conflict(f"device {device_id} has not activated yet", code="device_not_activated")
-        if not device.wifi_capable:
-            raise BadRequest(
-                f"device {device_id} does not have the WiFi Upload capability (0x02)",
-                code="device_not_wifi_capable",
-                field="device_id",
-            )
+        public_key = require_grantable(device)
         if app_public_key is None and not config.allow_server_generated:
             raise BadRequest(
                 "server-generated session keys are disabled; send app_public_key",
@@ -250,7 +243,7 @@ class GrantService:
             keys,
             gateway_id=self.app.config.daemon.gateway_id,
             device_id=device.id,
-            device_public_key=device.public_key,
+            device_public_key=public_key,
             capabilities=device.capabilities,
             expires_in=lifetime,
             now=self.app.clock.now(),
@@ -262,7 +255,7 @@ class GrantService:
             jti=issued.jti,
             exp=issued.exp,
             expires_at=iso_utc(issued.exp),
-            device_public_key=device.public_key,
+            device_public_key=public_key,
             session_key=issued.session_key,
             mode=issued.mode,
         )
@@ -354,6 +347,19 @@ class GrantService:
             await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
             with contextlib.suppress(StoreUnavailable):
                 await self.prune()
+
+
+def require_grantable(device: Device) -> bytes:
+    """The device's public key, if grants can be issued for it; else the refusal."""
+    if not device.active or device.public_key is None:
+        raise Conflict(f"device {device.id} has not activated yet", code="device_not_activated")
+    if not device.wifi_capable:
+        raise BadRequest(
+            f"device {device.id} does not have the WiFi Upload capability (0x02)",
+            code="device_not_wifi_capable",
+            field="device_id",
+        )
+    return device.public_key
 
 
 def reply_body(result: GrantResult) -> dict[str, Any]:
