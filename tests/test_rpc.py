@@ -247,3 +247,20 @@ async def test_bad_reply_topics_never_get_an_answer_nor_jam_the_daemon(
         # Nothing was published on the device's topic in the daemon's name.
         assert not [u for u in rpc.unmatched if "status" in u]
     await eventually(lambda: len([e for e in logs.entries if e.get("reply_topic_refused")]) >= 90)
+
+
+async def test_a_request_beyond_the_packet_limit_never_reaches_the_daemon(
+    config: Config, rpc: RpcClient, daemon: Server
+) -> None:
+    """Up to 4x max_payload_bytes (at least 4 MiB) a request gets its 413; beyond
+    that the broker drops it, as the daemon's MQTT Maximum Packet Size asks."""
+    _key_id, secret = seed_key(config)
+    assert daemon.app is not None
+    before = daemon.app.counters["rpc.requests"]
+    future = await rpc.send("keys/whoami", raw=b"x" * (5 * 1024 * 1024), key=secret)
+    reply = await rpc.call("keys/whoami", raw=b"x" * (3 * 1024 * 1024), key=secret)
+    assert reply["status"] == 413
+    await asyncio.sleep(0.5)
+    assert not future.done()  # never answered: the daemon never received it
+    assert daemon.app.counters["rpc.requests"] == before + 1
+    assert (await rpc.call("keys/whoami", {}, key=secret))["status"] == 200

@@ -110,6 +110,7 @@ class Transport:
                 keepalive=cfg.keepalive_seconds,
                 session_expiry=cfg.session_expiry_seconds,
                 receive_maximum=cfg.receive_maximum,
+                maximum_packet_size=max_packet_size(self._config),
                 will=mqtt.Will(self.status_topic, b"offline", qos=1, retain=True),
                 **kwargs,  # type: ignore[arg-type]
             )
@@ -189,6 +190,17 @@ class Transport:
         client = self._client
         if client is not None and delivery.connection == self.connections:
             client.ack(delivery.message)
+
+
+def max_packet_size(config: Config) -> int:
+    """The largest packet the broker may send us.
+
+    Requests up to four times `daemon.max_payload_bytes` still reach the
+    router and get their 413 reply; the broker drops anything larger instead
+    of making the daemon buffer it (4 MiB at least, so a small payload limit
+    never starves the router of the packets it should refuse by name).
+    """
+    return max(4 * 1024 * 1024, 4 * config.daemon.max_payload_bytes)
 
 
 SUBACK_REASONS = {

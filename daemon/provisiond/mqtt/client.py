@@ -96,6 +96,7 @@ class Client:
         keepalive: int = 60,
         session_expiry: int = 0,
         receive_maximum: int = 65535,
+        maximum_packet_size: int = 0,
         will: Will | None = None,
         username: str | None = None,
         password: bytes | None = None,
@@ -109,6 +110,9 @@ class Client:
         self._keepalive = keepalive
         self._session_expiry = session_expiry
         self._receive_maximum = receive_maximum
+        # 0: no limit. Otherwise the broker must not send us a larger packet
+        # (MQTT 5: it drops it), so no one can make us buffer more than this.
+        self._maximum_packet_size = maximum_packet_size
         self._will = will
         self._username = username
         self._password = password
@@ -168,6 +172,7 @@ class Client:
                         keepalive=self._keepalive,
                         session_expiry=self._session_expiry,
                         receive_maximum=self._receive_maximum,
+                        maximum_packet_size=self._maximum_packet_size,
                         will=self._will,
                         username=self._username,
                         password=self._password,

@@ -231,6 +231,7 @@ def connect(
     keepalive: int,
     session_expiry: int,
     receive_maximum: int,
+    maximum_packet_size: int = 0,
     will: Will | None = None,
     username: str | None = None,
     password: bytes | None = None,
@@ -245,6 +246,8 @@ def connect(
     props: list[tuple[int, object]] = [(SESSION_EXPIRY, session_expiry)]
     if receive_maximum < 65535:
         props.append((RECEIVE_MAXIMUM, receive_maximum))
+    if maximum_packet_size:
+        props.append((MAXIMUM_PACKET_SIZE, maximum_packet_size))
     body = bytearray(b"\x00\x04MQTT\x05")
     body.append(flags)
     body += _U16S.pack(keepalive)
