@@ -264,3 +264,33 @@ async def test_a_request_beyond_the_packet_limit_never_reaches_the_daemon(
     assert not future.done()  # never answered: the daemon never received it
     assert daemon.app.counters["rpc.requests"] == before + 1
     assert (await rpc.call("keys/whoami", {}, key=secret))["status"] == 200
+
+
+async def test_a_reply_topic_the_broker_would_refuse_is_never_used(
+    config: Config, daemon: Server, logs: LogCapture
+) -> None:
+    """mosquitto disconnects a client publishing to a topic with control characters:
+    one such request, redelivered after each reconnect, would keep the daemon
+    reconnecting forever. It is refused before any reply, and acknowledged."""
+    import aiomqtt
+
+    assert daemon.app is not None
+    connections = daemon.app.transport.connections
+    prefix = config.mqtt.topic_prefix
+    bad = ["r/\u0001x", "r/\x00", "r/\ud800", "r/\ufffe", "r/\U0001ffff", "$SYS/x"]
+    async with aiomqtt.Client(
+        "127.0.0.1", config.mqtt.port, protocol=aiomqtt.ProtocolVersion.V311
+    ) as client:
+        for i, topic in enumerate(bad):
+            body = json.dumps({"reply_to": topic, "correlation_id": str(i)})
+            await client.publish(f"{prefix}/rpc/device/list", body.encode(), qos=1)
+
+    def refused() -> list[dict[str, object]]:
+        return [
+            e for e in logs.entries if e["event"] == "rpc.dropped" and e.get("reply_topic_refused")
+        ]
+
+    await eventually(lambda: len(refused()) == len(bad))
+    await asyncio.sleep(1)  # a refused publish would have dropped the connection by now
+    assert daemon.app.transport.connections == connections
+    assert len(refused()) == len(bad)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -298,6 +299,10 @@ class Router:
     def _check_reply_topic(self, topic: str) -> str | None:
         if not topic or "+" in topic or "#" in topic or len(topic) > 512:
             return "reply topic must be a non-empty topic name without wildcards"
+        if topic.startswith("$") or _FORBIDDEN_IN_TOPICS.search(topic):
+            # The broker disconnects a client that publishes there; the
+            # request would then be redelivered, and refused again, forever.
+            return "reply topic must not start with $ or hold control characters or non-characters"
         # Replies must never be aimed at the daemon's own channels, where a
         # forged reply could pass for a command, an event or presence.
         prefix = self.app.prefix + "/"
@@ -484,6 +489,16 @@ class Router:
         await self.app.transport.publish(
             path.topic, reply, qos=1, correlation_data=correlation, ack=request
         )
+
+
+# MQTT 5 §1.5.4: no U+0000, and the broker may refuse (mosquitto does, by
+# disconnecting) control characters and non-characters; surrogates cannot be
+# encoded at all.
+_FORBIDDEN_IN_TOPICS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]"
+)
 
 
 def _key_prelude(
