@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from structlog.testing import LogCapture
 
 from provisiond import mqtt
 from support import MOSQUITTO, free_port, make_config, running, seed_key
@@ -334,3 +335,39 @@ async def test_daemon_connects_over_tls_and_refuses_a_broker_it_cannot_verify(
     )
     with pytest.raises(mqtt.ConnectionLost, match="CERTIFICATE_VERIFY_FAILED"):
         await client.connect()
+
+
+async def test_a_reply_the_acl_refuses_is_logged_and_the_request_acknowledged(
+    example_broker: ExampleBroker, tmp_path: Path, logs: LogCapture
+) -> None:
+    """A Response Topic outside the daemon's ACL: mosquitto refuses the reply (0x87).
+    The request is acknowledged all the same (a redelivery would only be refused
+    again), the refusal is logged, and the daemon keeps serving."""
+    (tmp_path / "mqtt-password").write_text(PASSWORDS["provisiond"] + "\n")
+    config = make_config(
+        tmp_path,
+        example_broker,  # type: ignore[arg-type]  # only .port is read
+        mqtt={
+            "topic_prefix": PREFIX,
+            "username": "provisiond",
+            "password_file": str(tmp_path / "mqtt-password"),
+        },
+    )
+    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    async with running(config) as server, example_broker.client("backend", tls=False) as backend:
+        await backend.subscribe(f"{PREFIX}/replies/backend/#", qos=1)
+        for topic, corr in (("outside/the/acl", b"c1"), (f"{PREFIX}/replies/backend/ok", b"c2")):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = topic
+            props.CorrelationData = corr
+            props.UserProperty = ("authorization", f"Bearer {secret}")
+            await backend.publish(f"{PREFIX}/rpc/daemon/stats", b"{}", qos=1, properties=props)
+        async with asyncio.timeout(10):
+            reply = await anext(aiter(backend.messages))
+        assert reply.topic.value == f"{PREFIX}/replies/backend/ok"
+        lines = [e for e in logs.entries if e["event"] == "rpc"]
+        refused = [e for e in lines if "refused by the broker" in str(e.get("reply", ""))]
+        assert len(refused) == 1 and "0x87" in refused[0]["reply"]
+        await asyncio.sleep(1)  # an unacknowledged request would be redelivered meanwhile
+        assert server.app is not None and server.app.transport.connections == 1
+        assert len([e for e in logs.entries if e["event"] == "rpc"]) == 2

@@ -8,6 +8,7 @@ against a scripted TCP peer.
 from __future__ import annotations
 
 import asyncio
+import gc
 import getpass
 import os
 import signal
@@ -132,27 +133,36 @@ async def test_many_concurrent_publishes_under_a_small_receive_maximum_arrive_in
         b.stop()
 
 
-async def test_a_flood_is_held_back_by_tcp_and_arrives_whole(broker: Broker) -> None:
-    t = topic()
-    count = mqtt.client.PAUSE_AT * 3
+async def test_a_qos0_flood_beyond_the_queue_is_dropped_and_nothing_else_stalls(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer that falls behind loses QoS 0 messages past the cap (counted), never
+    QoS 1 ones, and its own publishes still get their PUBACKs meanwhile."""
+    monkeypatch.setattr(mqtt.client, "MAX_QUEUED_QOS0", 1000)
+    flood, important = topic(), topic()
     async with client(broker) as sub, client(broker) as pub:
-        await sub.subscribe(t, qos=0)
-        for i in range(count):
-            await pub.publish(t, i.to_bytes(4, "big"))
-        await pub.publish(t, b"end", qos=1)
-        # Not reading yet: the client must stop reading at PAUSE_AT queued.
+        await sub.subscribe(flood, qos=0)
+        await sub.subscribe(important, qos=1)
+        for i in range(3000):
+            await pub.publish(flood, i.to_bytes(4, "big"))
+        for i in range(5):
+            await pub.publish(important, bytes([i]), qos=1)
         async with asyncio.timeout(10):
-            while not sub._paused:
+            while sub.dropped < 2000:
                 await asyncio.sleep(0.01)
-        assert len(sub._messages) < count
-        got = 0
-        async with asyncio.timeout(30):
+        # Nothing read yet, and the subscriber's own QoS 1 publish completes.
+        async with asyncio.timeout(5):
+            await sub.publish(topic(), b"mine", qos=1)
+        got: list[bytes] = []
+        async with asyncio.timeout(10):
             async for message in sub.messages():
-                if message.payload == b"end":
+                got.append(message.payload)
+                sub.ack(message)
+                if len(got) == 1005:
                     break
-                assert int.from_bytes(message.payload, "big") == got
-                got += 1
-        assert got == count
+    assert sub.dropped == 2000
+    assert got[:1000] == [i.to_bytes(4, "big") for i in range(1000)]
+    assert got[1000:] == [bytes([i]) for i in range(5)]
 
 
 async def test_keepalive_holds_an_idle_connection_and_detects_a_frozen_broker(
@@ -176,10 +186,23 @@ async def test_keepalive_holds_an_idle_connection_and_detects_a_frozen_broker(
 
 
 async def test_a_killed_broker_ends_the_stream_and_fails_publishes(own_broker: Broker) -> None:
+    t = topic()
     c = client(own_broker)
     await c.connect()
-    await c.subscribe(topic(), qos=1)
+    await c.subscribe(t, qos=1)
+    async with client(own_broker) as pub:
+        for _ in range(20):
+            await pub.publish(t, b"unhandled", qos=1)
+    async with asyncio.timeout(5):
+        while len(c._messages) < 20:
+            await asyncio.sleep(0.01)
     own_broker.kill()
+    async with asyncio.timeout(5):
+        while c.is_connected:
+            await asyncio.sleep(0.01)
+    # Received but not handled: dropped with the connection (their replies could
+    # not go out; the broker redelivers QoS 1 to the session), so the stream
+    # ends at once instead of handing them out first.
     with pytest.raises(mqtt.ConnectionLost):
         await next_message(c)
     with pytest.raises(mqtt.ConnectionLost):
@@ -282,6 +305,10 @@ async def test_bad_utf8_from_another_client_does_not_drop_the_connection() -> No
         ("QoS 2", b"\x34\x06\x00\x01t\x00\x01\x00"),
         ("truncated field", b"\x30\x02\x00\x09"),
         ("unexpected packet type", b"\x50\x02\x00\x01"),
+        ("QoS 1 without a packet id", b"\x32\x03\x00\x01t"),
+        ("empty PUBLISH", b"\x30\x00"),
+        ("truncated two-byte property", b"\x30\x06\x00\x01t\x02\x21\x00"),
+        ("second CONNACK", CONNACK),
     ],
 )
 async def test_a_malformed_packet_ends_the_connection_with_a_protocol_error(
@@ -337,7 +364,12 @@ async def test_no_more_publishes_in_flight_than_the_peer_allows() -> None:
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server, mqtt.Client("127.0.0.1", port) as c:
-        publishes = asyncio.gather(*(c.publish("t", b"x", qos=1) for _ in range(5)))
+        # Callers that give up waiting leave their messages in flight: still no
+        # more than two out until the peer acks.
+        for _ in range(2):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(c.publish("t", b"x", qos=1), 0.1)
+        publishes = asyncio.gather(*(c.publish("t", b"x", qos=1) for _ in range(3)))
         await asyncio.sleep(0.3)
         assert len(seen) == 2  # the other three wait for a free slot
         release.set()
@@ -346,3 +378,25 @@ async def test_no_more_publishes_in_flight_than_the_peer_allows() -> None:
         async with asyncio.timeout(5):
             await publishes
         assert len(seen) == 5
+
+
+async def test_a_refused_connection_raises_once_and_logs_nothing_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the broker is down, each reconnect attempt fails; no stray asyncio
+    "exception was never retrieved" error may pile up in the operator's log."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+
+    async def attempt() -> str:
+        try:
+            await mqtt.Client("127.0.0.1", port).connect()
+        except mqtt.ConnectionLost as exc:
+            return str(exc)  # the traceback (and the client) are dropped here
+        return "connected"
+
+    assert "cannot connect" in await attempt()
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text

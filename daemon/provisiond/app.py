@@ -20,7 +20,7 @@ from provisiond.config import Config
 from provisiond.devices import DeviceCache
 from provisiond.logs import get_logger
 from provisiond.store import Store
-from provisiond.transport import Delivery, NotConnected, Subscription, Transport
+from provisiond.transport import Delivery, NotConnected, PublishRefused, Subscription, Transport
 
 log = get_logger("provisiond.app")
 
@@ -112,6 +112,8 @@ class App:
             self.counters[f"events.{name}"] += 1
         except NotConnected:
             log.warning("event.dropped", event_name=name, reason="broker disconnected")
+        except PublishRefused as exc:
+            log.error("event.dropped", event_name=name, reason=str(exc))
 
 
 def _match(pattern: list[str], parts: list[str]) -> list[str] | None:

@@ -65,6 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             notify=make_notifier(),
             watchdog_interval=watchdog_interval(),
             setup_logging=logs.setup,
+            freeze_heap=True,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -30,7 +30,7 @@ from provisiond.logs import get_logger
 from provisiond.payloads import json_object
 from provisiond.presence import Presence, parse_device_id
 from provisiond.store import Migration
-from provisiond.transport import Delivery, NotConnected
+from provisiond.transport import Delivery, NotConnected, PublishRefused
 
 log = get_logger("provisiond.commands")
 
@@ -305,6 +305,10 @@ class Commands:
                 await app.transport.publish(topic, command.payload(), qos=1)
             except NotConnected:
                 return  # still queued; the sweeper retries once reconnected
+            except PublishRefused as exc:
+                # Still queued; the sweeper tries again at its own pace.
+                log.error("command.publish_refused", device=device_id, reason=str(exc))
+                return
             state = await app.store.write(
                 partial(mark_sent, command_id=command.id, now=app.clock.now())
             )

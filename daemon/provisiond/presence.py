@@ -37,7 +37,7 @@ from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
 from provisiond.payloads import json_object
 from provisiond.store import Migration
-from provisiond.transport import Delivery, NotConnected
+from provisiond.transport import Delivery, NotConnected, PublishRefused
 
 log = get_logger("provisiond.presence")
 
@@ -494,6 +494,9 @@ class Presence:
                 await self._publish(device_id)
             except NotConnected:
                 outbox.setdefault(device_id, None)  # again once reconnected
+            except PublishRefused as exc:
+                # Not retried: the broker's ACL would refuse it again at once.
+                log.error("presence.publish_refused", device=device_id, reason=str(exc))
             except Exception:
                 log.exception("presence.publish_failed", device=device_id)
             finally:

@@ -33,7 +33,7 @@ from provisiond.errors import (
 )
 from provisiond.logs import get_logger
 from provisiond.payloads import NotJson, parse_json
-from provisiond.transport import Delivery, NotConnected
+from provisiond.transport import Delivery, NotConnected, PublishRefused
 
 log = get_logger("provisiond.rpc")
 
@@ -231,6 +231,11 @@ class Router:
         except NotConnected:
             # Unacked, so the broker redelivers it and the replay record answers it.
             fields["reply"] = "lost; left unacknowledged for redelivery"
+        except PublishRefused as exc:
+            # Refused again if redelivered, so the request is acknowledged (if the
+            # reply was written, its ack went with it; else it goes now).
+            fields["reply"] = f"refused by the broker (0x{exc.reason_code:02x})"
+            self.app.transport.ack(delivery)
         except Exception:  # a bug in the router itself; never let it kill the loop
             log.exception("rpc.router_failed", **fields)
             # Acknowledged all the same: a message left unacknowledged holds one

@@ -58,6 +58,7 @@ class Server:
         watchdog_interval: float | None = None,
         setup_logging: Callable[[LogConfig], None] | None = None,
         plugins: Mapping[str, Any] | None = None,
+        freeze_heap: bool = False,
     ) -> None:
         self.config = config
         self.clock = clock or Clock()
@@ -68,6 +69,9 @@ class Server:
         self.setup_logging = setup_logging
         # name -> plugin class; None: the installed entry points (plugins.discover).
         self.plugins = plugins
+        # Only the real process: freezing is for the whole interpreter, and an
+        # in-process test would freeze the test runner's heap with it.
+        self.freeze_heap = freeze_heap
         self.supervisor: plugin_api.PluginSupervisor | None = None
         self.ready = asyncio.Event()
         self.app: App | None = None
@@ -155,6 +159,7 @@ class Server:
         self.config = config
         if self.app is not None:
             self.app.config = config
+            self.app.transport.reconfigure(config)
         if logging_changed and self.setup_logging is not None:
             self.setup_logging(config.log)
 
@@ -206,8 +211,9 @@ class Server:
             # What startup built (modules, models, schemas) lives as long as the
             # process: freezing it keeps the collector's full passes, which stop
             # the loop, down to what requests allocate (tens of ms less at p99).
-            gc.collect()
-            gc.freeze()
+            if self.freeze_heap:
+                gc.collect()
+                gc.freeze()
             self.ready.set()
             log.info("daemon.ready", topic_prefix=app.prefix, operations=sorted(router.operations))
             self.notify("READY=1\nSTATUS=serving")

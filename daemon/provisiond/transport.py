@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ from provisiond.config import Config, read_secret, resolve_path, secret_path
 from provisiond.logs import get_logger
 
 log = get_logger("provisiond.transport")
+
+# A connection that lasted this long resets the reconnect backoff.
+STABLE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,15 @@ class NotConnected(Exception):
     """Publishing failed because the broker connection is down."""
 
 
+class PublishRefused(Exception):
+    """The broker refused a publish (ACL, packet too large): retrying will not help."""
+
+    def __init__(self, topic: str, reason_code: int) -> None:
+        super().__init__(f"broker refused the publish to {topic!r} (0x{reason_code:02x})")
+        self.topic = topic
+        self.reason_code = reason_code
+
+
 @dataclass(frozen=True)
 class Subscription:
     topic: str
@@ -58,7 +71,13 @@ class Transport:
         self.subscribed = asyncio.Event()
         self._stopping = False
         self.connections = 0
+        self._dropped_earlier = 0
         self.status_topic = f"{config.mqtt.topic_prefix}/daemon/status"
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: the packet limit follows from the next connection on
+        (the `mqtt` section itself is restart-only)."""
+        self._config = config
 
     @property
     def is_connected(self) -> bool:
@@ -102,6 +121,8 @@ class Transport:
         delay = cfg.reconnect_min_seconds
         kwargs = await self._client_kwargs()
         while not self._stopping:
+            retry_in = 0.0
+            up_since: float | None = None
             client = mqtt.Client(
                 cfg.host,
                 cfg.port,
@@ -118,7 +139,7 @@ class Transport:
                 async with client:
                     self._client = client
                     self.connections += 1
-                    delay = cfg.reconnect_min_seconds
+                    up_since = time.monotonic()
                     for sub in subscriptions:
                         granted = await client.subscribe(sub.topic, qos=sub.qos)
                         _check_granted(sub, granted)
@@ -137,14 +158,19 @@ class Transport:
             except mqtt.MqttError as exc:
                 if self._stopping:
                     break
-                self.connected.clear()
-                self._client = None
-                log.warning("mqtt.disconnected", error=str(exc), retry_in=round(delay, 2))
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter only
+                # Backoff starts over only after a connection that held: one that
+                # drops right after CONNACK (a broker refusing something we do at
+                # once, every time) keeps backing off instead of looping.
+                if up_since is not None and time.monotonic() - up_since >= STABLE_SECONDS:
+                    delay = cfg.reconnect_min_seconds
+                retry_in = delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter only
+                log.warning("mqtt.disconnected", error=str(exc), retry_in=round(retry_in, 2))
                 delay = min(delay * 2, cfg.reconnect_max_seconds)
             finally:
                 self.connected.clear()
                 self._client = None
+                self._dropped_earlier += client.dropped
+            await asyncio.sleep(retry_in)
 
     async def stop(self) -> None:
         """Disconnect cleanly: the broker drops our will instead of publishing it."""
@@ -182,8 +208,16 @@ class Transport:
                 correlation_data=correlation_data,
                 ack=None if ack is None else ack.message,
             )
+        except mqtt.PublishRefused as exc:
+            raise PublishRefused(exc.topic, exc.reason_code) from None
         except mqtt.MqttError as exc:
             raise NotConnected(str(exc)) from exc
+
+    @property
+    def dropped(self) -> int:
+        """QoS 0 messages dropped because the daemon fell behind, since start."""
+        client = self._client
+        return self._dropped_earlier + (0 if client is None else client.dropped)
 
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a QoS 1 message; after a reconnect the broker redelivers it instead."""

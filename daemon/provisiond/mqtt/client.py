@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -27,11 +28,13 @@ from types import TracebackType
 from provisiond.mqtt import codec
 from provisiond.mqtt.codec import ConnAck, Message, ProtocolError, Will
 
-# Stop reading from the socket while this many messages wait to be consumed,
-# so a flood is held back by TCP (and the broker's queue limits) instead of
-# growing our memory; resume once the consumer has caught up.
-PAUSE_AT = 10_000
-RESUME_AT = 1_000
+# QoS 0 messages beyond this many (or bytes) waiting for the consumer are
+# dropped and counted in `dropped`. QoS 1 messages are never dropped: the
+# Receive Maximum we send bounds how many the broker has in flight to us.
+# (Not TCP backpressure: a paused socket would also hold back the PUBACKs
+# that the consumer's own publishes wait for, and the consumer would stall.)
+MAX_QUEUED_QOS0 = 50_000
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
 CONNECT_REASONS = {
     0x80: "unspecified error", 0x84: "unsupported protocol version",
@@ -126,12 +129,15 @@ class Client:
         self._writable = asyncio.Event()
         self._writable.set()
         self._connack: asyncio.Future[ConnAck] | None = None
-        self._pending: dict[int, tuple[asyncio.Future[object], str]] = {}
+        # packet id -> (future, topic, holds an in-flight slot)
+        self._pending: dict[int, tuple[asyncio.Future[object], str, bool]] = {}
         self._next_mid = 0
         self._inflight: asyncio.Semaphore | None = None
         self._messages: deque[Message | None] = deque()
+        self._queued_bytes = 0
         self._message_ready: asyncio.Event = asyncio.Event()
-        self._paused = False
+        self._server_max_packet = 0
+        self.dropped = 0  # QoS 0 messages dropped because the consumer fell behind
         self._closed: asyncio.Future[None] | None = None
         self._error: MqttError | None = None
         self._last_received = time.monotonic()
@@ -180,18 +186,19 @@ class Client:
                 )
                 connack = await self._connack
         except TimeoutError:
-            self._abort(ConnectionLost("timed out connecting to the broker"))
+            self._fail_connect(ConnectionLost("timed out connecting to the broker"))
             raise ConnectionLost("timed out connecting to the broker") from None
         except OSError as exc:
-            self._abort(ConnectionLost(str(exc)))
+            self._fail_connect(ConnectionLost(str(exc)))
             raise ConnectionLost(f"cannot connect to {self._host}:{self._port}: {exc}") from None
         except asyncio.CancelledError:
-            self._abort(ConnectionLost("connect cancelled"))
+            self._fail_connect(ConnectionLost("connect cancelled"))
             raise
         if connack.reason_code >= 0x80:
-            self._abort(ConnectRefused(connack.reason_code))
+            self._fail_connect(ConnectRefused(connack.reason_code))
             raise ConnectRefused(connack.reason_code)
         self.connack = connack
+        self._server_max_packet = int(connack.properties.get(codec.MAXIMUM_PACKET_SIZE, 0))  # type: ignore[call-overload]
         receive_max = connack.properties.get(codec.RECEIVE_MAXIMUM, 65535)
         self._inflight = asyncio.Semaphore(int(receive_max))  # type: ignore[call-overload]
         keepalive = connack.properties.get(codec.SERVER_KEEP_ALIVE, self._keepalive)
@@ -210,8 +217,12 @@ class Client:
 
     async def _wait_closed(self) -> None:
         if self._closed is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait_for(asyncio.shield(self._closed), 2)
+            except TimeoutError:
+                # A full write buffer to a broker that stopped reading: drop it.
+                if self._transport is not None:
+                    self._transport.abort()
         if self._keepalive_task is not None:
             self._keepalive_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -225,7 +236,7 @@ class Client:
 
     async def subscribe(self, topic: str, qos: int = 1) -> list[int]:
         """Subscribe to one filter; the broker's reason codes (>= 0x80 = refused)."""
-        mid, future = self._register(topic)
+        mid, future = self._register(topic, holds_slot=False)
         self._write(codec.subscribe(mid, topic, qos))
         return await future  # type: ignore[return-value]
 
@@ -267,18 +278,35 @@ class Client:
             )
 
         if qos == 0:
-            self._write(packet(0))
+            data = packet(0)
+            if self._server_max_packet and len(data) > self._server_max_packet:
+                raise PublishRefused(topic, 0x95)
+            self._write(data)
             if ack is not None:
                 self.ack(ack)
             return
         inflight = self._inflight
         assert inflight is not None, "publish before connect"
-        async with inflight:
-            mid, future = self._register(topic)
-            self._write(packet(mid))
-            if ack is not None:
-                self.ack(ack)
-            reason = await future
+        # The slot is given back when the PUBACK arrives (or the connection
+        # ends), not when this call ends: a caller that gives up waiting
+        # (cancelled) leaves the message in flight for the broker all the same.
+        await inflight.acquire()
+        try:
+            mid, future = self._register(topic, holds_slot=True)
+        except BaseException:
+            inflight.release()
+            raise
+        try:
+            data = packet(mid)
+            if self._server_max_packet and len(data) > self._server_max_packet:
+                raise PublishRefused(topic, 0x95)  # "packet too large", never sent
+        except BaseException:
+            self._resolve(mid, None)
+            raise
+        self._write(data)
+        if ack is not None:
+            self.ack(ack)
+        reason = await future
         if isinstance(reason, int) and reason >= 0x80:
             raise PublishRefused(topic, reason)
 
@@ -298,9 +326,7 @@ class Client:
             if message is None:
                 self._messages.append(None)  # stays ended for any later reader
                 raise self._error or ConnectionLost("connection closed")
-            if self._paused and len(self._messages) <= RESUME_AT and self._transport is not None:
-                self._paused = False
-                self._transport.resume_reading()
+            self._queued_bytes -= len(message.payload)
             yield message
 
     # ----------------------------------------------------------------- internals
@@ -311,7 +337,7 @@ class Client:
         if self._transport is None:
             raise ConnectionLost("not connected")
 
-    def _register(self, topic: str) -> tuple[int, asyncio.Future[object]]:
+    def _register(self, topic: str, *, holds_slot: bool) -> tuple[int, asyncio.Future[object]]:
         self._check()
         mid = self._next_mid
         for _ in range(65535):
@@ -322,7 +348,7 @@ class Client:
             raise MqttError("no free packet identifier")
         self._next_mid = mid
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._pending[mid] = (future, topic)
+        self._pending[mid] = (future, topic, holds_slot)
         return mid, future
 
     def _write(self, packet: bytes) -> None:
@@ -367,20 +393,26 @@ class Client:
                 first, start, end = found
                 self._dispatch(first, bytes(buf[start:end]))
                 pos = end
-        except (ProtocolError, IndexError, ValueError) as exc:
-            # struct.error is a ValueError: a truncated field inside a packet.
+        except (ProtocolError, IndexError, ValueError, struct.error) as exc:
+            # IndexError / struct.error: a field runs past the end of its packet.
             self._abort(ConnectionLost(f"protocol error from the broker: {exc}"))
             return
         finally:
             del buf[:pos]
-        if len(self._messages) >= PAUSE_AT and not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
 
     def _dispatch(self, first: int, body: bytes) -> None:
         kind = first & 0xF0
         if kind == codec.PUBLISH:
-            self._messages.append(codec.decode_publish(first, body))
+            message = codec.decode_publish(first, body)
+            size = len(message.payload)
+            if message.qos == 0 and (
+                len(self._messages) >= MAX_QUEUED_QOS0
+                or self._queued_bytes + size > MAX_QUEUED_BYTES
+            ):
+                self.dropped += 1
+                return
+            self._queued_bytes += size
+            self._messages.append(message)
             self._message_ready.set()
         elif kind == codec.PUBACK:
             mid, reason = codec.decode_ack(body)
@@ -389,8 +421,9 @@ class Client:
             mid, codes = codec.decode_suback(body)
             self._resolve(mid, codes)
         elif kind == codec.CONNACK:
-            if self._connack is not None and not self._connack.done():
-                self._connack.set_result(codec.decode_connack(body))
+            if self._connack is None or self._connack.done():
+                raise ProtocolError("CONNACK after the connection was set up")
+            self._connack.set_result(codec.decode_connack(body))
         elif kind == codec.PINGRESP:
             pass
         elif kind == codec.DISCONNECT:
@@ -402,8 +435,19 @@ class Client:
 
     def _resolve(self, mid: int, result: object) -> None:
         entry = self._pending.pop(mid, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(result)
+        if entry is None:
+            return
+        future, _topic, holds_slot = entry
+        if holds_slot and self._inflight is not None:
+            self._inflight.release()
+        if not future.done():
+            future.set_result(result)
+
+    def _fail_connect(self, error: MqttError) -> None:
+        self._abort(error)
+        connack = self._connack
+        if connack is not None and connack.done() and not connack.cancelled():
+            connack.exception()  # raised to the caller as `error`; mark it seen
 
     def _abort(self, error: MqttError) -> None:
         if self._error is None:
@@ -417,14 +461,19 @@ class Client:
         if self._error is None:
             self._error = ConnectionLost(f"connection lost: {exc}" if exc else "connection closed")
         error = self._error
-        for future, _topic in self._pending.values():
+        for future, _topic, holds_slot in self._pending.values():
+            if holds_slot and self._inflight is not None:
+                self._inflight.release()  # wakes publishers waiting for a slot; they fail
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
         if self._connack is not None and not self._connack.done():
             self._connack.set_exception(error)
-        if not self._messages or self._messages[-1] is not None:
-            self._messages.append(None)
+        # Messages not yet handled are dropped: their replies and acks could not
+        # go out any more, and the broker redelivers QoS 1 to the session.
+        self._messages.clear()
+        self._queued_bytes = 0
+        self._messages.append(None)
         self._message_ready.set()
         self._writable.set()
         if self._closed is not None and not self._closed.done():

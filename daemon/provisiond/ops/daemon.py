@@ -16,6 +16,8 @@ def setup(app: App, router: Router) -> None:
             "uptime_seconds": round(app.clock.now() - app.started_at, 1),
             "connected": app.transport.is_connected,
             "connections": app.transport.connections,
+            # QoS 0 messages (heartbeats) dropped because the daemon fell behind.
+            "dropped_messages": app.transport.dropped,
             "inflight": router.inflight,
             "counters": dict(sorted(app.counters.items())),
             **{name: await probe() for name, probe in app.services.get("stats_probes", {}).items()},
