@@ -400,3 +400,17 @@ async def test_a_refused_connection_raises_once_and_logs_nothing_else(
     gc.collect()
     await asyncio.sleep(0)
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_publish_that_cannot_be_encoded_costs_no_packet_id(broker: Broker) -> None:
+    """A topic that is not encodable (a lone surrogate from JSON) fails that publish
+    only; its packet id and in-flight slot are given back."""
+    t = topic()
+    async with client(broker) as c:
+        await c.subscribe(t, qos=1)
+        for _ in range(1000):
+            with pytest.raises(UnicodeEncodeError):
+                await c.publish("r/\ud800", b"x", qos=1)
+        assert not c._pending
+        await c.publish(t, b"fine", qos=1)
+        assert (await next_message(c)).payload == b"fine"
