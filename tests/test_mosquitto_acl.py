@@ -34,6 +34,7 @@ from paho.mqtt.properties import Properties
 from structlog.testing import LogCapture
 
 from provisiond import mqtt
+from provisiond.config import Config
 from support import MOSQUITTO, free_port, make_config, running, seed_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,20 +244,26 @@ async def test_device_cannot_publish_on_another_devices_heartbeat(
                 pass
 
 
-async def test_daemon_serves_through_the_example_broker(
-    example_broker: ExampleBroker, tmp_path: Path
-) -> None:
-    """The daemon's account may do all it needs; a service and a device get their replies."""
+def daemon_config(example_broker: ExampleBroker, tmp_path: Path, **mqtt: Any) -> Config:
+    """The daemon on its own broker account (`user provisiond` in the shipped ACL)."""
     (tmp_path / "mqtt-password").write_text(PASSWORDS["provisiond"] + "\n")
-    config = make_config(
+    return make_config(
         tmp_path,
         example_broker,  # type: ignore[arg-type]  # only .port is read
         mqtt={
             "topic_prefix": PREFIX,
             "username": "provisiond",
             "password_file": str(tmp_path / "mqtt-password"),
+            **mqtt,
         },
     )
+
+
+async def test_daemon_serves_through_the_example_broker(
+    example_broker: ExampleBroker, tmp_path: Path
+) -> None:
+    """The daemon's account may do all it needs; a service and a device get their replies."""
+    config = daemon_config(example_broker, tmp_path)
     _key_id, secret = seed_key(config, scopes=("daemon:read",))
     async with running(config):
         replies: list[tuple[str, bytes]] = []
@@ -294,22 +301,16 @@ async def test_daemon_serves_through_the_example_broker(
 
 
 async def test_daemon_connects_over_tls_and_refuses_a_broker_it_cannot_verify(
-    example_broker: ExampleBroker, tmp_path: Path
+    example_broker: ExampleBroker, tmp_path: Path, logs: LogCapture
 ) -> None:
     """mqtt.tls: the daemon verifies the broker against ca_file, then serves through it."""
-    (tmp_path / "mqtt-password").write_text(PASSWORDS["provisiond"] + "\n")
     tls = {"enabled": True, "ca_file": str(example_broker.directory / "certs" / "ca.crt")}
-    config = make_config(
+    config = daemon_config(
+        example_broker,
         tmp_path,
-        example_broker,  # type: ignore[arg-type]  # only .port is read
-        mqtt={
-            "host": "localhost",  # the name in the server certificate
-            "port": example_broker.tls_port,
-            "topic_prefix": PREFIX,
-            "username": "provisiond",
-            "password_file": str(tmp_path / "mqtt-password"),
-            "tls": tls,
-        },
+        host="localhost",  # the name in the server certificate
+        port=example_broker.tls_port,
+        tls=tls,
     )
     _key_id, secret = seed_key(config, scopes=("daemon:read",))
     async with running(config), example_broker.client("backend", tls=True) as backend:
@@ -333,8 +334,11 @@ async def test_daemon_connects_over_tls_and_refuses_a_broker_it_cannot_verify(
         password=PASSWORDS["provisiond"].encode(),
         tls=ssl.create_default_context(cafile=str(other / "ca.crt")),
     )
-    with pytest.raises(mqtt.ConnectionLost, match="CERTIFICATE_VERIFY_FAILED"):
+    with pytest.raises(mqtt.ConnectionLost, match="CERTIFICATE_VERIFY_FAILED") as failed:
         await client.connect()
+    password = PASSWORDS["provisiond"]
+    assert password not in str(failed.value)
+    assert password not in repr(logs.entries)  # the daemon's own connection, above
 
 
 async def test_a_reply_the_acl_refuses_is_logged_and_the_request_acknowledged(
@@ -343,16 +347,7 @@ async def test_a_reply_the_acl_refuses_is_logged_and_the_request_acknowledged(
     """A Response Topic outside the daemon's ACL: mosquitto refuses the reply (0x87).
     The request is acknowledged all the same (a redelivery would only be refused
     again), the refusal is logged, and the daemon keeps serving."""
-    (tmp_path / "mqtt-password").write_text(PASSWORDS["provisiond"] + "\n")
-    config = make_config(
-        tmp_path,
-        example_broker,  # type: ignore[arg-type]  # only .port is read
-        mqtt={
-            "topic_prefix": PREFIX,
-            "username": "provisiond",
-            "password_file": str(tmp_path / "mqtt-password"),
-        },
-    )
+    config = daemon_config(example_broker, tmp_path)
     _key_id, secret = seed_key(config, scopes=("daemon:read",))
     async with running(config) as server, example_broker.client("backend", tls=False) as backend:
         await backend.subscribe(f"{PREFIX}/replies/backend/#", qos=1)
