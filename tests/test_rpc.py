@@ -294,3 +294,14 @@ async def test_a_reply_topic_the_broker_would_refuse_is_never_used(
     await asyncio.sleep(1)  # a refused publish would have dropped the connection by now
     assert daemon.app.transport.connections == connections
     assert len(refused()) == len(bad)
+
+
+async def test_a_dropped_request_is_logged_as_dropped_not_as_a_server_error(
+    config: Config, rpc: RpcClient, daemon: Server, logs: LogCapture
+) -> None:
+    _key_id, secret = seed_key(config)
+    await rpc.send("keys/whoami", {}, key=secret, reply=False)  # no reply path at all
+    await eventually(lambda: [e for e in logs.entries if e["event"] == "rpc"])
+    [line] = [e for e in logs.entries if e["event"] == "rpc"]
+    assert line["status"] == "dropped"
+    assert daemon.app is not None and daemon.app.counters["rpc.status.500"] == 0

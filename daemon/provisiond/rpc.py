@@ -215,10 +215,11 @@ class Router:
         started = time.perf_counter()
         name = delivery.topic[len(self.rpc_prefix) :]
         fields: dict[str, Any] = {"op": name}
-        status = 500
+        status: int | str = 500
         try:
             path, body = self._parse(delivery, fields)
             if path is None:
+                status = "dropped"  # nothing was answered; not a server error
                 self.app.counters["rpc.dropped"] += 1
                 log.warning("rpc.dropped", reason="no reply path", **fields)
                 self.app.transport.ack(delivery)
