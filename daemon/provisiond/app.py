@@ -19,8 +19,9 @@ from provisiond.clock import Clock
 from provisiond.config import Config
 from provisiond.devices import DeviceCache
 from provisiond.logs import get_logger
+from provisiond.mqtt import PublishRefused
 from provisiond.store import Store
-from provisiond.transport import Delivery, NotConnected, PublishRefused, Subscription, Transport
+from provisiond.transport import Delivery, NotConnected, Subscription, Transport
 
 log = get_logger("provisiond.app")
 

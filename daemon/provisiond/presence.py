@@ -35,9 +35,10 @@ from provisiond.clock import iso_utc
 from provisiond.config import Config, PresenceConfig
 from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
+from provisiond.mqtt import PublishRefused
 from provisiond.payloads import json_object
 from provisiond.store import Migration
-from provisiond.transport import Delivery, NotConnected, PublishRefused
+from provisiond.transport import Delivery, NotConnected
 
 log = get_logger("provisiond.presence")
 

@@ -32,8 +32,9 @@ from provisiond.errors import (
     Unavailable,
 )
 from provisiond.logs import get_logger
+from provisiond.mqtt import PublishRefused
 from provisiond.payloads import NotJson, parse_json
-from provisiond.transport import Delivery, NotConnected, PublishRefused
+from provisiond.transport import Delivery, NotConnected
 
 log = get_logger("provisiond.rpc")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from provisiond import mqtt
 from provisiond.config import Config, read_secret, resolve_path, secret_path
 from provisiond.logs import get_logger
+from provisiond.mqtt import PublishRefused
 
 log = get_logger("provisiond.transport")
 
@@ -46,15 +47,6 @@ MessageHandler = Callable[[Delivery], Awaitable[None]]
 
 class NotConnected(Exception):
     """Publishing failed because the broker connection is down."""
-
-
-class PublishRefused(Exception):
-    """The broker refused a publish (ACL, packet too large): retrying will not help."""
-
-    def __init__(self, topic: str, reason_code: int) -> None:
-        super().__init__(f"broker refused the publish to {topic!r} (0x{reason_code:02x})")
-        self.topic = topic
-        self.reason_code = reason_code
 
 
 @dataclass(frozen=True)
@@ -208,8 +200,8 @@ class Transport:
                 correlation_data=correlation_data,
                 ack=None if ack is None else ack.message,
             )
-        except mqtt.PublishRefused as exc:
-            raise PublishRefused(exc.topic, exc.reason_code) from None
+        except PublishRefused:
+            raise  # the broker said no: not a lost connection, and not worth a retry
         except mqtt.MqttError as exc:
             raise NotConnected(str(exc)) from exc
 

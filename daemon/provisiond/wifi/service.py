@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,25 +110,17 @@ class GrantService:
         self.app = app
         self._keys: _Keys | None = None
         self._issued: OrderedDict[str, tuple[int, int]] = OrderedDict()  # jti -> (device, exp)
-        self._issued_lock = threading.Lock()
 
     # ---- keys
 
     async def load_keys(self) -> None:
         """Load or create the signing keys (disk I/O, so off the event loop)."""
-        self._keys = await asyncio.to_thread(_load_keys, self.app.config, self.app.clock.now())
-        ring = self._keys.ring
-        log.info(
-            "wifi.keys_loaded",
-            algorithm=self._keys.algorithm,
-            kid=None if ring is None else ring.active.kid,
-            verification_keys=0 if ring is None else len(ring.keys),
-        )
+        await self.reload_keys(self.app.config)
 
     async def reload_keys(self, config: Config) -> None:
-        """Reload the signing keys on SIGHUP: after `keys rotate-signing`, the new
-        key signs from here on. A failure raises, which refuses the reload and
-        keeps the keys in memory."""
+        """(Re)load the signing keys: at start, and on SIGHUP, so that after
+        `keys rotate-signing` the new key signs from then on. A failure raises,
+        which refuses the reload and keeps the keys in memory."""
         keys = await asyncio.to_thread(_load_keys, config, self.app.clock.now())
         old = self._keys
         self._keys = keys
@@ -278,15 +269,13 @@ class GrantService:
         return device
 
     def _remember(self, jti: str, device_id: int, exp: int) -> None:
-        with self._issued_lock:
-            self._issued[jti] = (device_id, exp)
-            while len(self._issued) > MAX_ISSUED_MEMORY:
-                self._issued.popitem(last=False)
+        self._issued[jti] = (device_id, exp)
+        while len(self._issued) > MAX_ISSUED_MEMORY:
+            self._issued.popitem(last=False)
 
     def issued_by_us(self, jti: str) -> tuple[int, int] | None:
         """(device_id, exp) of a grant this process issued and still remembers."""
-        with self._issued_lock:
-            return self._issued.get(jti)
+        return self._issued.get(jti)
 
     # ---- consumed grants
 
@@ -327,9 +316,8 @@ class GrantService:
     async def prune(self) -> int:
         """Drop consumed records, remembered jtis and retired keys past their time."""
         now = self.app.clock.now()
-        with self._issued_lock:
-            for jti in [j for j, (_d, exp) in self._issued.items() if exp <= now]:
-                del self._issued[jti]
+        for jti in [j for j, (_d, exp) in self._issued.items() if exp <= now]:
+            del self._issued[jti]
 
         def delete(db: sqlite_utils.Database) -> int:
             return db.execute("DELETE FROM consumed_grants WHERE exp <= ?", [now]).rowcount
