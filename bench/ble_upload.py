@@ -43,8 +43,8 @@ async def run(quick: bool, n: int | None = None, devices: int = 5) -> dict[str, 
     from provisiond import logs
     from provisiond.config import Config, LogConfig
     from provisiond.server import Server
-    from provisiond.sim import Broker, Fleet
     from provisiond_ble.central import LOCAL_LINKS
+    from provisiond_sim import Broker, Fleet
 
     n = n or (15 if quick else 60)
     logs.setup(LogConfig(level="warning", format="json"))

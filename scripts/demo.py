@@ -109,7 +109,7 @@ Ctrl-C stops the daemon and the broker.
         if args.devices > 0 and (ROOT / "daemon" / "provisiond" / "sim").exists():
             time.sleep(1.5)
             sim = subprocess.Popen(
-                [sys.executable, "-m", "provisiond.sim", "--port", str(args.port),
+                [sys.executable, "-m", "provisiond_sim", "--port", str(args.port),
                  "--devices", str(args.devices), "--key", key, "--org", "1", "--owner", "1"],
                 env=env,
             )  # fmt: skip

@@ -20,10 +20,10 @@ from provisiond.app import App
 from provisiond.features import FEATURES
 from provisiond.rpc import Router
 from provisiond.server import Server
-from provisiond.sim import Broker as SimBroker
-from provisiond.sim import Fleet, SimDevice
 from provisiond_ble import profile
 from provisiond_ble.central import LOCAL_LINKS, GattSession, Radio
+from provisiond_sim import Broker as SimBroker
+from provisiond_sim import Fleet, SimDevice
 from support import Broker, RpcClient, eventually, make_config, remember_secret, running, seed_key
 
 SSID = "provisiond-lab"

@@ -16,8 +16,8 @@ import pytest
 
 from provisiond.config import Config
 from provisiond.server import Server
-from provisiond.sim import Broker as SimBroker
-from provisiond.sim import Fleet, RpcFailed, provision
+from provisiond_sim import Broker as SimBroker
+from provisiond_sim import Fleet, RpcFailed, provision
 from support import RpcClient, eventually, seed_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ async def test_provision_with_a_bad_key_fails_cleanly(config: Config, daemon: Se
 async def test_cli_runs_a_fleet(config: Config, daemon: Server, key: str, rpc: RpcClient) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'daemon'}:{ROOT / 'plugins'}"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "provisiond.sim",
+        sys.executable, "-m", "provisiond_sim",
         "--port", str(config.mqtt.port), "--prefix", config.mqtt.topic_prefix,
         "--devices", "2", "--key", key, "--org", "1", "--owner", "1",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,

@@ -15,14 +15,6 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from provisiond.device import (
-    CredentialRejected,
-    GrantRejected,
-    ReferenceDevice,
-    Uploader,
-    UploaderError,
-    parse_unverified,
-)
 from provisiond.wifi.crypto import (
     DecryptionFailed,
     InvalidPeerKey,
@@ -36,6 +28,7 @@ from provisiond.wifi.crypto import (
     encrypt_status,
     x25519_shared,
 )
+from provisiond.wifi.jws import GrantRejected, parse_unverified
 from provisiond.wifi.signing import (
     DeviceNotWifiCapable,
     InsecureKeyFile,
@@ -47,6 +40,8 @@ from provisiond.wifi.signing import (
     issue_grant,
     sign_grant,
 )
+from provisiond.wifi.uploader import Uploader, UploaderError
+from provisiond_sim.reference import CredentialRejected, ReferenceDevice
 
 T0 = 1_760_000_000.0
 DEVICE_ID = 7

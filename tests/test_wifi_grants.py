@@ -23,11 +23,13 @@ from structlog.testing import LogCapture
 import support
 from provisiond.clock import Clock
 from provisiond.config import Config
-from provisiond.device import GrantRejected, ReferenceDevice, Uploader, parse_unverified
 from provisiond.server import Server
 from provisiond.store import connect
 from provisiond.wifi.crypto import b64url_decode, b64url_encode
+from provisiond.wifi.jws import GrantRejected, parse_unverified
 from provisiond.wifi.service import GrantService
+from provisiond.wifi.uploader import Uploader
+from provisiond_sim.reference import ReferenceDevice
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
 
 SSID, PASSWORD = "lab-net", "Tr0ub4dor&3-horse"

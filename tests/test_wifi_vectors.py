@@ -15,9 +15,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from provisiond.device import GrantRejected, ReferenceDevice, Uploader
 from provisiond.wifi.crypto import b64url_decode, decrypt_status
+from provisiond.wifi.jws import GrantRejected
+from provisiond.wifi.uploader import Uploader
 from provisiond.wifi.vectors import generate
+from provisiond_sim.reference import ReferenceDevice
 
 VECTORS = Path(__file__).parent / "vectors" / "wifi-grant-v1.json"
 

@@ -20,10 +20,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from provisiond.config import ENV_KEY, Config, config_path, load, resolve_path
 
 EXIT_OK = 0
@@ -72,6 +68,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 async def ask_stats(config: Config, key: str, wait_seconds: float) -> dict[str, Any]:
     """One `daemon/stats` request as a short-lived MQTT v5 client; the reply envelope."""
+    # Imported here: only this command needs aiomqtt, and `provisiond run` must
+    # work on an install without it.
+    import aiomqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
     from provisiond.transport import Transport
 
     timeout = wait_seconds

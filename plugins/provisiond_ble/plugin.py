@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from provisiond import permissions
-from provisiond.device import Uploader, UploaderError, parse_unverified
 from provisiond.errors import (
     BadRequest,
     Conflict,
@@ -42,7 +41,9 @@ from provisiond.wifi.crypto import (
     b64url_decode,
     credential_plaintext,
 )
+from provisiond.wifi.jws import parse_unverified
 from provisiond.wifi.service import require_grantable
+from provisiond.wifi.uploader import Uploader, UploaderError
 from provisiond_ble import profile
 from provisiond_ble.central import BleError, GattSession, Radio
 

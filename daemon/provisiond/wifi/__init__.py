@@ -1,7 +1,10 @@
 """WiFi configuration grants and the session-key crypto behind them (DESIGN §3).
 
-`crypto` holds the pure primitives shared by every party, `signing` the
-gateway side (key ring, grant issue), and `provisiond.device` the reference
-device and uploader. Everything here is synchronous and free of I/O except the
-key ring's own files, so the daemon can run it in a worker thread.
+`crypto` holds the pure primitives shared by every party, `jws` reads a grant
+without trusting it, `signing` is the gateway side (key ring, grant issue),
+`uploader` the app's or bridge's side, and `service` the daemon's grant
+service (issue, consumed-grant ledger, key loading). The device's side is the
+reference device in the simulator package (`provisiond_sim.reference`).
+The primitives are synchronous; `service` runs file I/O in threads and keeps
+the fixed, small signing work on the event loop (see docs/architecture.md).
 """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from provisiond.sim.device import Broker, Identity, SimDevice, provision
 from provisiond.wifi.crypto import CAP_WIFI_UPLOAD
+from provisiond_sim.device import Broker, Identity, SimDevice, provision
 
 DEFAULT_NETWORKS = {"provisiond-lab": "correct horse battery staple"}
 
@@ -21,7 +21,7 @@ class Fleet:
         heartbeat_interval: float | None = None,
         connect_delay: float = 0.0,
     ) -> None:
-        from provisiond.sim.ble import WifiNetworks  # bumble only when BLE is used
+        from provisiond_sim.ble import WifiNetworks  # bumble only when BLE is used
 
         self.broker = broker
         self.networks = WifiNetworks(DEFAULT_NETWORKS if networks is None else networks)
@@ -61,7 +61,7 @@ class Fleet:
         if ble:
             if self.ble_transport is None:
                 raise ValueError("a BLE device needs ble_transport")
-            from provisiond.sim.ble import BlePeripheral
+            from provisiond_sim.ble import BlePeripheral
 
             peripheral = BlePeripheral(
                 device.reference,

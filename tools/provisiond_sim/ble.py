@@ -22,11 +22,12 @@ from bumble.hci import Address
 from bumble.host import Host
 from bumble.transport.common import AsyncPipeSink
 
-from provisiond.device import CredentialRejected, GrantRejected, ReferenceDevice
 from provisiond.logs import get_logger
 from provisiond.wifi.crypto import WifiCredentials
+from provisiond.wifi.jws import GrantRejected
 from provisiond_ble import profile
 from provisiond_ble.central import LOCAL_LINKS, random_static_address
+from provisiond_sim.reference import CredentialRejected, ReferenceDevice
 
 log = get_logger("provisiond.sim.ble")
 

@@ -22,9 +22,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from provisiond.device import ReferenceDevice
 from provisiond.logs import get_logger
 from provisiond.wifi.crypto import CAP_WIFI_UPLOAD, b64url_encode
+from provisiond_sim.reference import ReferenceDevice
 
 log = get_logger("provisiond.sim")
 

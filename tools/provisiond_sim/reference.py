@@ -1,9 +1,9 @@
 """Reference implementation of both ends of a WiFi credential upload (DESIGN §3).
 
 This module is written to be read by firmware authors. `ReferenceDevice` is
-what a device must do with a grant and a credential message; `Uploader` is
-what a phone app (or the gateway's BLE bridge) does. Both sit on the same
-primitives in `provisiond.wifi.crypto`, and docs/wifi-crypto.md plus
+what a device must do with a grant and a credential message; the other end
+is `provisiond.wifi.uploader.Uploader`. Both sit on the same primitives in
+`provisiond.wifi.crypto`, and docs/wifi-crypto.md plus
 tests/vectors/wifi-grant-v1.json pin every byte.
 
 Grant verification is spelled out by hand with plain signature primitives
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,37 +45,20 @@ from provisiond.wifi.crypto import (
     b64url_decode,
     b64url_encode,
     decrypt_credentials,
-    decrypt_status,
     derive_session_key,
-    encrypt_credentials,
     encrypt_status,
     x25519_shared,
 )
+from provisiond.wifi.jws import GrantRejected, Jws, split_jws
 
 # Clock skew tolerated between gateway and device, in seconds.
 DEFAULT_LEEWAY: Final = 30
-# A grant travels through a BLE characteristic; anything larger is not ours.
-MAX_GRANT_LEN: Final = 2048
 # Bound on remembered jtis. Safe to evict: an evicted grant's iat is <= the
 # last accepted iat, so the monotonic-iat rule still refuses it.
 MAX_LEDGER: Final = 32
 NONCE_LEN: Final = 16
 
 _ALG_BY_KTY: Final = {"OKP": "EdDSA", "EC": "ES256", "oct": "HS256"}
-
-
-class GrantRejected(Exception):
-    """The device refused a grant. `reason` is a short machine code.
-
-    bad_signature, alg_not_allowed, expired, not_yet_valid, wrong_audience,
-    wrong_subject, missing_cap, replayed, stale_iat, wrong_nonce, malformed,
-    unknown_kid, busy (an attempt with credentials is still running).
-    """
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"grant rejected: {reason}" + (f" ({detail})" if detail else ""))
-        self.reason = reason
-        self.detail = detail
 
 
 class CredentialRejected(Exception):
@@ -88,15 +70,8 @@ class CredentialRejected(Exception):
         self.reason = reason
 
 
-class UploaderError(Exception):
-    """Misuse or a protocol mismatch on the uploader side; `reason` says which."""
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-
-
-# --------------------------------------------------------------------------- grant parsing
+# --------------------------------------------------------------------------- grant claims
 
 
 @dataclass(frozen=True)
@@ -112,47 +87,6 @@ class GrantClaims:
     dn: bytes | None
     kid: str
     alg: str
-
-
-@dataclass(frozen=True)
-class _Jws:
-    header: dict[str, Any]
-    claims: dict[str, Any]
-    signing_input: bytes
-    signature: bytes
-
-
-def _json_object(segment: str) -> dict[str, Any]:
-    doc = json.loads(b64url_decode(segment).decode("utf-8"))
-    if not isinstance(doc, dict):
-        raise ValueError("not a JSON object")
-    return doc
-
-
-def _split_jws(blob: str) -> _Jws:
-    """Decode the three JWS segments without trusting any of them yet."""
-    if not isinstance(blob, str) or len(blob) > MAX_GRANT_LEN or not blob.isascii():
-        raise GrantRejected("malformed", "not a compact JWS")
-    parts = blob.split(".")
-    if len(parts) != 3:
-        raise GrantRejected("malformed", "expected three segments")
-    try:
-        header = _json_object(parts[0])
-        claims = _json_object(parts[1])
-        signature = b64url_decode(parts[2])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise GrantRejected("malformed", str(exc)) from exc
-    # The signature covers the segments as transmitted, not a re-encoding.
-    return _Jws(header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
-
-
-def parse_unverified(blob: str) -> dict[str, Any]:
-    """Claims of a grant WITHOUT checking its signature.
-
-    For the uploader only, which needs `jti` and `epk` but is not the party
-    the grant protects; never use this to decide whether to trust a grant.
-    """
-    return _split_jws(blob).claims
 
 
 # --------------------------------------------------------------------------- pinned keys
@@ -323,7 +257,7 @@ class ReferenceDevice:
         """
         if self.state == "connecting":
             raise GrantRejected("busy", "an attempt is in progress")
-        jws = _split_jws(blob)
+        jws = split_jws(blob)
 
         # 1. Algorithm and key come from what we pinned, never from the token.
         alg, kid = jws.header.get("alg"), jws.header.get("kid")
@@ -397,7 +331,7 @@ class ReferenceDevice:
         return claims
 
     @staticmethod
-    def _parse_claims(jws: _Jws, *, kid: str, alg: str) -> GrantClaims:
+    def _parse_claims(jws: Jws, *, kid: str, alg: str) -> GrantClaims:
         c = jws.claims
 
         def need(name: str, typ: type) -> Any:
@@ -517,71 +451,3 @@ class ReferenceDevice:
         self.state = "idle"
         self._renew_nonce()
         return message
-
-
-# --------------------------------------------------------------------------- uploader
-
-
-class Uploader:
-    """The app's (or BLE bridge's) side: one grant, one credential message."""
-
-    def __init__(self, grant_blob: str, keys: SessionKeys) -> None:
-        claims = parse_unverified(grant_blob)
-        self.grant_blob = grant_blob
-        self.grant_id = str(claims.get("jti"))
-        self._keys = keys
-        self._sent = False
-        self._counter = 0
-
-    @classmethod
-    def for_grant(
-        cls,
-        grant_blob: str,
-        *,
-        ephemeral_private: X25519PrivateKey | None = None,
-        session_key: bytes | None = None,
-        device_public_key: bytes | None = None,
-    ) -> Uploader:
-        """End-to-end/bridge mode: pass `ephemeral_private` (the `e` whose
-        public half was sent as app_public_key) and `device_public_key`.
-        Server-generated mode: pass the 64-byte `session_key` from the reply.
-        """
-        if (ephemeral_private is None) == (session_key is None):
-            raise UploaderError("usage", "pass exactly one of ephemeral_private, session_key")
-        if session_key is not None:
-            return cls(grant_blob, SessionKeys.from_raw(session_key))
-        assert ephemeral_private is not None
-        if device_public_key is None:
-            raise UploaderError("usage", "device_public_key is required with ephemeral_private")
-        try:
-            epk = b64url_decode(str(parse_unverified(grant_blob).get("epk")))
-        except (ValueError, GrantRejected) as exc:
-            raise UploaderError("malformed", "grant has no usable epk") from exc
-        # Catches the easy mistake of pairing a grant with the wrong e; the
-        # device would only say "decrypt_failed", far from the cause.
-        if epk != ephemeral_private.public_key().public_bytes_raw():
-            raise UploaderError("epk_mismatch", "grant was not issued for this ephemeral key")
-        z = x25519_shared(ephemeral_private, device_public_key)
-        return cls(grant_blob, derive_session_key(z, grant_blob))
-
-    @property
-    def session_keys(self) -> SessionKeys:
-        return self._keys
-
-    def credential_message(
-        self, ssid: str, password: str, security: str = "wpa2-psk", *, nonce: bytes | None = None
-    ) -> bytes:
-        """Encrypt the credentials, once. A retry needs a fresh grant, since
-        the device will not accept a second message under this one."""
-        if self._sent:
-            raise UploaderError("already_used", "one credential message per grant")
-        self._sent = True
-        return encrypt_credentials(self._keys.k_up, ssid, password, security, nonce=nonce)
-
-    def read_status(self, message: bytes) -> dict[str, str]:
-        """Decrypt the next status notification; they must be read in order."""
-        status = decrypt_status(self._keys.k_down, self._counter, message)
-        self._counter += 1
-        if status["grant_id"] != self.grant_id:
-            raise UploaderError("wrong_grant", "status is for another grant")
-        return status

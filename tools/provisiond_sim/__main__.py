@@ -1,4 +1,4 @@
-"""`provisiond-sim` / `python -m provisiond.sim`: run a simulated fleet until Ctrl-C."""
+"""`provisiond-sim` / `python -m provisiond_sim`: run a simulated fleet until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 
 from provisiond import logs
 from provisiond.config import LogConfig
-from provisiond.sim.device import Broker, RpcFailed
-from provisiond.sim.fleet import DEFAULT_NETWORKS, Fleet
+from provisiond_sim.device import Broker, RpcFailed
+from provisiond_sim.fleet import DEFAULT_NETWORKS, Fleet
 
 
 def build_parser() -> argparse.ArgumentParser:
