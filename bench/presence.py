@@ -295,7 +295,7 @@ async def memory_per_device(config: Any, n: int) -> dict[str, float]:
         ]
         started = time.perf_counter()
         for delivery in deliveries:
-            found = app.match(delivery.topic)
+            found = app.topics.match(delivery.topic)
             assert found is not None
             found[0].handler(delivery, found[1])
         handler_us = (time.perf_counter() - started) / n * 1e6
@@ -383,7 +383,9 @@ async def run(n: int, burst: bool) -> dict[str, Any]:
         figures["bare_aiomqtt_msgs_per_s"] = round(bare)
         async with daemon(config) as server:
             app = server.app
-            presence = app.services["presence"]
+            from provisiond.presence import PRESENCE
+
+            presence = app.services.get(PRESENCE)
             counters = app.counters
 
             first = await drain_rate(

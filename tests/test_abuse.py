@@ -108,7 +108,7 @@ async def test_generated_bodies_for_every_operation_get_documented_answers(
         # Still serving, nothing left hanging.
         assert (await rpc.call("keys/whoami", {}, key=key))["status"] == 200
     assert daemon.router.inflight == 0
-    assert not daemon.router._pending_replays
+    assert daemon.router.replays.in_progress == 0
     assert not [e for e in logs.entries if e["event"] == "rpc.internal_error"]
     if rss_before is not None:
         assert _rss_mb() - rss_before < 64, "memory grew while handling junk"

@@ -88,7 +88,7 @@ def test_every_operation_and_route_is_described_with_the_routers_schema() -> Non
         # Unknown fields are refused by the router, and the document says so.
         assert schema.get("additionalProperties") is False, name
 
-    for route in app.routes:
+    for route in app.topics.routes:
         suffix = "/".join("{deviceId}" if s == "+" else s for s in route.pattern)
         assert f"{{prefix}}/{suffix}" in addresses, route.pattern
 

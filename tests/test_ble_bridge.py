@@ -17,9 +17,11 @@ from bumble.link import LocalLink
 from structlog.testing import LogCapture
 
 from provisiond.app import App
-from provisiond.features import FEATURES
+from provisiond.features import FEATURES, Feature
+from provisiond.presence import PRESENCE
 from provisiond.rpc import Router
 from provisiond.server import Server
+from provisiond.wifi.service import GRANTS
 from provisiond_ble import profile
 from provisiond_ble.central import LOCAL_LINKS, GattSession, Radio
 from provisiond_sim import Broker as SimBroker
@@ -32,20 +34,20 @@ WRONG = remember_secret("not the right password")
 
 
 class PresenceSpy:
-    """Records channel reports, passing them on to the real presence service if any."""
+    """Records channel reports on their way to the real presence service."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
+    def __init__(self) -> None:
         self.calls: list[tuple[int, str, bool]] = []
+        self._forward: Any = None
 
-    def __getattr__(self, name: str) -> Any:
-        # Everything but set_channel is the real presence service's.
-        return getattr(self.inner, name)
+    def attach(self, presence: Any) -> None:
+        self._forward = presence.set_channel
+        presence.set_channel = self.set_channel
 
     async def set_channel(self, device_id: int, channel: str, online: bool) -> None:
         self.calls.append((device_id, channel, online))
-        if self.inner is not None:
-            result = self.inner.set_channel(device_id, channel, online)
+        if self._forward is not None:
+            result = self._forward(device_id, channel, online)
             if isinstance(result, Awaitable):
                 await result
 
@@ -75,18 +77,17 @@ class Env:
     @property
     def grants(self) -> Any:
         assert self.server.app is not None
-        return self.server.app.services["grants"]
+        return self.server.app.services.get(GRANTS)
 
 
 @asynccontextmanager
 async def ble_env(tmp_path: Path, broker: Broker, **bridge: Any) -> AsyncIterator[Env]:
     link = f"test-{uuid.uuid4().hex[:8]}"
     LOCAL_LINKS[link] = LocalLink()
-    spy = PresenceSpy(None)
+    spy = PresenceSpy()
 
     def install_spy(app: App, _router: Router) -> None:
-        spy.inner = app.services.get("presence")
-        app.services["presence"] = spy
+        spy.attach(app.services.get(PRESENCE))
 
     settings = {
         "transport": f"local:{link}",
@@ -101,7 +102,7 @@ async def ble_env(tmp_path: Path, broker: Broker, **bridge: Any) -> AsyncIterato
     )
     try:
         async with (
-            running(config, features=[*FEATURES, install_spy]) as server,
+            running(config, features=[*FEATURES, Feature("spy", install_spy, requires=(PRESENCE,))]) as server,
             RpcClient(config) as rpc,
         ):
             env = Env(server, rpc, fleet, key, link, spy)

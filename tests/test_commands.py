@@ -11,7 +11,7 @@ from typing import Any
 from presence_support import FakeDevice, Watcher, rows, seed_devices
 
 from provisiond.config import Config
-from provisiond.presence import Presence
+from provisiond.presence import PRESENCE, Presence
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
 
 ALL = ("devices:read", "devices:write", "provision:write", "daemon:read")
@@ -33,7 +33,7 @@ def command_row(config: Config, command_id: str) -> tuple[Any, ...]:
 
 
 async def online(server: Any, device: FakeDevice) -> None:
-    service: Presence = server.app.services["presence"]
+    service: Presence = server.app.services.get(PRESENCE)
     await device.heartbeat()
     await eventually(lambda: service.mqtt_online(device.device_id))
 
@@ -199,7 +199,8 @@ async def test_reconfigure_permissions_and_states(config: Config) -> None:
         # Another organisation's device and a device that does not exist look the same.
         assert await status(org1, {"deviceId": 31}) == (404, "device_not_found")
         assert await status(org1, {"deviceId": 9999}) == (404, "device_not_found")
-        assert await status(org1, {"deviceId": 2**70}) == (404, "device_not_found")
+        # Out of the int32 range is a malformed id, the same 400 as on every operation.
+        assert await status(org1, {"deviceId": 2**70}) == (400, "invalid_field")
         assert await status(org1, {"deviceId": 23}) == (409, "device_not_active")
         assert (await status(org1, {"deviceId": 0}))[0] == 400
         assert (await status(org1, {"deviceId": "21"}))[0] == 400
@@ -260,7 +261,7 @@ async def test_device_online_only_over_ble_is_not_offline_but_command_waits_for_
         RpcClient(config) as rpc,
         FakeDevice(config, 19) as device,
     ):
-        service: Presence = server.app.services["presence"]  # type: ignore[union-attr]
+        service: Presence = server.app.services.get(PRESENCE)
         service.set_channel(19, "ble", True)
         reply = await rpc.call("provision/reconfigure", {"deviceId": 19}, key=key)
         assert reply["body"]["deviceIsOffline"] is False

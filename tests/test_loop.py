@@ -10,7 +10,8 @@ from presence_support import FakeDevice, seed_devices
 from structlog.testing import LogCapture
 
 from provisiond.app import App
-from provisiond.features import FEATURES
+from provisiond.features import FEATURES, Feature
+from provisiond.presence import PRESENCE
 from provisiond.rpc import EmptyBody, Operation, Request, Router
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
 
@@ -32,12 +33,12 @@ async def test_heartbeats_are_handled_while_all_request_slots_are_busy(
     _, key = seed_key(config)
     seed_devices(config, [7])
     async with (
-        running(config, features=[*FEATURES, slow_feature]) as server,
+        running(config, features=[*FEATURES, Feature("slow", slow_feature)]) as server,
         RpcClient(config) as rpc,
         FakeDevice(config, 7) as device,
     ):
         assert server.app is not None
-        presence = server.app.services["presence"]
+        presence = server.app.services.get(PRESENCE)
         slow = [await rpc.send("test/slow", {}, key=key) for _ in range(6)]
         await asyncio.sleep(0.3)  # both slots taken, four more waiting
         loop = asyncio.get_running_loop()

@@ -15,7 +15,7 @@ from structlog.testing import LogCapture
 
 from provisiond import presence as presence_mod
 from provisiond.config import Config
-from provisiond.presence import Presence
+from provisiond.presence import PRESENCE, Presence
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
 
 FAST = {"heartbeat_interval_seconds": 0.3, "timeout_factor": 2, "min_interval_seconds": 0.1}
@@ -26,7 +26,7 @@ def fast_config(tmp_path: Path, broker: Broker, **presence: Any) -> Config:
 
 
 def presence_service(server: Any) -> Presence:
-    service = server.app.services["presence"]
+    service = server.app.services.get(PRESENCE)
     assert isinstance(service, Presence)
     return service
 

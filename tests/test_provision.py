@@ -10,6 +10,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,11 +29,14 @@ from structlog.testing import LogCapture
 import support
 from provisiond.app import App
 from provisiond.config import Config
+from provisiond.features import Feature
 from provisiond.ops import devices as device_ops
 from provisiond.ops import provision as provision_ops
+from provisiond.presence import PRESENCE
 from provisiond.rpc import Router
 from provisiond.server import Server
 from provisiond.wifi.crypto import b64url_decode, b64url_encode
+from provisiond.wifi.service import GRANTS
 from support import RpcClient, eventually, make_config, remember_secret, running, seed_key
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9]{32}$")
@@ -424,11 +428,22 @@ async def test_activation_returns_grant_keys_from_the_service_and_views_carry_pr
     config: Config, logs: LogCapture
 ) -> None:
     def fake_services(app: App, _router: Router) -> None:
-        app.services["grant_keys"] = lambda device_id: [{"kty": "OKP", "kid": f"k-{device_id}"}]
-        app.services["presence_of"] = lambda device_id: {"online": device_id % 2 == 1}
+        grants = SimpleNamespace(
+            verification_jwks=lambda device_id: [{"kty": "OKP", "kid": f"k-{device_id}"}]
+        )
+        presence = SimpleNamespace(
+            presence_of=lambda device_id: {"online": device_id % 2 == 1},
+            device_activated=lambda _device_id: None,
+        )
+        app.services.provide(GRANTS, grants)
+        app.services.provide(PRESENCE, presence)
 
     key = org_key(config)
-    features = [provision_ops.setup, device_ops.setup, fake_services]
+    features = [
+        Feature("fakes", fake_services, provides=(GRANTS, PRESENCE)),
+        Feature("provision", provision_ops.setup, uses=(GRANTS, PRESENCE)),
+        Feature("devices", device_ops.setup, uses=(PRESENCE,)),
+    ]
     async with running(config, features=features), RpcClient(config) as rpc:
         token, device_id = await provision(rpc, key)
         reply = await activate(rpc, token)
@@ -439,7 +454,8 @@ async def test_activation_returns_grant_keys_from_the_service_and_views_carry_pr
         assert listed["body"]["devices"][0]["presence"] == {"online": device_id % 2 == 1}
 
     # Without those services a device still activates, with nothing to pin yet.
-    async with running(config, features=[provision_ops.setup, device_ops.setup]), RpcClient(config) as rpc:  # fmt: skip
+    alone = [Feature("provision", provision_ops.setup), Feature("devices", device_ops.setup)]
+    async with running(config, features=alone), RpcClient(config) as rpc:
         token, device_id = await provision(rpc, key)
         reply = await activate(rpc, token)
         assert reply["status"] == 200 and reply["body"]["grant_verification_keys"] == []

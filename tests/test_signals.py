@@ -13,7 +13,7 @@ from structlog.testing import LogCapture
 
 from provisiond.app import App
 from provisiond.config import Config
-from provisiond.features import FEATURES
+from provisiond.features import FEATURES, Feature
 from provisiond.rpc import Body, Operation, Request, Router
 from provisiond.server import Server
 from support import RpcClient, make_config, running, seed_key
@@ -203,7 +203,7 @@ async def test_drain_finishes_accepted_requests_and_refuses_later_ones(
     _key_id, secret = seed_key(config)
     async with (
         RpcClient(config) as rpc,
-        running(config, features=[*FEATURES, slow_feature]) as server,
+        running(config, features=[*FEATURES, Feature("slow", slow_feature)]) as server,
     ):
         assert server.router is not None
         accepted = [await rpc.send("test/slow", {"seconds": 1.0}, key=secret) for _ in range(20)]
@@ -230,7 +230,7 @@ async def test_drain_gives_up_at_the_grace_period(
     config = make_config(tmp_path, broker, daemon={"shutdown_grace_seconds": 0.5})  # type: ignore[arg-type]
     _key_id, secret = seed_key(config)
     async with RpcClient(config) as rpc:
-        async with running(config, features=[*FEATURES, slow_feature]) as server:
+        async with running(config, features=[*FEATURES, Feature("slow", slow_feature)]) as server:
             assert server.router is not None
             await rpc.send("test/slow", {"seconds": 30.0}, key=secret)
             deadline = asyncio.get_running_loop().time() + 5

@@ -27,7 +27,7 @@ from provisiond.server import Server
 from provisiond.store import connect
 from provisiond.wifi.crypto import b64url_decode, b64url_encode
 from provisiond.wifi.jws import GrantRejected, parse_unverified
-from provisiond.wifi.service import GrantService
+from provisiond.wifi.service import GRANTS, GrantService
 from provisiond.wifi.uploader import Uploader
 from provisiond_sim.reference import ReferenceDevice
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
@@ -120,7 +120,7 @@ def signing_pems(server: Server) -> list[bytes]:
 
 def grants(server: Server) -> GrantService:
     assert server.app is not None
-    service = server.app.services["grants"]
+    service = server.app.services.get(GRANTS)
     assert isinstance(service, GrantService)
     return service
 

@@ -1,8 +1,9 @@
 """The running daemon's shared parts, handed to every feature at setup.
 
 A feature (provisioning, presence, a plugin...) gets an `App`, registers its
-RPC operations and topic handlers, and may add start/stop hooks. It never
-reaches into another feature; what it needs from one is passed explicitly.
+RPC operations and topic handlers, and may add start/stop hooks. What it
+takes from another feature comes through `app.services`, under a typed key
+that the feature declares in `provisiond.features` (checked at start).
 """
 
 from __future__ import annotations
@@ -15,29 +16,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from provisiond.caches import StoreCaches
 from provisiond.clock import Clock
 from provisiond.config import Config
-from provisiond.devices import DeviceCache
+from provisiond.dispatch import Dispatcher, TopicHandler
 from provisiond.logs import get_logger
-from provisiond.mqtt import PublishRefused
+from provisiond.services import Services
 from provisiond.store import Store
-from provisiond.transport import Delivery, NotConnected, Subscription, Transport
+from provisiond.transport import NotConnected, PublishRefused, Transport
 
 log = get_logger("provisiond.app")
 
-TopicHandler = Callable[[Delivery, list[str]], Awaitable[None] | None]
 Hook = Callable[[], Awaitable[None]]
 # Called with the new config after SIGHUP swapped it in; raising refuses it (rolled back).
 ReloadHook = Callable[[Config], Awaitable[None]]
-
-
-@dataclass
-class TopicRoute:
-    """Messages on `P/<pattern>` go to `handler(delivery, wildcard_values)`."""
-
-    pattern: list[str]
-    handler: TopicHandler
-    qos: int
+# A part of the `daemon/stats` reply, asked for when an operator asks.
+StatsProbe = Callable[[], Awaitable[dict[str, Any]]]
 
 
 @dataclass
@@ -48,14 +42,16 @@ class App:
     clock: Clock
     counters: Counter[str] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.time)
-    routes: list[TopicRoute] = field(default_factory=list)
     on_start: list[Hook] = field(default_factory=list)
     on_stop: list[Hook] = field(default_factory=list)
     on_reload: list[ReloadHook] = field(default_factory=list)
-    # Long-lived helpers features share (e.g. "presence", "grants"), set at setup.
-    services: dict[str, Any] = field(default_factory=dict)
-    devices: DeviceCache = field(default_factory=DeviceCache)
+    services: Services = field(default_factory=Services)
+    stats_probes: dict[str, StatsProbe] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.caches = StoreCaches(self.store)
+        self.topics = Dispatcher(self.prefix, ack=self.transport.ack, counters=self.counters)
 
     @property
     def prefix(self) -> str:
@@ -66,22 +62,7 @@ class App:
 
     def route(self, pattern: str, handler: TopicHandler, *, qos: int = 1) -> None:
         """Handle messages on `P/<pattern>`; `+` segments are passed to the handler."""
-        self.routes.append(TopicRoute(pattern.split("/"), handler, qos))
-
-    def subscriptions(self) -> list[Subscription]:
-        return [Subscription(self.topic("/".join(r.pattern)), r.qos) for r in self.routes]
-
-    def match(self, topic: str) -> tuple[TopicRoute, list[str]] | None:
-        parts = topic.split("/")
-        prefix = self.prefix.split("/")
-        if parts[: len(prefix)] != prefix:
-            return None
-        parts = parts[len(prefix) :]
-        for route in self.routes:
-            values = _match(route.pattern, parts)
-            if values is not None:
-                return route, values
-        return None
+        self.topics.route(pattern, handler, qos=qos)
 
     def spawn(self, coro: Awaitable[None], *, name: str) -> None:
         """Run a background task whose failure is logged, never lost or fatal."""
@@ -115,18 +96,3 @@ class App:
             log.warning("event.dropped", event_name=name, reason="broker disconnected")
         except PublishRefused as exc:
             log.error("event.dropped", event_name=name, reason=str(exc))
-
-
-def _match(pattern: list[str], parts: list[str]) -> list[str] | None:
-    values: list[str] = []
-    for i, segment in enumerate(pattern):
-        if segment == "#":
-            values.append("/".join(parts[i:]))
-            return values
-        if i >= len(parts):
-            return None
-        if segment == "+":
-            values.append(parts[i])
-        elif segment != parts[i]:
-            return None
-    return values if len(parts) == len(pattern) else None

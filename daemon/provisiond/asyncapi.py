@@ -24,7 +24,7 @@ from provisiond import __version__
 from provisiond.app import App
 from provisiond.clock import Clock
 from provisiond.config import Config
-from provisiond.features import FEATURES, Setup
+from provisiond.features import FEATURES, Feature, set_up
 from provisiond.rpc import Operation, Router
 from provisiond.store import Store
 from provisiond.transport import Transport
@@ -180,14 +180,13 @@ data within 10 minutes gets the first reply again."""
 
 
 def build_app(
-    config: Config | None = None, features: list[Setup] | None = None
+    config: Config | None = None, features: list[Feature] | None = None
 ) -> tuple[App, Router]:
     """The App and Router the daemon would run, without opening or connecting anything."""
     config = config or Config()
     app = App(config, Store(":memory:"), Transport(config), Clock())
     router = Router(app)
-    for setup in FEATURES if features is None else features:
-        setup(app, router)
+    set_up(FEATURES if features is None else features, app, router)
     return app, router
 
 
@@ -270,7 +269,7 @@ def build(app: App, router: Router) -> dict[str, Any]:
         }
 
     # Topics the daemon subscribes to: its routes, so a new one cannot be missed.
-    for route in sorted(app.routes, key=lambda r: r.pattern):
+    for route in sorted(app.topics.routes, key=lambda r: r.pattern):
         pattern = "/".join(route.pattern)
         summary, payload = DEVICE_INBOUND.get(
             pattern, ("Undocumented topic route.", {"description": "Not described yet."})

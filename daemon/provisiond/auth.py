@@ -17,7 +17,36 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from provisiond.errors import BadRequest, Conflict, NotFound, Unauthorized
-from provisiond.store import transaction
+from provisiond.store import Migration, transaction
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        "core-1-auth",
+        """
+        CREATE TABLE orgs (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            org_id INTEGER NOT NULL REFERENCES orgs(id),
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX users_org ON users(org_id);
+        CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            hash TEXT NOT NULL UNIQUE,
+            org_id INTEGER NOT NULL REFERENCES orgs(id),
+            user_id INTEGER REFERENCES users(id),
+            scopes TEXT NOT NULL,
+            permissions TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        );
+        """,
+    ),
+]
 
 KEY_PREFIX = "sk_live_"
 KEY_RANDOM_CHARS = 40
@@ -50,10 +79,6 @@ class Principal:
     user_id: int | None
     scopes: frozenset[str]
     permissions: frozenset[str]
-
-    @property
-    def user_scoped(self) -> bool:
-        return self.user_id is not None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -207,10 +232,9 @@ def lookup_key(db: sqlite_utils.Database, secret: str) -> Principal:
 class KeyCache:
     """Principals of keys seen recently, so a request needs no store trip.
 
-    Keys are created and revoked by the CLI, another process: SQLite's
-    `PRAGMA data_version` changes whenever another connection commits, and the
-    router polls it a few times a second and clears this cache when it moves.
-    A revocation therefore takes effect within one poll interval.
+    Keys are created and revoked by the CLI, another process; the watcher in
+    `provisiond.caches` clears this cache when the store says another
+    connection committed, so a revocation takes effect within one poll.
     """
 
     MAX_ENTRIES = 10_000
@@ -231,10 +255,6 @@ class KeyCache:
         if data_version != self.data_version:
             self._by_hash.clear()
             self.data_version = data_version
-
-
-def data_version(db: sqlite_utils.Database) -> int:
-    return int(db.execute("PRAGMA data_version").fetchone()[0])
 
 
 def parse_bearer(header: str | None) -> str:

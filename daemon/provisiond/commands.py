@@ -223,7 +223,7 @@ def queued_devices(db: sqlite_utils.Database) -> set[int]:
 class Commands:
     """Delivers queued commands when their device's MQTT channel is online."""
 
-    def __init__(self, app: App, presence: Presence | None) -> None:
+    def __init__(self, app: App, presence: Presence) -> None:
         self._app = app
         self._presence = presence
         # Devices that may have queued commands: a hint kept exact enough that a
@@ -236,21 +236,17 @@ class Commands:
         return self._app.config.commands.ttl_seconds
 
     def is_offline(self, device_id: int) -> bool:
-        return self._presence is None or self._presence.is_offline(device_id)
+        return self._presence.is_offline(device_id)
 
     def _reachable(self, device_id: int) -> bool:
         # Commands travel on MQTT, so only that channel can carry them; a
         # device seen only over BLE keeps its command queued.
-        return self._presence is not None and self._presence.mqtt_online(device_id)
+        return self._presence.mqtt_online(device_id)
 
     async def start(self) -> None:
         self._pending = await self._app.store.call(queued_devices)
-        if self._presence is not None:
-            self._presence.add_listener(self._on_presence)
+        self._presence.add_listener(self._on_presence)
         self._app.spawn(self._sweep_loop(), name="commands-sweep")
-
-    async def stop(self) -> None:
-        return None
 
     def _on_presence(self, device_id: int) -> None:
         if device_id in self._pending and self._reachable(device_id):

@@ -1,19 +1,54 @@
-"""The device record and the queries every feature shares."""
+"""Devices: the `devices` table, its record, its cache, and the one rule for ids.
+
+Every read and write of the table is here; features call these functions
+inside their own store transactions. A device id is validated once, by the
+`DeviceId` type every request body uses: 400 for zero, negative or beyond
+the seed's int32, and 404 (`device_not_found`) for a well-formed id that does
+not exist or belongs to another organisation.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Final
 
 import sqlite_utils
+from pydantic import BeforeValidator, Field
 
 from provisiond.clock import iso_utc
-from provisiond.errors import NotFound
+from provisiond.errors import NotFound, Unavailable
 from provisiond.store import Migration
 from provisiond.wifi.crypto import CAP_WIFI_UPLOAD
 
 WIFI_UPLOAD = CAP_WIFI_UPLOAD
+INT32_MAX: Final = 2**31 - 1
+INT64_MAX: Final = 2**63 - 1
+_DECIMAL_ID: Final = re.compile(r"[1-9][0-9]{0,18}")
 
+
+def _decimal_string(value: object) -> object:
+    # The seed's grant path parameter was a string; anything not a canonical
+    # decimal is left for the strict int check to refuse by name.
+    if isinstance(value, str):
+        if not _DECIMAL_ID.fullmatch(value):
+            raise ValueError("must be a positive integer or its decimal string")
+        return int(value)
+    return value
+
+
+# The seed's types: deviceId and orgId are int32, ownerId int64. Strict request
+# bodies mean "5", 5.0 and true are refused, not coerced.
+DeviceId = Annotated[int, Field(gt=0, le=INT32_MAX)]
+# The same id where the integer's decimal string is also accepted (wifi-config/grant).
+DeviceIdOrDecimal = Annotated[int, BeforeValidator(_decimal_string), Field(gt=0, le=INT32_MAX)]
+OrgId = Annotated[int, Field(gt=0, le=INT32_MAX)]
+UserId = Annotated[int, Field(gt=0, le=INT64_MAX)]
+
+# Until 2026-12 "devices-1" and "devices-2-provisioning" also created the
+# provision_tokens table and its indexes; they moved to tokens.py, whose
+# migration creates them only where they are missing, so old and new
+# databases end with the same schema.
 MIGRATIONS: list[Migration] = [
     Migration(
         "devices-1",
@@ -31,26 +66,12 @@ MIGRATIONS: list[Migration] = [
             reprovisioned_at REAL
         );
         CREATE INDEX devices_org ON devices(org_id, id);
-        CREATE TABLE provision_tokens (
-            hash TEXT PRIMARY KEY,
-            device_id INTEGER NOT NULL REFERENCES devices(id),
-            created_at REAL NOT NULL,
-            expires_at REAL NOT NULL,
-            used_at REAL,
-            revoked_at REAL
-        );
-        CREATE INDEX provision_tokens_device ON provision_tokens(device_id);
         """,
     ),
-    # At most one unused, unrevoked token per device, whatever the code does;
-    # and "my devices" listings for user-scoped keys without a scan.
+    # "My devices" listings for user-scoped keys without a scan.
     Migration(
         "devices-2-provisioning",
-        """
-        CREATE UNIQUE INDEX provision_tokens_one_open
-            ON provision_tokens(device_id) WHERE used_at IS NULL AND revoked_at IS NULL;
-        CREATE INDEX devices_owner ON devices(org_id, owner_id, id);
-        """,
+        "CREATE INDEX devices_owner ON devices(org_id, owner_id, id);",
     ),
 ]
 
@@ -102,9 +123,8 @@ class DeviceCache:
     """Device records read recently, so a grant needs no store trip.
 
     Local writes to a device call `forget` once committed; another process's
-    commits (the CLI, a second daemon on the same store) move SQLite's
-    `PRAGMA data_version`, which the router polls a few times a second and
-    passes to `observe`, clearing everything. A change made elsewhere is
+    commits (the CLI, a second daemon on the same store) are noticed by the
+    watcher in `provisiond.caches`, which calls `observe`, clearing everything. A change made elsewhere is
     therefore seen within one poll interval, as with API keys.
 
     A read that started before a `forget` must not refill the cache with what
@@ -148,10 +168,6 @@ def get_device(db: sqlite_utils.Database, device_id: int, org_id: int) -> Device
     return device
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else iso_utc(ts)
-
-
 def device_view(device: Device) -> dict[str, Any]:
     """The public shape of a device, shared by the RPC reads and the CLI."""
     return {
@@ -161,9 +177,11 @@ def device_view(device: Device) -> dict[str, Any]:
         "state": device.state,
         "capabilities": device.capabilities,
         "firmware_version": device.firmware_version,
-        "created_at": _iso(device.created_at),
-        "activated_at": _iso(device.activated_at),
-        "reprovisioned_at": _iso(device.reprovisioned_at),
+        "created_at": iso_utc(device.created_at),
+        "activated_at": None if device.activated_at is None else iso_utc(device.activated_at),
+        "reprovisioned_at": (
+            None if device.reprovisioned_at is None else iso_utc(device.reprovisioned_at)
+        ),
     }
 
 
@@ -189,3 +207,41 @@ def list_devices(
         sql += " LIMIT ?"
         params.append(limit)
     return [device_from_row(row) for row in db.execute(sql, params).fetchall()]
+
+
+def create_device(db: sqlite_utils.Database, *, org_id: int, owner_id: int, now: float) -> int:
+    """Insert a pending device; returns its id."""
+    cur = db.execute(
+        "INSERT INTO devices (org_id, owner_id, state, created_at) VALUES (?, ?, 'pending', ?)",
+        [org_id, owner_id, now],
+    )
+    device_id = cur.lastrowid
+    assert device_id is not None
+    if device_id > INT32_MAX:
+        # The seed's deviceId is int32; handing out a bigger one would break clients.
+        raise Unavailable("device id space exhausted", code="device_ids_exhausted")
+    return int(device_id)
+
+
+def activate(
+    db: sqlite_utils.Database,
+    device_id: int,
+    *,
+    capabilities: int,
+    public_key: bytes,
+    firmware_version: str | None,
+    now: float,
+) -> Device:
+    """Record an activation; returns the device as it was before it."""
+    before = find_device(db, device_id)
+    assert before is not None  # tokens reference devices, which are never deleted
+    db.execute(
+        "UPDATE devices SET state = 'active', capabilities = ?, public_key = ?,"
+        " firmware_version = ?, activated_at = ? WHERE id = ?",
+        [capabilities, public_key, firmware_version, now, device_id],
+    )
+    return before
+
+
+def mark_reprovisioned(db: sqlite_utils.Database, device_id: int, *, now: float) -> None:
+    db.execute("UPDATE devices SET reprovisioned_at = ? WHERE id = ?", [now, device_id])

@@ -38,7 +38,9 @@ from provisiond.app import App
 from provisiond.config import Config
 from provisiond.errors import ConfigError, Unavailable
 from provisiond.logs import get_logger
+from provisiond.presence import PRESENCE
 from provisiond.rpc import Operation, Request, Router
+from provisiond.wifi.service import GRANTS, GrantService
 
 log = get_logger("provisiond.plugins")
 
@@ -150,7 +152,7 @@ class PresenceChannel:
         self._app = app
 
     async def set_channel(self, device_id: int, channel: str, online: bool) -> None:
-        service = self._app.services.get("presence")
+        service = self._app.services.find(PRESENCE)
         if service is None:
             return
         result = service.set_channel(device_id, channel, online)
@@ -171,9 +173,9 @@ class PluginContext:
     _slot: _Slot = field(repr=False)
 
     @property
-    def grants(self) -> Any:
-        """The GrantService (`app.services["grants"]`), or None if not running."""
-        return self.app.services.get("grants")
+    def grants(self) -> GrantService | None:
+        """The grant service (the WiFi feature's GRANTS), or None if not running."""
+        return self.app.services.find(GRANTS)
 
     def register_operation(self, op: Operation) -> None:
         """Serve `P/rpc/<op.name>`; it answers 503 while this plugin is down."""
@@ -228,7 +230,7 @@ class PluginSupervisor:
         self._slots = [_Slot(spec, self, delay=self.backoff_initial) for spec in specs]
         self._stopping = False
         self._failures: set[asyncio.Task[None]] = set()
-        app.services.setdefault("stats_probes", {})["plugins"] = self._stats
+        app.stats_probes["plugins"] = self._stats
 
     @property
     def names(self) -> list[str]:
@@ -394,19 +396,15 @@ class PluginSupervisor:
             await self._failed_locked(slot, exc, phase="task")
 
     def register(self, slot: _Slot, op: Operation) -> None:
-        existing = self.router.operations.get(op.name)
-        if existing is not None and op.name not in slot.operations:
-            raise ValueError(f"operation {op.name} is already registered")
-        slot.operations[op.name] = op
         # The router holds a stable wrapper: a restarted plugin re-registers
         # its handlers, and between runs the wrapper answers 503.
-        self.router.operations[op.name] = Operation(
-            op.name,
-            _guarded_handler(slot, op.name),
-            body=op.body,
-            auth=op.auth,
-            scope=op.scope,
+        handler = _guarded_handler(slot, op.name)
+        handler.__doc__ = op.handler.__doc__
+        self.router.register(
+            Operation(op.name, handler, body=op.body, auth=op.auth, scope=op.scope),
+            replace=op.name in slot.operations,
         )
+        slot.operations[op.name] = op
 
 
 def _guarded_handler(

@@ -37,6 +37,7 @@ from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
 from provisiond.mqtt import PublishRefused
 from provisiond.payloads import json_object
+from provisiond.services import ServiceKey
 from provisiond.store import Migration
 from provisiond.transport import Delivery, NotConnected
 
@@ -603,11 +604,14 @@ def _save(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:
     )
 
 
+PRESENCE: ServiceKey[Presence] = ServiceKey("presence")
+
+
 def setup(app: App, _router: Router) -> None:
+    """Track presence from heartbeats and status messages; provides PRESENCE."""
     presence = Presence(app)
-    app.services["presence"] = presence
-    app.services["presence_of"] = presence.presence_of
-    app.services.setdefault("stats_probes", {})["presence"] = presence.stats
+    app.services.provide(PRESENCE, presence)
+    app.stats_probes["presence"] = presence.stats
     app.route("devices/+/heartbeat", presence.on_heartbeat, qos=0)
     # QoS 1: a last will must not be lost while the daemon reconnects.
     app.route("devices/+/status", presence.on_status, qos=1)

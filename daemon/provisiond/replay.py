@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from functools import partial
 
 import sqlite_utils
 from cryptography.exceptions import InvalidTag
@@ -19,14 +20,33 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from provisiond.clock import Clock
 from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
-from provisiond.store import Store, transaction
+from provisiond.store import Migration, Store, transaction
 
 log = get_logger("provisiond.replay")
 
 WINDOW_SECONDS = 600.0
 _INFO = b"provisiond replay v1"
+# How often stored replies older than the window are deleted.
+PRUNE_SECONDS = 60.0
+# How often the in-memory id set forgets ids older than the window.
+RECENT_PRUNE_SECONDS = 0.2
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        "core-2-replays",
+        """
+        CREATE TABLE replays (
+            id TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            reply BLOB NOT NULL
+        );
+        CREATE INDEX replays_created ON replays(created_at);
+        """,
+    ),
+]
 
 
 def replay_id(principal_ref: str, operation: str, correlation: bytes) -> str:
@@ -169,10 +189,99 @@ class ReplayBuffer:
             if len(self._pending) + len(batch) <= self.MAX_PENDING:
                 self._pending = {**batch, **self._pending}
 
+
+
+class Replays:
+    """The one owner of idempotent replays in a running daemon.
+
+    It keeps the stored replies (table `replays`), the in-memory set of
+    recent ids that spares most requests a lookup, the batch of read-only
+    replies not yet flushed, and the requests being handled right now, so a
+    redelivery racing its original waits for the same answer.
+    """
+
+    def __init__(self, store: Store, clock: Clock) -> None:
+        self._store = store
+        self._clock = clock
+        self.buffer = ReplayBuffer(store)
+        self.recent = RecentIds()
+        self._running: dict[str, asyncio.Future[bytes]] = {}
+
+    async def start(self) -> None:
+        """Learn which ids were recorded in the last window (also by an earlier run)."""
+        now = self._clock.now()
+        for rid in await self._store.call(lambda db: recent_ids(db, now)):
+            self.recent.add(rid, now)
+
     async def run(self) -> None:
+        """Upkeep: flush read-only replies, forget old ids, prune old rows."""
+        last_prune = self._clock.monotonic()
         while True:
-            await asyncio.sleep(self.FLUSH_SECONDS)
+            await asyncio.sleep(min(ReplayBuffer.FLUSH_SECONDS, RECENT_PRUNE_SECONDS))
             try:
-                await self.flush()
+                await self.buffer.flush()
+                self.recent.prune(self._clock.now())
+                if self._clock.monotonic() - last_prune >= PRUNE_SECONDS:
+                    last_prune = self._clock.monotonic()
+                    await self._store.call(partial(prune, now=self._clock.now()))
+            except StoreUnavailable:
+                pass
             except Exception:
-                log.exception("replay.flush_failed")
+                log.exception("replay.upkeep_failed")
+
+    def may_exist(self, rid: str) -> bool:
+        """False when no stored reply can exist for `rid`, so the store need not be asked."""
+        return rid in self.recent
+
+    async def load(self, rid: str, *, anywhere: bool = False) -> bytes | None:
+        """The sealed reply recorded for `rid`, if any (buffered or stored).
+
+        The store is asked only when this process saw the id recorded, unless
+        `anywhere`: another process sharing the store may have recorded it.
+        """
+        sealed = self.buffer.get(rid)
+        if sealed is not None or not (anywhere or self.may_exist(rid)):
+            return sealed
+        now = self._clock.now()
+        return await self._store.call(lambda db: load(db, rid, now))
+
+    def saved(self, rid: str) -> None:
+        """A reply for `rid` was committed with its request's effect."""
+        self.recent.add(rid, self._clock.now())
+
+    def save_later(self, rid: str, secret: str, reply: bytes) -> None:
+        """Keep the reply of a request that wrote nothing, to be flushed in a batch.
+
+        Losing the last fraction of a second of these to a crash only means a
+        repeat is answered afresh, with nothing created twice.
+        """
+        now = self._clock.now()
+        self.buffer.add(rid, seal(secret, rid, reply), now)
+        self.recent.add(rid, now)
+
+    @property
+    def in_progress(self) -> int:
+        """How many requests with correlation data are being handled right now."""
+        return len(self._running)
+
+    def running(self, rid: str) -> asyncio.Future[bytes] | None:
+        """The future of the same request being handled right now, if any."""
+        return self._running.get(rid)
+
+    def begin(self, rid: str) -> None:
+        self._running[rid] = asyncio.get_running_loop().create_future()
+
+    def finish(self, rid: str, reply: bytes | None = None, exc: BaseException | None = None) -> None:
+        """Hand the outcome to duplicates waiting on `rid` and forget it."""
+        future = self._running.pop(rid, None)
+        if future is None or future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+            future.exception()  # retrieved: nobody has to be waiting
+        else:
+            assert reply is not None
+            future.set_result(reply)
+
+    async def flush(self) -> None:
+        await self.buffer.flush()

@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import sqlite_utils
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -28,13 +28,11 @@ from provisiond.errors import (
     PayloadTooLarge,
     RateLimited,
     RpcError,
-    StoreUnavailable,
     Unavailable,
 )
 from provisiond.logs import get_logger
-from provisiond.mqtt import PublishRefused
 from provisiond.payloads import NotJson, parse_json
-from provisiond.transport import Delivery, NotConnected
+from provisiond.transport import Delivery, NotConnected, PublishRefused
 
 log = get_logger("provisiond.rpc")
 
@@ -43,8 +41,6 @@ V3_KEYS = ("reply_to", "correlation_id", "authorization")
 MAX_CORRELATION_BYTES = 256
 # Requests accepted beyond the concurrency bound, waiting for a slot.
 MAX_WAITING = 1_000
-# How often the key cache checks whether another process (the CLI) changed keys.
-KEY_POLL_SECONDS = 0.2
 
 
 class Body(BaseModel):
@@ -58,6 +54,15 @@ class EmptyBody(Body):
 
 
 Handler = Callable[["Request", Any], Awaitable[dict[str, Any]]]
+
+
+class Reply(Protocol):
+    """What a write transaction returns: its effect, and the reply body it makes."""
+
+    def reply(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=Reply)
 
 
 @dataclass(frozen=True)
@@ -90,21 +95,23 @@ class Request:
     log_fields: dict[str, Any] = field(default_factory=dict)
     _replay_id: str | None = None
     _replay_secret: str | None = None
-    _recent: replay.RecentIds | None = None
+    _replays: replay.Replays | None = None
     replay_saved: bool = False
 
-    async def write(self, fn: Callable[[sqlite_utils.Database], dict[str, Any]]) -> dict[str, Any]:
-        """Run `fn` in one transaction whose result is the reply body.
+    async def write(self, fn: Callable[[sqlite_utils.Database], R]) -> R:
+        """Run `fn` in one transaction and return what it returns.
 
-        The reply is recorded for replays in the same transaction, so a crash
-        can never leave the effect without the reply a redelivery must get.
+        The reply body `fn`'s result makes (`result.reply()`) is recorded for
+        replays in the same transaction, so a crash can never leave the effect
+        without the reply a redelivery must get. The handler then returns
+        that same `result.reply()`, after whatever it does once committed.
         """
         rid, secret, now = self._replay_id, self._replay_secret, self.app.clock.now()
 
-        def tx(db: sqlite_utils.Database) -> dict[str, Any]:
+        def tx(db: sqlite_utils.Database) -> R:
             result = fn(db)
             if rid is not None and secret is not None:
-                sealed = replay.seal(secret, rid, _envelope_ok(result))
+                sealed = replay.seal(secret, rid, _envelope_ok(result.reply()))
                 if not replay.save(db, rid, sealed, now):
                     # A duplicate finished first; roll back ours and answer as it did.
                     raise _DuplicateWon(rid)
@@ -113,8 +120,8 @@ class Request:
         result = await self.app.store.write(tx)
         if rid is not None:
             self.replay_saved = True
-            if self._recent is not None:
-                self._recent.add(rid, now)
+            if self._replays is not None:
+                self._replays.saved(rid)
         return result
 
 
@@ -138,43 +145,20 @@ class Router:
         self._inflight: set[asyncio.Task[None]] = set()
         # Requests already accepted when the drain began: finished, never refused.
         self._accepted_before_drain: set[asyncio.Task[None]] = set()
-        self._pending_replays: dict[str, asyncio.Future[bytes]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
-        self.replays = replay.ReplayBuffer(app.store)
-        self.recent = replay.RecentIds()
-        self.keys = auth.KeyCache()
+        self.replays = replay.Replays(app.store, app.clock)
+        self.keys = app.caches.keys
         self.rpc_prefix = app.topic("rpc") + "/"
 
     async def start(self) -> None:
-        """Load what the router keeps in memory, and start its upkeep tasks."""
-        now = self.app.clock.now()
-        for rid in await self.app.store.call(lambda db: replay.recent_ids(db, now)):
-            self.recent.add(rid, now)
-        self._observe(await self.app.store.call(auth.data_version))
-        self.app.spawn(self.replays.run(), name="flush-replays")
-        self.app.spawn(self._watch_keys(), name="watch-keys")
+        """Load the recent replay ids and start their upkeep."""
+        await self.replays.start()
+        self.app.spawn(self.replays.run(), name="replays")
 
-    async def _watch_keys(self) -> None:
-        while True:
-            await asyncio.sleep(KEY_POLL_SECONDS)
-            try:
-                self._observe(await self.app.store.call(auth.data_version))
-            except StoreUnavailable:
-                pass
-            except Exception:
-                # Keep watching: a dead watcher would leave revoked keys cached.
-                log.exception("rpc.key_watch_failed")
-                self._observe(-1)
-            self.recent.prune(self.app.clock.now())
-
-    def _observe(self, data_version: int) -> None:
-        """Another process committed (or not): drop what it may have changed."""
-        self.keys.observe(data_version)
-        self.app.devices.observe(data_version)
-
-    def register(self, op: Operation) -> None:
-        if op.name in self.operations:
-            raise ValueError(f"operation {op.name} registered twice")
+    def register(self, op: Operation, *, replace: bool = False) -> None:
+        """Serve `op`; `replace` lets a plugin swap in its own handler again."""
+        if op.name in self.operations and not replace:
+            raise ValueError(f"operation {op.name} is already registered")
         self.operations[op.name] = op
 
     @property
@@ -361,77 +345,86 @@ class Router:
             raise NotFound(f"unknown operation {name!r}", code="unknown_operation")
         if self.draining and asyncio.current_task() not in self._accepted_before_drain:
             raise Unavailable("daemon is shutting down", code="shutting_down")
-        principal: auth.Principal | None = None
-        now = self.app.clock.now()
-        corr = path.correlation
         if op.auth == "api_key":
-            secret = auth.parse_bearer(user_auth)
-            cached = self.keys.get(secret)
-            if cached is not None:
-                key = cached
-                rid = replay.replay_id(key.key_id, name, corr) if corr else None
-                stored = await self._load_replay(rid, now)
-            else:
-                # One trip to the store thread for both the key and a stored reply.
-                key, rid, stored = await self.app.store.call(
-                    lambda db: _key_prelude(db, secret, name, corr, now, self.recent)
-                )
-                self.keys.put(secret, key)
-            principal = key
-            fields["key_id"] = key.key_id
-            self._rate_limit(key.key_id)
-            if op.scope is not None and op.scope not in key.scopes:
-                raise Forbidden(f"key lacks scope {op.scope}", code="missing_scope")
+            principal, secret, rid, stored = await self._authenticate(op, user_auth, path, fields)
         else:
+            principal = None
             token = body.get("token")
             secret = token if isinstance(token, str) else ""
             rid = (
-                replay.replay_id("token:" + auth.hash_secret(secret), name, corr)
-                if corr and secret
+                replay.replay_id("token:" + auth.hash_secret(secret), name, path.correlation)
+                if path.correlation and secret
                 else None
             )
-            stored = (
-                await self.app.store.call(lambda db: replay.load(db, rid, now))
-                if rid is not None
-                else None
+            stored = None if rid is None else await self.replays.load(rid)
+        if rid is None:
+            return await self._run_handler(op, principal, body, None, secret, fields)
+        return await self._once(op, principal, body, rid, secret, stored, fields)
+
+    async def _authenticate(
+        self, op: Operation, user_auth: str | None, path: ReplyPath, fields: dict[str, Any]
+    ) -> tuple[auth.Principal, str, str | None, bytes | None]:
+        """The caller's key (cached, or with its stored reply in one store trip)."""
+        secret = auth.parse_bearer(user_auth)
+        corr = path.correlation
+        cached = self.keys.get(secret)
+        if cached is not None:
+            key = cached
+            rid = replay.replay_id(key.key_id, op.name, corr) if corr else None
+            stored = None if rid is None else await self.replays.load(rid)
+        else:
+            now = self.app.clock.now()
+            key, rid, stored = await self.app.store.call(
+                lambda db: _key_prelude(db, secret, op.name, corr, now, self.replays)
             )
+            self.keys.put(secret, key)
+        fields["key_id"] = key.key_id
+        self._rate_limit(key.key_id)
+        if op.scope is not None and op.scope not in key.scopes:
+            raise Forbidden(f"key lacks scope {op.scope}", code="missing_scope")
+        return key, secret, rid, stored
 
-        if rid is not None:
-            sealed = stored if stored is not None else self.replays.get(rid)
-            reply = replay.unseal(secret, rid, sealed) if sealed is not None else None
-            if reply is not None:
-                fields["replay"] = True
-                return reply
-            pending = self._pending_replays.get(rid)
-            if pending is not None:
-                # The same request is being handled right now (a redelivery racing
-                # the original); answer with its result instead of doing it twice.
-                fields["replay"] = True
-                return await asyncio.shield(pending)
-            self._pending_replays[rid] = asyncio.get_running_loop().create_future()
-
+    async def _once(
+        self,
+        op: Operation,
+        principal: auth.Principal | None,
+        body: dict[str, Any],
+        rid: str,
+        secret: str,
+        stored: bytes | None,
+        fields: dict[str, Any],
+    ) -> bytes:
+        """Run a request that carries correlation data at most once in the replay window."""
+        if stored is None:
+            stored = self.replays.buffer.get(rid)
+        reply = replay.unseal(secret, rid, stored) if stored is not None else None
+        if reply is not None:
+            fields["replay"] = True
+            return reply
+        running = self.replays.running(rid)
+        if running is not None:
+            # The same request is being handled right now (a redelivery racing
+            # the original); answer with its result instead of doing it twice.
+            fields["replay"] = True
+            return await asyncio.shield(running)
+        self.replays.begin(rid)
         try:
             reply = await self._run_handler(op, principal, body, rid, secret, fields)
-            if rid is not None:
-                self._pending_replays[rid].set_result(reply)
-            return reply
         except _DuplicateWon:
-            stored = await self._find_replay(rid or "", secret)
-            if stored is None:
-                raise Unavailable("duplicate request raced; retry") from None
+            # Recorded by a duplicate, perhaps in another process: ask the store.
+            sealed = await self.replays.load(rid, anywhere=True)
+            reply = None if sealed is None else replay.unseal(secret, rid, sealed)
+            if reply is None:
+                exc = Unavailable("duplicate request raced; retry")
+                self.replays.finish(rid, exc=exc)
+                raise exc from None
             fields["replay"] = True
-            if rid is not None and not self._pending_replays[rid].done():
-                # A third copy may be waiting on this one: it gets the same answer.
-                self._pending_replays[rid].set_result(stored)
-            return stored
         except BaseException as exc:
-            if rid is not None and not self._pending_replays[rid].done():
-                self._pending_replays[rid].set_exception(exc)
-                self._pending_replays[rid].exception()  # mark retrieved: duplicates are optional
+            self.replays.finish(rid, exc=exc)
             raise
-        finally:
-            if rid is not None:
-                self._pending_replays.pop(rid, None)
+        # A third copy may be waiting on this one: it gets the same answer.
+        self.replays.finish(rid, reply)
+        return reply
 
     async def _run_handler(
         self,
@@ -447,30 +440,14 @@ class Router:
         except ValidationError as exc:
             raise _bad_body(exc) from None
         request = Request(
-            self.app, op.name, principal, fields, rid, secret if rid else None, self.recent
+            self.app, op.name, principal, fields, rid, secret if rid else None, self.replays
         )
         result = await op.handler(request, parsed)
         reply = _envelope_ok(result)
         if rid is not None and not request.replay_saved:
-            # The handler changed nothing in the store, so its reply can be saved
-            # in a batch: losing the last fraction of a second of these to a crash
-            # only means a repeat is answered afresh, with nothing created twice.
-            now = self.app.clock.now()
-            self.replays.add(rid, replay.seal(secret, rid, reply), now)
-            self.recent.add(rid, now)
+            # The handler changed nothing in the store: its reply is saved in a batch.
+            self.replays.save_later(rid, secret, reply)
         return reply
-
-    async def _load_replay(self, rid: str | None, now: float) -> bytes | None:
-        if rid is None or rid not in self.recent:
-            return None
-        return await self.app.store.call(lambda db: replay.load(db, rid, now))
-
-    async def _find_replay(self, rid: str, secret: str) -> bytes | None:
-        now = self.app.clock.now()
-        sealed = self.replays.get(rid) or await self.app.store.call(
-            lambda db: replay.load(db, rid, now)
-        )
-        return None if sealed is None else replay.unseal(secret, rid, sealed)
 
     def _rate_limit(self, key_id: str) -> None:
         limits = self.app.config.limits
@@ -514,13 +491,13 @@ def _key_prelude(
     operation: str,
     correlation: bytes | None,
     now: float,
-    recent: replay.RecentIds,
+    replays: replay.Replays,
 ) -> tuple[auth.Principal, str | None, bytes | None]:
     principal = auth.lookup_key(db, secret)
     if not correlation:
         return principal, None, None
     rid = replay.replay_id(principal.key_id, operation, correlation)
-    return principal, rid, replay.load(db, rid, now) if rid in recent else None
+    return principal, rid, replay.load(db, rid, now) if replays.may_exist(rid) else None
 
 
 def _envelope_error(status: int, error: dict[str, Any]) -> bytes:

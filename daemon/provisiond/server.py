@@ -13,22 +13,20 @@ import contextlib
 import gc
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from functools import partial
 from typing import Any
 
 from provisiond import plugins as plugin_api
-from provisiond import replay
 from provisiond.app import App, ReloadHook
 from provisiond.clock import Clock
 from provisiond.config import Config, LogConfig, resolve_path
 from provisiond.errors import ConfigError, StoreUnavailable
-from provisiond.features import FEATURES, Setup
+from provisiond.features import FEATURES, Feature, set_up
 from provisiond.logs import get_logger
 from provisiond.reload import changed_keys, keep_restart_only
 from provisiond.rpc import Router
 from provisiond.schema import all_migrations
 from provisiond.store import Store
-from provisiond.transport import Delivery, Subscription, Transport
+from provisiond.transport import Subscription, Transport
 
 log = get_logger("provisiond.server")
 
@@ -38,8 +36,6 @@ Notify = Callable[[str], None]
 # 503); wait until none arrived for this long before disconnecting, so their
 # replies go out rather than being cut off.
 DRAIN_SETTLE_SECONDS = 0.1
-# Topic handlers that wait may run this many at once; more wait their turn.
-TOPIC_HANDLER_TASKS = 64
 STATUS_POLL_SECONDS = 1.0
 
 
@@ -54,7 +50,7 @@ class Server:
         *,
         clock: Clock | None = None,
         notify: Notify = _no_notify,
-        features: list[Setup] | None = None,
+        features: list[Feature] | None = None,
         watchdog_interval: float | None = None,
         setup_logging: Callable[[LogConfig], None] | None = None,
         plugins: Mapping[str, Any] | None = None,
@@ -79,7 +75,8 @@ class Server:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[bool]] = set()
-        self._last_delivery = 0.0
+        self._started: list[Callable[[], Awaitable[None]]] = []
+        self._conn_task: asyncio.Task[None] | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -166,11 +163,33 @@ class Server:
     async def serve(
         self, shutdown_trigger: Callable[[], Coroutine[Any, Any, object]] | None = None
     ) -> None:
+        """Start, serve until asked to stop (or `shutdown_trigger` returns), then stop."""
         watchdog: asyncio.Task[None] | None = None
         if self.watchdog_interval:
             watchdog = asyncio.create_task(self._watchdog(self.watchdog_interval))
+        trigger_task: asyncio.Task[object] | None = None
+        try:
+            app, router = await self.startup()
+        except BaseException:
+            if watchdog is not None:
+                watchdog.cancel()
+            raise
+        try:
+            if shutdown_trigger is not None:
+                trigger_task = asyncio.create_task(shutdown_trigger())
+                trigger_task.add_done_callback(lambda _t: self._stop.set())
+            await self.main_loop(app, router)
+        finally:
+            if trigger_task is not None:
+                trigger_task.cancel()
+            await self.shutdown(app, router)
+            if watchdog is not None:
+                watchdog.cancel()
+
+    async def startup(self) -> tuple[App, Router]:
+        """Open the store (migrations) and set the features up; nothing runs yet."""
         # Before anything opens: a bad [plugins.*] table is a config error (exit 3).
-        plugin_specs = plugin_api.resolve(self.config, self.plugins)
+        self._plugin_specs = plugin_api.resolve(self.config, self.plugins)
         store = Store(
             resolve_path(self.config, self.config.store.path),
             synchronous=self.config.store.synchronous,
@@ -179,72 +198,70 @@ class Server:
         applied = await store.open(all_migrations())
         if applied:
             log.info("store.migrated", applied=applied)
-        transport = Transport(self.config)
-        app = App(self.config, store, transport, self.clock)
+        app = App(self.config, store, Transport(self.config), self.clock)
         router = Router(app)
         self.app, self.router = app, router
-        for setup in self.features:
-            setup(app, router)
-        started: list[Callable[[], Awaitable[None]]] = []
-        conn_task: asyncio.Task[None] | None = None
-        trigger_task: asyncio.Task[object] | None = None
         try:
-            for hook in app.on_start:
-                await hook()
-            started = list(app.on_stop)
-            # Plugins run on top of the core: started after it, stopped before it.
-            self.supervisor = plugin_api.PluginSupervisor(app, router, plugin_specs)
-            started.append(self.supervisor.stop)
-            await self.supervisor.start()
-            app.spawn(self._prune_replays(app), name="prune-replays")
-            await router.start()
-            rpc_filter = app.topic("rpc", "#")
-            if self.config.mqtt.shared_group:
-                rpc_filter = f"$share/{self.config.mqtt.shared_group}/{rpc_filter}"
-            subs = [Subscription(rpc_filter, 1), *app.subscriptions()]
-            self.notify(f"STATUS=connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
-            conn_task = asyncio.create_task(transport.run(subs, self._dispatcher(app, router)))
-            if shutdown_trigger is not None:
-                trigger_task = asyncio.create_task(shutdown_trigger())
-                trigger_task.add_done_callback(lambda _t: self._stop.set())
-            await self._wait_ready(transport, conn_task)
-            # What startup built (modules, models, schemas) lives as long as the
-            # process: freezing it keeps the collector's full passes, which stop
-            # the loop, down to what requests allocate (tens of ms less at p99).
-            if self.freeze_heap:
-                gc.collect()
-                gc.freeze()
-            self.ready.set()
-            log.info("daemon.ready", topic_prefix=app.prefix, operations=sorted(router.operations))
-            self.notify("READY=1\nSTATUS=serving")
-            app.spawn(self._report_connection(transport), name="status-report")
-            await self._until_stop(conn_task)
-        finally:
-            self.notify("STOPPING=1\nSTATUS=draining in-flight requests")
-            left = await self._drain(router, app.config.daemon.shutdown_grace_seconds)
-            if left:
-                log.warning("daemon.drain_timeout", unanswered=left)
-            self.notify("STATUS=flushing and disconnecting")
-            for hook in reversed(started):
-                try:
-                    await hook()
-                except Exception:
-                    log.exception(
-                        "daemon.stop_hook_failed", hook=getattr(hook, "__qualname__", "?")
-                    )
-            await transport.stop()
-            if conn_task is not None:
-                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(conn_task, timeout=5)
-            if trigger_task is not None:
-                trigger_task.cancel()
-            await app.cancel_tasks()
-            with contextlib.suppress(StoreUnavailable):
-                await router.replays.flush()
+            set_up(self.features, app, router)
+        except BaseException:
             await store.close()
-            if watchdog is not None:
-                watchdog.cancel()
-            log.info("daemon.stopped")
+            raise
+        return app, router
+
+    async def main_loop(self, app: App, router: Router) -> None:
+        """Start hooks, plugins and the broker connection; serve until stopped."""
+        for hook in app.on_start:
+            await hook()
+        self._started = list(app.on_stop)
+        # Plugins run on top of the core: started after it, stopped before it.
+        self.supervisor = plugin_api.PluginSupervisor(app, router, self._plugin_specs)
+        self._started.append(self.supervisor.stop)
+        await self.supervisor.start()
+        await app.caches.start()
+        app.spawn(app.caches.run(), name="watch-store")
+        await router.start()
+        rpc_filter = app.topic("rpc", "#")
+        if self.config.mqtt.shared_group:
+            rpc_filter = f"$share/{self.config.mqtt.shared_group}/{rpc_filter}"
+        subs = [Subscription(rpc_filter, 1), *app.topics.subscriptions()]
+        app.topics.serve_rpc(router.submit, lambda coro, name: app.spawn(coro, name=name))
+        self.notify(f"STATUS=connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
+        conn_task = asyncio.create_task(app.transport.run(subs, app.topics.dispatch))
+        self._conn_task = conn_task
+        await self._wait_ready(app.transport, conn_task)
+        # What startup built (modules, models, schemas) lives as long as the
+        # process: freezing it keeps the collector's full passes, which stop
+        # the loop, down to what requests allocate (tens of ms less at p99).
+        if self.freeze_heap:
+            gc.collect()
+            gc.freeze()
+        self.ready.set()
+        log.info("daemon.ready", topic_prefix=app.prefix, operations=sorted(router.operations))
+        self.notify("READY=1\nSTATUS=serving")
+        app.spawn(self._report_connection(app.transport), name="status-report")
+        await self._until_stop(conn_task)
+
+    async def shutdown(self, app: App, router: Router) -> None:
+        """Drain, stop hooks in reverse, disconnect cleanly, close the store."""
+        self.notify("STOPPING=1\nSTATUS=draining in-flight requests")
+        left = await self._drain(router, app.config.daemon.shutdown_grace_seconds)
+        if left:
+            log.warning("daemon.drain_timeout", unanswered=left)
+        self.notify("STATUS=flushing and disconnecting")
+        for hook in reversed(self._started):
+            try:
+                await hook()
+            except Exception:
+                log.exception("daemon.stop_hook_failed", hook=getattr(hook, "__qualname__", "?"))
+        await app.transport.stop()
+        if self._conn_task is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._conn_task, timeout=5)
+        await app.cancel_tasks()
+        with contextlib.suppress(StoreUnavailable):
+            await router.replays.flush()
+        await app.store.close()
+        log.info("daemon.stopped")
 
     async def _until_stop(self, conn_task: asyncio.Task[None]) -> None:
         # The connection task ends by itself only on a bug: exit non-zero then,
@@ -265,7 +282,7 @@ class Server:
                 return left
             if left:
                 continue  # more arrived while we waited; they are quick 503s
-            quiet = loop.time() - self._last_delivery
+            quiet = loop.time() - (self.app.topics.last_delivery if self.app else 0.0)
             if quiet >= DRAIN_SETTLE_SECONDS:
                 return 0
             await asyncio.sleep(min(DRAIN_SETTLE_SECONDS - quiet, deadline - loop.time()))
@@ -300,49 +317,3 @@ class Server:
         stop.cancel()
         if conn_task in done:
             conn_task.result()  # surfaces a startup failure (e.g. bad TLS files)
-
-    def _dispatcher(self, app: App, router: Router) -> Callable[[Delivery], Awaitable[None]]:
-        rpc_prefix = router.rpc_prefix
-        # Handlers that wait (a store write for a command ack or a WiFi report)
-        # run beside the message loop, so heartbeats never queue behind them.
-        slots = asyncio.Semaphore(TOPIC_HANDLER_TASKS)
-
-        async def finish(pending: Awaitable[None], delivery: Delivery) -> None:
-            try:
-                await pending
-            except Exception:
-                app.counters["topics.handler_failed"] += 1
-                log.exception("topic.handler_failed", topic=delivery.topic)
-            finally:
-                slots.release()
-            app.transport.ack(delivery)
-
-        async def dispatch(delivery: Delivery) -> None:
-            self._last_delivery = asyncio.get_running_loop().time()
-            topic = delivery.topic
-            if topic.startswith(rpc_prefix):
-                await router.submit(delivery)
-                return
-            found = app.match(topic)
-            if found is None:
-                app.transport.ack(delivery)
-                return
-            route, values = found
-            try:
-                result = route.handler(delivery, values)
-                if result is not None:
-                    await slots.acquire()
-                    app.spawn(finish(result, delivery), name="topic-handler")
-                    return
-            except Exception:
-                app.counters["topics.handler_failed"] += 1
-                log.exception("topic.handler_failed", topic=topic)
-            app.transport.ack(delivery)
-
-        return dispatch
-
-    async def _prune_replays(self, app: App) -> None:
-        while True:
-            await asyncio.sleep(60)
-            with contextlib.suppress(StoreUnavailable):
-                await app.store.call(partial(replay.prune, now=app.clock.now()))

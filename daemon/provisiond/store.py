@@ -95,6 +95,11 @@ class transaction:
             self.db.execute("ROLLBACK")
 
 
+def data_version(db: sqlite_utils.Database) -> int:
+    """Moves whenever another connection commits (SQLite's `PRAGMA data_version`)."""
+    return int(db.execute("PRAGMA data_version").fetchone()[0])
+
+
 class Store:
     """Async front of the database; `call` and `write` run functions on its thread."""
 

@@ -7,8 +7,8 @@ hash lookup lets activation find the token without knowing the device.
 Every function here is a plain `fn(db, ...)` for the store thread (or the
 CLI); the caller owns the transaction. A device has at most one token that is
 neither used nor revoked — `issue` revokes the earlier ones in the same
-transaction, and the partial unique index of migration "devices-2" makes the
-database refuse anything else.
+transaction, and the partial unique index below makes the database refuse
+anything else.
 """
 
 from __future__ import annotations
@@ -21,6 +21,28 @@ import sqlite_utils
 from provisiond.auth import hash_secret, random_string
 from provisiond.clock import iso_utc
 from provisiond.errors import Gone, Unauthorized
+from provisiond.store import Migration
+
+# IF NOT EXISTS: databases made before this table moved here got it from
+# the devices migrations (see devices.py).
+MIGRATIONS: list[Migration] = [
+    Migration(
+        "tokens-1",
+        """
+        CREATE TABLE IF NOT EXISTS provision_tokens (
+            hash TEXT PRIMARY KEY,
+            device_id INTEGER NOT NULL REFERENCES devices(id),
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            used_at REAL,
+            revoked_at REAL
+        );
+        CREATE INDEX IF NOT EXISTS provision_tokens_device ON provision_tokens(device_id);
+        CREATE UNIQUE INDEX IF NOT EXISTS provision_tokens_one_open
+            ON provision_tokens(device_id) WHERE used_at IS NULL AND revoked_at IS NULL;
+        """,
+    ),
+]
 
 TOKEN_LENGTH = 32
 # Longer than any token we issue, so a client's over-long field is a 400 naming
@@ -99,15 +121,6 @@ def consume(db: sqlite_utils.Database, token: str, *, now: float) -> int:
     record = require_usable(find(db, token), now)
     db.execute("UPDATE provision_tokens SET used_at = ? WHERE hash = ?", [now, hash_secret(token)])
     return record.device_id
-
-
-def live_count(db: sqlite_utils.Database, device_id: int, *, now: float) -> int:
-    row = db.execute(
-        "SELECT COUNT(*) FROM provision_tokens WHERE device_id = ?"
-        " AND used_at IS NULL AND revoked_at IS NULL AND expires_at > ?",
-        [device_id, now],
-    ).fetchone()
-    return int(row[0])
 
 
 def history(db: sqlite_utils.Database, device_id: int, *, now: float) -> list[dict[str, Any]]:

@@ -20,6 +20,9 @@ from provisiond.config import Config, read_secret, resolve_path, secret_path
 from provisiond.logs import get_logger
 from provisiond.mqtt import PublishRefused
 
+# Features take the broker's refusals from here, never from provisiond.mqtt.
+__all__ = ["Delivery", "NotConnected", "PublishRefused", "Subscription", "Transport"]
+
 log = get_logger("provisiond.transport")
 
 # A connection that lasted this long resets the reconnect backoff.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import sqlite_utils
@@ -10,44 +11,59 @@ import sqlite_utils
 from provisiond import devices, permissions
 from provisiond.app import App
 from provisiond.commands import RECONFIGURE, Commands, queue_command
-from provisiond.errors import Conflict, NotFound
-from provisiond.presence import Presence
+from provisiond.devices import DeviceId
+from provisiond.errors import Conflict
+from provisiond.presence import PRESENCE
 from provisiond.rpc import Body, Operation, Request, Router
-
-MAX_SQLITE_INT = 2**63 - 1
 
 
 class ReconfigureBody(Body):
-    deviceId: int  # the seed's field name
+    deviceId: DeviceId  # the seed's field name
 
 
 def new_command_id() -> str:
     return "cmd_" + secrets.token_hex(8)
 
 
-def setup(app: App, router: Router) -> None:
-    presence = app.services.get("presence")
-    service = Commands(app, presence if isinstance(presence, Presence) else None)
-    app.services["commands"] = service
+@dataclass(frozen=True)
+class Queued:
+    """A reconfigure command stored for delivery, and the commands it superseded."""
 
-    async def reconfigure(request: Request, body: ReconfigureBody) -> dict[str, Any]:
+    command_id: str
+    offline: bool
+    superseded: list[str]
+
+    def reply(self) -> dict[str, Any]:
+        return {"deviceIsOffline": self.offline, "commandId": self.command_id}
+
+
+class Reconfigure:
+    """The reconfigure operation; delivery is the `Commands` service's job."""
+
+    def __init__(self, app: App, service: Commands) -> None:
+        self.app = app
+        self.service = service
+
+    async def reconfigure(self, request: Request, body: ReconfigureBody) -> dict[str, Any]:
+        """Queue a reconfigure command for an activated device.
+
+        It is stored first, then published at QoS 1 at once if the device is
+        online on MQTT, otherwise when it next comes online, unless it expired
+        (`commands.ttl_seconds`). A newer command supersedes a queued one.
+        `deviceIsOffline` says how things stood when it was queued.
+        """
         principal = request.principal
         assert principal is not None
         permissions.check_provision_device(principal)
-        device_id = permissions.positive_id(body.deviceId, "deviceId")
+        device_id = body.deviceId
         request.log_fields["device"] = device_id
-        if device_id > MAX_SQLITE_INT:
-            raise NotFound(
-                f"device {device_id} not found", code="device_not_found", field="deviceId"
-            )
         # Read before the write: the reply says how things stood when it was
         # queued, and the delivery path re-checks presence after the commit.
-        offline = service.is_offline(device_id)
-        now = app.clock.now()
+        offline = self.service.is_offline(device_id)
+        now = self.app.clock.now()
         command_id = new_command_id()
-        superseded: list[str] = []
 
-        def store(db: sqlite_utils.Database) -> dict[str, Any]:
+        def store(db: sqlite_utils.Database) -> Queued:
             device = devices.get_device(db, device_id, principal.org_id)
             permissions.check_owner(principal, device)
             if device.state != "active":
@@ -56,30 +72,34 @@ def setup(app: App, router: Router) -> None:
                     code="device_not_active",
                     field="deviceId",
                 )
-            superseded[:] = queue_command(
+            superseded = queue_command(
                 db,
                 command_id=command_id,
                 device_id=device_id,
                 command=RECONFIGURE,
                 issued_at=now,
-                expires_at=now + service.ttl_seconds(),
+                expires_at=now + self.service.ttl_seconds(),
                 key_id=principal.key_id,
             )
-            return {"deviceIsOffline": offline, "commandId": command_id}
+            return Queued(command_id, offline, superseded)
 
-        reply = await request.write(store)
+        queued = await request.write(store)
         request.log_fields["command_id"] = command_id
-        app.spawn(
-            service.queued(device_id, RECONFIGURE, command_id, list(superseded)),
+        self.app.spawn(
+            self.service.queued(device_id, RECONFIGURE, command_id, queued.superseded),
             name="commands-queued",
         )
-        return reply
+        return queued.reply()
 
+
+def setup(app: App, router: Router) -> None:
+    """Queue and deliver reconfigure commands; requires PRESENCE."""
+    service = Commands(app, app.services.get(PRESENCE))
+    ops = Reconfigure(app, service)
     router.register(
         Operation(
-            "provision/reconfigure", reconfigure, body=ReconfigureBody, scope="provision:write"
+            "provision/reconfigure", ops.reconfigure, body=ReconfigureBody, scope="provision:write"
         )
     )
     app.route("devices/+/commands/ack", service.on_ack, qos=1)
     app.on_start.append(service.start)
-    app.on_stop.append(service.stop)

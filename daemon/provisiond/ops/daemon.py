@@ -9,8 +9,14 @@ from provisiond.app import App
 from provisiond.rpc import EmptyBody, Operation, Request, Router
 
 
-def setup(app: App, router: Router) -> None:
-    async def stats(request: Request, _body: EmptyBody) -> dict[str, Any]:
+class DaemonStats:
+    def __init__(self, app: App, router: Router) -> None:
+        self.app = app
+        self.router = router
+
+    async def stats(self, _request: Request, _body: EmptyBody) -> dict[str, Any]:
+        """Version, uptime, broker connection, requests in flight, counters, presence and plugins."""
+        app = self.app
         return {
             "version": __version__,
             "uptime_seconds": round(app.clock.now() - app.started_at, 1),
@@ -18,9 +24,11 @@ def setup(app: App, router: Router) -> None:
             "connections": app.transport.connections,
             # QoS 0 messages (heartbeats) dropped because the daemon fell behind.
             "dropped_messages": app.transport.dropped,
-            "inflight": router.inflight,
+            "inflight": self.router.inflight,
             "counters": dict(sorted(app.counters.items())),
-            **{name: await probe() for name, probe in app.services.get("stats_probes", {}).items()},
+            **{name: await probe() for name, probe in app.stats_probes.items()},
         }
 
-    router.register(Operation("daemon/stats", stats, scope="daemon:read"))
+
+def setup(app: App, router: Router) -> None:
+    router.register(Operation("daemon/stats", DaemonStats(app, router).stats, scope="daemon:read"))

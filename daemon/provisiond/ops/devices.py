@@ -2,35 +2,24 @@
 
 The view carries state, owner, capabilities, firmware and times — never a
 token, a token hash or key material. Presence comes from the presence
-feature's `presence_of` service when it is running; this module does not
+feature (the service PRESENCE) when it is running; this module does not
 know how presence is computed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import Field
 
 from provisiond import permissions
 from provisiond.app import App
-from provisiond.devices import device_view, list_devices
+from provisiond.devices import DeviceId, device_view, list_devices
+from provisiond.presence import PRESENCE
 from provisiond.rpc import Body, Operation, Request, Router
-
-INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
-
-# The seed's types: deviceId and orgId are int32, ownerId int64. Strict bodies
-# mean "5", 5.0 and true are refused, not coerced.
-DeviceId = Annotated[int, Field(gt=0, le=INT32_MAX)]
-OrgId = Annotated[int, Field(gt=0, le=INT32_MAX)]
-UserId = Annotated[int, Field(gt=0, le=INT64_MAX)]
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 500
-
-PresenceOf = Callable[[int], dict[str, Any] | None]
 
 
 class GetBody(Body):
@@ -42,29 +31,36 @@ class ListBody(Body):
     after: DeviceId | None = None
 
 
-def setup(app: App, router: Router) -> None:
-    def with_presence(view: dict[str, Any]) -> dict[str, Any]:
-        presence_of: PresenceOf | None = app.services.get("presence_of")
-        if presence_of is not None:
-            view["presence"] = presence_of(view["deviceId"])
+class DeviceReads:
+    """The device read operations."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def _with_presence(self, view: dict[str, Any]) -> dict[str, Any]:
+        presence = self.app.services.find(PRESENCE)
+        if presence is not None:
+            view["presence"] = presence.presence_of(view["deviceId"])
         return view
 
-    async def get(request: Request, body: GetBody) -> dict[str, Any]:
+    async def get(self, request: Request, body: GetBody) -> dict[str, Any]:
+        """One device the key may see, with its presence (`online`, `channels`, `last_seen`, `since`)."""
         principal = request.principal
         assert principal is not None
         request.log_fields["device"] = body.deviceId
-        device = await app.store.call(
+        device = await self.app.store.call(
             lambda db: permissions.viewable_device(db, principal, body.deviceId)
         )
-        return with_presence(device_view(device))
+        return self._with_presence(device_view(device))
 
-    async def list_(request: Request, body: ListBody) -> dict[str, Any]:
+    async def list(self, request: Request, body: ListBody) -> dict[str, Any]:
+        """The devices the key may see, by id, `limit` at a time; `next` is the cursor for `after`."""
         principal = request.principal
         assert principal is not None
         permissions.check_device_view(principal)
         owner = permissions.owner_filter(principal)
         # One extra row tells whether there is a next page without a COUNT.
-        found = await app.store.call(
+        found = await self.app.store.call(
             lambda db: list_devices(
                 db,
                 org_id=principal.org_id,
@@ -76,9 +72,13 @@ def setup(app: App, router: Router) -> None:
         page = found[: body.limit]
         more = len(found) > body.limit
         return {
-            "devices": [with_presence(device_view(d)) for d in page],
+            "devices": [self._with_presence(device_view(d)) for d in page],
             "next": page[-1].id if more else None,
         }
 
-    router.register(Operation("device/get", get, body=GetBody, scope="devices:read"))
-    router.register(Operation("device/list", list_, body=ListBody, scope="devices:read"))
+
+def setup(app: App, router: Router) -> None:
+    """Device reads; shows presence when PRESENCE is provided."""
+    ops = DeviceReads(app)
+    router.register(Operation("device/get", ops.get, body=GetBody, scope="devices:read"))
+    router.register(Operation("device/list", ops.list, body=ListBody, scope="devices:read"))

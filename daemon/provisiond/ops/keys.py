@@ -9,6 +9,7 @@ from provisiond.rpc import EmptyBody, Operation, Request, Router
 
 
 async def whoami(request: Request, _body: EmptyBody) -> dict[str, Any]:
+    """The key's id, organisation, user, scopes and permissions (never the key)."""
     assert request.principal is not None
     return request.principal.as_dict()
 

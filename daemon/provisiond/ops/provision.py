@@ -14,24 +14,21 @@ the commit, so a rolled-back request never announces anything.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import sqlite_utils
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import AfterValidator, Field
 
-from provisiond import permissions, tokens
+from provisiond import devices, permissions, tokens
 from provisiond.app import App
-from provisiond.devices import Device, find_device
-from provisiond.errors import BadRequest, Conflict, Unavailable
-from provisiond.ops.devices import INT32_MAX, DeviceId, OrgId, UserId
+from provisiond.devices import INT32_MAX, Device, DeviceId, OrgId, UserId
+from provisiond.errors import BadRequest, Conflict
+from provisiond.presence import PRESENCE
 from provisiond.rpc import Body, Operation, Request, Router
 from provisiond.wifi.crypto import InvalidPeerKey, b64url_decode, x25519_shared
-
-# (device_id) -> the JWKs a device needs to verify its grants; registered by
-# the WiFi feature. Without it a device still activates, with no keys to pin.
-GrantKeys = Callable[[int], list[dict[str, Any]]]
+from provisiond.wifi.service import GRANTS
 
 
 def _x25519_public_key(value: str) -> str:
@@ -78,68 +75,98 @@ class ActivateBody(Body):
     ) = None
 
 
-def create_device(db: sqlite_utils.Database, *, org_id: int, owner_id: int, now: float) -> int:
-    cur = db.execute(
-        "INSERT INTO devices (org_id, owner_id, state, created_at) VALUES (?, ?, 'pending', ?)",
-        [org_id, owner_id, now],
-    )
-    device_id = cur.lastrowid
-    assert device_id is not None
-    if device_id > INT32_MAX:
-        # The seed's deviceId is int32; handing out a bigger one would break clients.
-        raise Unavailable("device id space exhausted", code="device_ids_exhausted")
-    return int(device_id)
+@dataclass(frozen=True)
+class Issued:
+    """A provision token just issued for a device (a new or a re-provisioned one)."""
+
+    device_id: int
+    org_id: int
+    owner_id: int
+    token: str = field(repr=False)
+
+    def reply(self) -> dict[str, Any]:
+        return {"token": self.token, "deviceId": self.device_id}
 
 
-def setup(app: App, router: Router) -> None:
-    async def provision_token(request: Request, body: ProvisionBody) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Activated:
+    """An activation: the device as it was before, and what the device is told."""
+
+    before: Device
+    body: dict[str, Any] = field(repr=False)
+
+    def reply(self) -> dict[str, Any]:
+        return self.body
+
+
+class Provisioning:
+    """The provisioning operations; one instance per daemon."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def provision_token(self, request: Request, body: ProvisionBody) -> dict[str, Any]:
+        """Create a pending device owned by `ownerId` in `orgId`, and its first provision token.
+
+        The token is shown once, here; the store keeps only its hash. User-scoped
+        keys need PROVISION_DEVICES, plus ORG_VIEW_USERS to provision for another user.
+        """
         principal = request.principal
         assert principal is not None
         permissions.check_provision(principal, org_id=body.orgId, owner_id=body.ownerId)
-        now = app.clock.now()
-        lifetime = app.config.tokens.lifetime_seconds
+        now = self.app.clock.now()
+        lifetime = self.app.config.tokens.lifetime_seconds
 
-        def tx(db: sqlite_utils.Database) -> dict[str, Any]:
+        def tx(db: sqlite_utils.Database) -> Issued:
             permissions.check_owner_in_org(db, org_id=body.orgId, owner_id=body.ownerId)
-            device_id = create_device(db, org_id=body.orgId, owner_id=body.ownerId, now=now)
+            device_id = devices.create_device(db, org_id=body.orgId, owner_id=body.ownerId, now=now)
             token = tokens.issue(db, device_id, now=now, lifetime=lifetime)
-            return {"token": token, "deviceId": device_id}
+            return Issued(device_id, body.orgId, body.ownerId, token)
 
-        result = await request.write(tx)
-        request.log_fields["device"] = result["deviceId"]
-        return result
+        issued = await request.write(tx)
+        request.log_fields["device"] = issued.device_id
+        return issued.reply()
 
-    async def reprovision_token(request: Request, body: ReprovisionBody) -> dict[str, Any]:
+    async def reprovision_token(self, request: Request, body: ReprovisionBody) -> dict[str, Any]:
+        """Issue a new provision token for an existing device, revoking its earlier ones.
+
+        Everything else about the device is kept: its id, owner and history. The
+        device activates again with the new token.
+        """
         principal = request.principal
         assert principal is not None
         request.log_fields["device"] = body.deviceId
-        now = app.clock.now()
-        lifetime = app.config.tokens.lifetime_seconds
-        seen: list[Device] = []
+        now = self.app.clock.now()
+        lifetime = self.app.config.tokens.lifetime_seconds
 
-        def tx(db: sqlite_utils.Database) -> dict[str, Any]:
+        def tx(db: sqlite_utils.Database) -> Issued:
             # Revoke and issue in one BEGIN IMMEDIATE transaction on the single
             # store thread: concurrent re-provisions serialise, and the last one
             # leaves the only live token.
             device = permissions.provisionable_device(db, principal, body.deviceId)
             token = tokens.issue(db, device.id, now=now, lifetime=lifetime)
-            db.execute("UPDATE devices SET reprovisioned_at = ? WHERE id = ?", [now, device.id])
-            seen.append(device)
-            return {"token": token, "deviceId": device.id}
+            devices.mark_reprovisioned(db, device.id, now=now)
+            return Issued(device.id, device.org_id, device.owner_id, token)
 
         try:
-            result = await request.write(tx)
+            issued = await request.write(tx)
         finally:
             # Even if this task is cancelled mid-write: the commit may still land.
-            app.devices.forget(body.deviceId)
-        device = seen[0]
-        await app.publish_event(
+            self.app.caches.devices.forget(body.deviceId)
+        await self.app.publish_event(
             "device/reprovisioned",
-            {"deviceId": device.id, "orgId": device.org_id, "ownerId": device.owner_id},
+            {"deviceId": issued.device_id, "orgId": issued.org_id, "ownerId": issued.owner_id},
         )
-        return result
+        return issued.reply()
 
-    async def activate(request: Request, body: ActivateBody) -> dict[str, Any]:
+    async def activate(self, request: Request, body: ActivateBody) -> dict[str, Any]:
+        """A device spends its provision token and reports its capabilities and X25519 key.
+
+        The reply carries its `deviceId`, the `grant_verification_keys` (JWKs)
+        to pin, `gateway_id` and `heartbeat_interval`. Authenticated by the
+        token in the body, not by an API key.
+        """
+        app = self.app
         now = app.clock.now()
         # Read first: refusals cost no write lock, and the device id is needed
         # to ask for its grant keys before the transaction (the service runs
@@ -151,44 +178,49 @@ def setup(app: App, router: Router) -> None:
         request.log_fields["device"] = device_id
         public_key = b64url_decode(body.public_key)
         await asyncio.to_thread(_refuse_low_order, public_key)
-        grant_keys: GrantKeys | None = app.services.get("grant_keys")
-        jwks = list(grant_keys(device_id)) if grant_keys is not None else []
-        seen: list[Device] = []
+        grants = app.services.find(GRANTS)
+        # Without the WiFi feature a device still activates, with no keys to pin.
+        jwks = grants.verification_jwks(device_id) if grants is not None else []
+        reply = {
+            "deviceId": device_id,
+            "gateway_id": app.config.daemon.gateway_id,
+            "grant_verification_keys": jwks,
+            "heartbeat_interval": app.config.presence.heartbeat_interval_seconds,
+        }
 
-        def tx(db: sqlite_utils.Database) -> dict[str, Any]:
+        def tx(db: sqlite_utils.Database) -> Activated:
             # Checked again under the write lock: a concurrent activation with the
             # same token may have spent it since the read above.
             if tokens.consume(db, body.token, now=now) != device_id:
                 raise Conflict("provision token changed device", field="token")
-            before = find_device(db, device_id)
-            assert before is not None  # tokens reference devices, which are never deleted
-            db.execute(
-                "UPDATE devices SET state = 'active', capabilities = ?, public_key = ?,"
-                " firmware_version = ?, activated_at = ? WHERE id = ?",
-                [body.capabilities, public_key, body.firmware_version, now, device_id],
+            before = devices.activate(
+                db,
+                device_id,
+                capabilities=body.capabilities,
+                public_key=public_key,
+                firmware_version=body.firmware_version,
+                now=now,
             )
-            seen.append(before)
-            return {
-                "deviceId": device_id,
-                "gateway_id": app.config.daemon.gateway_id,
-                "grant_verification_keys": jwks,
-                "heartbeat_interval": app.config.presence.heartbeat_interval_seconds,
-            }
+            return Activated(before, reply)
 
         try:
-            result = await request.write(tx)
+            activated = await request.write(tx)
         finally:
             # Even if this task is cancelled mid-write: the commit may still land.
-            app.devices.forget(device_id)
-        before = seen[0]
-        presence = app.services.get("presence")
+            app.caches.devices.forget(device_id)
+        await self._announce(activated, body)
+        return activated.reply()
+
+    async def _announce(self, activated: Activated, body: ActivateBody) -> None:
+        before = activated.before
+        presence = self.app.services.find(PRESENCE)
         if presence is not None:
             # Its first heartbeat then needs no store lookup to be recognised.
-            presence.device_activated(device_id)
-        await app.publish_event(
+            presence.device_activated(before.id)
+        await self.app.publish_event(
             "device/activated",
             {
-                "deviceId": device_id,
+                "deviceId": before.id,
                 "orgId": before.org_id,
                 "ownerId": before.owner_id,
                 "capabilities": body.capabilities,
@@ -196,17 +228,21 @@ def setup(app: App, router: Router) -> None:
                 "reactivation": before.activated_at is not None,
             },
         )
-        return result
 
+
+def setup(app: App, router: Router) -> None:
+    ops = Provisioning(app)
     router.register(
-        Operation("provision/token", provision_token, body=ProvisionBody, scope="provision:write")
+        Operation("provision/token", ops.provision_token, body=ProvisionBody, scope="provision:write")
     )
     router.register(
         Operation(
             "provision/reprovision/token",
-            reprovision_token,
+            ops.reprovision_token,
             body=ReprovisionBody,
             scope="provision:write",
         )
     )
-    router.register(Operation("device/activate", activate, body=ActivateBody, auth="body_token"))
+    router.register(
+        Operation("device/activate", ops.activate, body=ActivateBody, auth="body_token")
+    )

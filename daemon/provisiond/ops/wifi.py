@@ -5,8 +5,8 @@
 - `P/devices/N/wifi/status`: a device says it used a grant; the jti is
   recorded as consumed and `P/events/wifi/configured` or `.../failed` follows.
 
-The work is in `provisiond.wifi.service.GrantService`, shared with the BLE
-bridge as `app.services["grants"]`.
+The work is in `provisiond.wifi.service.GrantService`, provided to other
+features and to the BLE bridge as the service `GRANTS`.
 """
 
 from __future__ import annotations
@@ -17,18 +17,17 @@ from typing import Annotated, Any, Final
 from pydantic import Field, field_validator
 
 from provisiond.app import App
-from provisiond.devices import find_device
+from provisiond.devices import DeviceIdOrDecimal, find_device
 from provisiond.logs import get_logger
 from provisiond.payloads import json_object
+from provisiond.presence import parse_device_id
 from provisiond.rpc import Body, EmptyBody, Operation, Request, Router
 from provisiond.transport import Delivery
 from provisiond.wifi.crypto import b64url_decode
-from provisiond.wifi.service import GrantService
+from provisiond.wifi.service import GRANTS, GrantService
 
 log = get_logger("provisiond.wifi")
 
-_DECIMAL_ID: Final = re.compile(r"[1-9][0-9]{0,18}")
-_MAX_ID: Final = (1 << 63) - 1  # SQLite INTEGER
 _REASON: Final = re.compile(r"[a-z0-9_\-]{1,64}")
 # A jti is b64url of 16 bytes (22 chars); allow some slack for other issuers
 # but never an unbounded string into the database.
@@ -48,29 +47,11 @@ def _b64url_field(value: str, *, lo: int, hi: int) -> str:
 
 
 class GrantBody(Body):
-    device_id: int
+    device_id: DeviceIdOrDecimal
     # Strict: 900.5, "900", true and null are all refused, naming the field.
     expires_in_seconds: Annotated[int, Field(ge=60, le=3600)] = 900
     app_public_key: str | None = None
     device_nonce: str | None = None
-
-    @field_validator("device_id", mode="before")
-    @classmethod
-    def _device_id_string(cls, value: object) -> object:
-        # The integer deviceId, or its decimal string (the seed's path parameter
-        # was a string); anything else is left for the strict int check to refuse.
-        if isinstance(value, str):
-            if not _DECIMAL_ID.fullmatch(value):
-                raise ValueError("must be a positive integer or its decimal string")
-            return int(value)
-        return value
-
-    @field_validator("device_id")
-    @classmethod
-    def _device_id_range(cls, value: int) -> int:
-        if not 0 < value <= _MAX_ID:
-            raise ValueError("must be a positive integer")
-        return value
 
     @field_validator("app_public_key")
     @classmethod
@@ -83,20 +64,21 @@ class GrantBody(Body):
         return None if value is None else _b64url_field(value, lo=8, hi=32)
 
 
-def setup(app: App, router: Router) -> None:
-    service = GrantService(app)
-    app.services["grants"] = service
-    # The activation reply (provisioning feature) includes these for the device to pin.
-    app.services["grant_keys"] = service.verification_jwks
+class WifiGrants:
+    """The grant operations and the devices' reports of using their grants."""
 
-    async def start() -> None:
-        await service.load_keys()
-        app.spawn(service.prune_forever(), name="wifi-prune")
+    def __init__(self, app: App, service: GrantService) -> None:
+        self.app = app
+        self.service = service
+        self._unknown_reports = _PerDeviceBudget(UNKNOWN_REPORTS_PER_MINUTE)
 
-    app.on_start.append(start)
-    app.on_reload.append(service.reload_keys)
+    async def grant(self, request: Request, body: GrantBody) -> dict[str, Any]:
+        """Sign a WiFi-configuration grant for an activated, WiFi-capable device.
 
-    async def grant(request: Request, body: GrantBody) -> dict[str, Any]:
+        With `app_public_key` the session key is the requester's alone
+        (end-to-end); without it the daemon makes one and returns it as
+        `session_key` (server-generated mode, unless disabled).
+        """
         assert request.principal is not None
         device_id = body.device_id
         request.log_fields["device"] = device_id
@@ -108,7 +90,7 @@ def setup(app: App, router: Router) -> None:
         # A grant changes nothing in the store (it is stateless): its reply is
         # kept for replays by the router's batched buffer like any read-only
         # operation's.
-        reply, result = await service.issue_reply(
+        reply, result = await self.service.issue_reply(
             org_id=request.principal.org_id,
             device_id=device_id,
             principal=request.principal,
@@ -120,15 +102,13 @@ def setup(app: App, router: Router) -> None:
         request.log_fields["grant_id"] = result.jti
         return reply
 
-    async def keys(_request: Request, _body: EmptyBody) -> dict[str, Any]:
-        return {"keys": service.public_jwks()}
+    async def keys(self, _request: Request, _body: EmptyBody) -> dict[str, Any]:
+        """The gateway's public grant verification keys (JWKs), active first."""
+        return {"keys": self.service.public_jwks()}
 
-    router.register(Operation("wifi-config/grant", grant, body=GrantBody, scope="devices:write"))
-    router.register(Operation("wifi-config/keys", keys, scope="devices:read"))
-
-    unknown_reports = _PerDeviceBudget(UNKNOWN_REPORTS_PER_MINUTE)
-
-    async def wifi_status(delivery: Delivery, values: list[str]) -> None:
+    async def wifi_status(self, delivery: Delivery, values: list[str]) -> None:
+        """A device reports the outcome of a grant it accepted (`P/devices/N/wifi/status`)."""
+        app, service = self.app, self.service
         report = _parse_status(values[0], delivery.payload)
         if report is None:
             app.counters["wifi.status.malformed"] += 1
@@ -143,7 +123,7 @@ def setup(app: App, router: Router) -> None:
         if device is None or not device.active:
             app.counters["wifi.status.unknown_device"] += 1
             return
-        if known is None and not unknown_reports.allow(device_id, app.clock.monotonic()):
+        if known is None and not self._unknown_reports.allow(device_id, app.clock.monotonic()):
             # Grant ids this process did not issue (e.g. before a restart) cannot
             # be checked; a device inventing them would fill the ledger and the
             # event stream, so each device gets only a few per minute.
@@ -169,7 +149,24 @@ def setup(app: App, router: Router) -> None:
                 "wifi/failed", {"device_id": device_id, "grant_id": grant_id, "reason": reason}
             )
 
-    app.route("devices/+/wifi/status", wifi_status, qos=1)
+
+def setup(app: App, router: Router) -> None:
+    """Issue grants and take the devices' reports; provides GRANTS."""
+    service = GrantService(app)
+    app.services.provide(GRANTS, service)
+    ops = WifiGrants(app, service)
+
+    async def start() -> None:
+        await service.load_keys()
+        app.spawn(service.prune_forever(), name="wifi-prune")
+
+    app.on_start.append(start)
+    app.on_reload.append(service.reload_keys)
+    router.register(
+        Operation("wifi-config/grant", ops.grant, body=GrantBody, scope="devices:write")
+    )
+    router.register(Operation("wifi-config/keys", ops.keys, scope="devices:read"))
+    app.route("devices/+/wifi/status", ops.wifi_status, qos=1)
 
 
 UNKNOWN_REPORTS_PER_MINUTE = 10
@@ -200,7 +197,8 @@ def _parse_status(segment: str, payload: bytes) -> tuple[int, str, str, str | No
     Reasons must be machine codes: free text is how an SSID or a password
     would find its way from a device into our logs and events.
     """
-    if not _DECIMAL_ID.fullmatch(segment) or len(payload) > MAX_STATUS_BYTES:
+    device_id = parse_device_id(segment)
+    if device_id is None or len(payload) > MAX_STATUS_BYTES:
         return None
     doc = json_object(payload)
     if doc is None:
@@ -214,4 +212,4 @@ def _parse_status(segment: str, payload: bytes) -> tuple[int, str, str, str | No
         return None
     if state == "failed" and reason is None:
         reason = "unknown"
-    return int(segment), grant_id, str(state), None if state == "connected" else reason
+    return device_id, grant_id, str(state), None if state == "connected" else reason

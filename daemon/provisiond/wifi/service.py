@@ -37,6 +37,7 @@ from provisiond.errors import (
     Unavailable,
 )
 from provisiond.logs import get_logger
+from provisiond.services import ServiceKey
 from provisiond.store import Migration
 from provisiond.wifi.crypto import MAX_GRANT_LIFETIME, b64url_encode
 from provisiond.wifi.signing import (
@@ -255,7 +256,7 @@ class GrantService:
         return reply_body(result), result
 
     async def _device(self, device_id: int, org_id: int) -> Device:
-        cache = self.app.devices
+        cache = self.app.caches.devices
         device = cache.get(device_id)
         if device is None:
             generation = cache.generation
@@ -335,6 +336,10 @@ class GrantService:
             await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
             with contextlib.suppress(StoreUnavailable):
                 await self.prune()
+
+
+# How other features and plugins find the running grant service.
+GRANTS: ServiceKey[GrantService] = ServiceKey("grants")
 
 
 def require_grantable(device: Device) -> bytes:

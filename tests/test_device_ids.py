@@ -1,0 +1,43 @@
+"""One rule for device ids, on every operation that takes one (docs/protocol.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from provisiond.config import Config
+from support import RpcClient, seed_key
+
+# (operation, the field holding the device id, the rest of a valid body)
+OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("device/get", "deviceId", {}),
+    ("provision/reprovision/token", "deviceId", {}),
+    ("provision/reconfigure", "deviceId", {}),
+    ("wifi-config/grant", "device_id", {}),
+    ("device/list", "after", {}),
+]
+MALFORMED = [0, -1, 2**31, 2**63, 2**70]
+
+
+@pytest.mark.parametrize(("op", "field", "rest"), OPERATIONS)
+async def test_malformed_ids_are_400_naming_the_field(
+    config: Config, rpc: RpcClient, op: str, field: str, rest: dict[str, Any]
+) -> None:
+    _, key = seed_key(config)
+    for bad in MALFORMED:
+        reply = await rpc.call(op, {field: bad, **rest}, key=key)
+        assert reply["status"] == 400, (op, bad, reply)
+        assert reply["error"]["code"] == "invalid_field"
+        assert reply["error"]["field"] == field
+
+
+@pytest.mark.parametrize(("op", "field", "rest"), [o for o in OPERATIONS if o[0] != "device/list"])
+async def test_well_formed_unknown_ids_are_404(
+    config: Config, rpc: RpcClient, op: str, field: str, rest: dict[str, Any]
+) -> None:
+    _, key = seed_key(config)
+    for unknown in (424242, 2**31 - 1):
+        reply = await rpc.call(op, {field: unknown, **rest}, key=key)
+        assert reply["status"] == 404, (op, unknown, reply)
+        assert reply["error"]["code"] == "device_not_found"

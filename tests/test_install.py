@@ -1,0 +1,70 @@
+"""`pip install .` with no extras is a daemon that runs: no MQTT client libraries, no bumble.
+
+The simulator, the tests and the client library need aiomqtt and paho, the
+BLE bridge needs bumble; `provisiond run` needs none of them. This builds
+the wheel into a fresh venv, as an operator would install it, and starts it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from daemon_proc import write_toml
+
+from support import Broker, make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_plain_install_runs_the_daemon_without_optional_packages(
+    tmp_path: Path, broker: Broker
+) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(ROOT)],
+        check=True,
+        timeout=600,
+    )
+    for module in ("aiomqtt", "paho", "bumble"):
+        probe = subprocess.run(
+            [str(python), "-c", f"import {module}"], check=False, capture_output=True
+        )
+        assert probe.returncode != 0, f"{module} is installed by a plain `pip install .`"
+
+    config_file = write_toml(make_config(tmp_path, broker), tmp_path / "provisiond.toml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
+    env.pop("PYTHONPATH", None)
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen(
+        [str(venv / "bin" / "provisiond"), "run", "-c", str(config_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if '"daemon.ready"' in line:
+                break
+        assert any('"daemon.ready"' in line for line in lines), "".join(lines[-20:])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
