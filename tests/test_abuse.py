@@ -174,3 +174,22 @@ async def test_junk_on_heartbeat_and_status_topics_is_counted_never_stored(
     assert db.execute("SELECT COUNT(*) FROM presence").fetchone()[0] == 0
     gc.collect()
     assert _rss_mb() - rss_before < 64, "memory grew while ingesting junk"
+
+
+async def test_lone_surrogates_in_credentials_are_refused_not_crashes(
+    config: Config, rpc: RpcClient, logs: LogCapture
+) -> None:
+    """JSON can carry a lone UTF-16 surrogate that no UTF-8 encoder accepts."""
+    _, key = seed_key(config)
+    surrogate_key = b'{"authorization": "Bearer sk_live_\\ud800"}'
+    reply = await rpc.call("keys/whoami", raw=surrogate_key, correlation=uuid.uuid4().bytes)
+    assert reply["status"] == 401, reply
+    surrogate_token = (
+        b'{"token": "\\ud800abc", "capabilities": 2,'
+        b' "public_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}'
+    )
+    for correlation in (uuid.uuid4().bytes, None):
+        reply = await rpc.call("device/activate", raw=surrogate_token, correlation=correlation)
+        assert reply["status"] in (400, 401), reply
+    assert not [e for e in logs.entries if e["event"] == "rpc.internal_error"]
+    assert (await rpc.call("keys/whoami", {}, key=key))["status"] == 200

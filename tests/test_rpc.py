@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import uuid
+from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -13,7 +14,7 @@ from structlog.testing import LogCapture
 
 from provisiond.config import Config
 from provisiond.server import Server
-from support import RpcClient, eventually, seed_key
+from support import Broker, RpcClient, eventually, make_config, running, seed_key
 
 
 async def test_whoami_over_mosquitto_rr_v5(config: Config, daemon: Server) -> None:
@@ -305,3 +306,29 @@ async def test_a_dropped_request_is_logged_as_dropped_not_as_a_server_error(
     [line] = [e for e in logs.entries if e["event"] == "rpc"]
     assert line["status"] == "dropped"
     assert daemon.app is not None and daemon.app.counters["rpc.status.500"] == 0
+
+
+async def test_per_key_reply_topics_answer_only_on_the_keys_own_topic(
+    tmp_path: Path, broker: Broker, logs: LogCapture
+) -> None:
+    config = make_config(tmp_path, broker, daemon={"reply_topics": "per-key"})
+    key_id, secret = seed_key(config)
+    other_id, other = seed_key(config)
+    prefix = config.mqtt.topic_prefix
+    own = RpcClient(config)
+    own.reply_topic = f"{prefix}/replies/{key_id}/svc-1"
+    async with running(config) as server, own, RpcClient(config) as anywhere:
+        assert (await own.call("keys/whoami", {}, key=secret))["status"] == 200
+        # Another key's topic, a topic outside replies/, an unknown key: no reply at all.
+        silent = [
+            await own.send("keys/whoami", {}, key=other),
+            await own.send("keys/whoami", {}, key="sk_live_" + "x" * 40),
+            await anywhere.send("keys/whoami", {}, key=secret),
+        ]
+        done, _ = await asyncio.wait(silent, timeout=1.5)
+        assert not done
+        assert server.app is not None
+        assert server.app.counters["rpc.dropped"] == 3
+    dropped = [e for e in logs.entries if e["event"] == "rpc.dropped"]
+    assert len(dropped) == 3 and all("not the key's own" in e["reason"] for e in dropped)
+    assert other_id != key_id

@@ -91,7 +91,9 @@ class Principal:
 
 
 def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+    # surrogatepass: JSON can carry a lone UTF-16 surrogate, which strict UTF-8
+    # refuses; such a secret was never issued, and must look up as unknown.
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def random_string(length: int) -> str:

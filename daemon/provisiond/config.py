@@ -33,6 +33,10 @@ class DaemonConfig(Section):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
     max_concurrent_requests: int = Field(default=256, ge=1, le=100_000)
     max_payload_bytes: int = Field(default=65_536, ge=256, le=16 * 1024 * 1024)
+    # any: replies go wherever the request says (correlation data must then be
+    # unguessable). per-key: only to <prefix>/replies/<key id>/..., so the
+    # broker's ACL can keep each service's replies its own.
+    reply_topics: Literal["any", "per-key"] = "any"
 
 
 class LogConfig(Section):
@@ -110,6 +114,9 @@ class LimitsConfig(Section):
     # Requests per second per API key (token bucket); 0 disables.
     rate_per_key: float = Field(default=0.0, ge=0)
     burst_per_key: int = Field(default=100, ge=1)
+    # Request slots one API key may hold at once; its further requests wait
+    # their turn, served round-robin with other keys' (docs/protocol.md).
+    max_inflight_per_key: int = Field(default=16, ge=1, le=100_000)
 
 
 class Config(Section):

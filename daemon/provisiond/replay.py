@@ -59,7 +59,7 @@ def replay_id(principal_ref: str, operation: str, correlation: bytes) -> str:
 
 def _key(secret: str, rid: str) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes.fromhex(rid), info=_INFO).derive(
-        secret.encode("utf-8")
+        secret.encode("utf-8", "surrogatepass")  # as auth.hash_secret
     )
 
 

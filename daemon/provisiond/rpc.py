@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from provisiond import auth, replay
 from provisiond.app import App
+from provisiond.config import Config
 from provisiond.errors import (
     BadRequest,
     Forbidden,
@@ -28,8 +29,10 @@ from provisiond.errors import (
     PayloadTooLarge,
     RateLimited,
     RpcError,
+    Unauthorized,
     Unavailable,
 )
+from provisiond.fairslots import FairSlots
 from provisiond.logs import get_logger
 from provisiond.payloads import NotJson, parse_json
 from provisiond.transport import Delivery, NotConnected, PublishRefused
@@ -125,6 +128,10 @@ class Request:
         return result
 
 
+class _Unbound(Exception):
+    """With `daemon.reply_topics = "per-key"`: the reply topic is not the key's own."""
+
+
 class _DuplicateWon(Exception):
     def __init__(self, rid: str) -> None:
         super().__init__(rid)
@@ -140,7 +147,9 @@ class Router:
         self.app = app
         self.operations: dict[str, Operation] = {}
         self.draining = False
-        self._sem = asyncio.Semaphore(app.config.daemon.max_concurrent_requests)
+        self._slots = FairSlots(
+            app.config.daemon.max_concurrent_requests, app.config.limits.max_inflight_per_key
+        )
         self._admit = asyncio.Semaphore(app.config.daemon.max_concurrent_requests + MAX_WAITING)
         self._inflight: set[asyncio.Task[None]] = set()
         # Requests already accepted when the drain began: finished, never refused.
@@ -149,6 +158,10 @@ class Router:
         self.replays = replay.Replays(app.store, app.clock)
         self.keys = app.caches.keys
         self.rpc_prefix = app.topic("rpc") + "/"
+        app.on_reload.append(self._reload)
+
+    async def _reload(self, config: Config) -> None:
+        self._slots.configure(config.limits.max_inflight_per_key)
 
     async def start(self) -> None:
         """Load the recent replay ids and start their upkeep."""
@@ -178,8 +191,7 @@ class Router:
         task.add_done_callback(self._done)
 
     async def _queued(self, delivery: Delivery) -> None:
-        async with self._sem:
-            await self._handle(delivery)
+        await self._handle(delivery)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
@@ -209,11 +221,18 @@ class Router:
                 log.warning("rpc.dropped", reason="no reply path", **fields)
                 self.app.transport.ack(delivery)
                 return
-            reply, status = await self._reply_for(name, body, path, fields)
+            async with self._slots.slot(_caller(body)):
+                reply, status = await self._reply_for(name, body, path, fields)
             if path.topic:
                 await self._publish(path, reply, delivery)
             else:
                 self.app.transport.ack(delivery)
+        except _Unbound:
+            # Answering would publish on a topic the caller may not own.
+            status = "dropped"
+            self.app.counters["rpc.dropped"] += 1
+            log.warning("rpc.dropped", reason="reply topic is not the key's own", **fields)
+            self.app.transport.ack(delivery)
         except NotConnected:
             # Unacked, so the broker redelivers it and the replay record answers it.
             fields["reply"] = "lost; left unacknowledged for redelivery"
@@ -314,6 +333,8 @@ class Router:
                 raise parsed
             user_auth, body = parsed
             return await self._dispatch(name, user_auth, body, path, fields), 200
+        except _Unbound:
+            raise
         except RpcError as exc:
             fields["error"] = exc.code
             if exc.field:
@@ -346,7 +367,9 @@ class Router:
         if self.draining and asyncio.current_task() not in self._accepted_before_drain:
             raise Unavailable("daemon is shutting down", code="shutting_down")
         if op.auth == "api_key":
-            principal, secret, rid, stored = await self._authenticate(op, user_auth, path, fields)
+            principal, secret, rid, stored = await self._bound_authenticate(
+                op, user_auth, path, fields
+            )
         else:
             principal = None
             token = body.get("token")
@@ -360,6 +383,17 @@ class Router:
         if rid is None:
             return await self._run_handler(op, principal, body, None, secret, fields)
         return await self._once(op, principal, body, rid, secret, stored, fields)
+
+    async def _bound_authenticate(
+        self, op: Operation, user_auth: str | None, path: ReplyPath, fields: dict[str, Any]
+    ) -> tuple[auth.Principal, str, str | None, bytes | None]:
+        """`_authenticate`; with per-key reply topics, an unknown key gets no reply at all."""
+        try:
+            return await self._authenticate(op, user_auth, path, fields)
+        except Unauthorized:
+            if self.app.config.daemon.reply_topics == "per-key":
+                raise _Unbound() from None
+            raise
 
     async def _authenticate(
         self, op: Operation, user_auth: str | None, path: ReplyPath, fields: dict[str, Any]
@@ -379,6 +413,10 @@ class Router:
             )
             self.keys.put(secret, key)
         fields["key_id"] = key.key_id
+        if self.app.config.daemon.reply_topics == "per-key" and not path.topic.startswith(
+            f"{self.app.prefix}/replies/{key.key_id}/"
+        ):
+            raise _Unbound()
         self._rate_limit(key.key_id)
         if op.scope is not None and op.scope not in key.scopes:
             raise Forbidden(f"key lacks scope {op.scope}", code="missing_scope")
@@ -498,6 +536,13 @@ def _key_prelude(
         return principal, None, None
     rid = replay.replay_id(principal.key_id, operation, correlation)
     return principal, rid, replay.load(db, rid, now) if replays.may_exist(rid) else None
+
+
+def _caller(parsed: Any) -> str:
+    """Whom a request's slot is charged to: its credential as presented, else one group."""
+    if isinstance(parsed, tuple) and isinstance(parsed[0], str):
+        return parsed[0]
+    return ""
 
 
 def _envelope_error(status: int, error: dict[str, Any]) -> bytes:

@@ -1,0 +1,95 @@
+"""Request slots are shared between API keys: a flood from one key waits its turn."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from provisiond.app import App
+from provisiond.fairslots import FairSlots
+from provisiond.features import FEATURES, Feature
+from provisiond.rpc import Body, Operation, Request, Router
+from support import Broker, RpcClient, make_config, running, seed_key
+
+SLOW = 0.4
+
+
+class SlowBody(Body):
+    seconds: float
+
+
+def slow_feature(_app: App, router: Router) -> None:
+    async def slow(_request: Request, body: SlowBody) -> dict[str, Any]:
+        await asyncio.sleep(body.seconds)
+        return {"slept": body.seconds}
+
+    router.register(Operation("test/slow", slow, body=SlowBody))
+
+
+async def pending_when_done(
+    flood: list[asyncio.Future[dict[str, Any]]], polite: asyncio.Future[dict[str, Any]]
+) -> int:
+    reply = await asyncio.wait_for(polite, 20)
+    assert reply["status"] == 200
+    still = sum(not f.done() for f in flood)
+    await asyncio.wait_for(asyncio.gather(*flood), 30)
+    return still
+
+
+async def test_a_waiting_key_is_served_before_a_flooding_key_drains(
+    tmp_path: Path, broker: Broker
+) -> None:
+    # Four slots, and each key may hold all four: only the turn order is tested.
+    config = make_config(
+        tmp_path, broker, daemon={"max_concurrent_requests": 4}, limits={"max_inflight_per_key": 4}
+    )
+    _, flooder = seed_key(config)
+    _, polite = seed_key(config)
+    features = [*FEATURES, Feature("slow", slow_feature)]
+    async with running(config, features=features), RpcClient(config) as rpc:
+        flood = [
+            await rpc.send("test/slow", {"seconds": SLOW}, key=flooder) for _ in range(16)
+        ]
+        await asyncio.sleep(0.1)  # the flood holds every slot, twelve more wait
+        mine = await rpc.send("test/slow", {"seconds": 0.0}, key=polite)
+        # First in, first out would serve all sixteen first; in turn, the polite
+        # key gets the first slot that frees, with most of the flood still waiting.
+        assert await pending_when_done(flood, mine) >= 8
+
+
+async def test_one_key_holds_at_most_its_share_of_slots(tmp_path: Path, broker: Broker) -> None:
+    config = make_config(
+        tmp_path, broker, daemon={"max_concurrent_requests": 8}, limits={"max_inflight_per_key": 2}
+    )
+    _, flooder = seed_key(config)
+    _, polite = seed_key(config)
+    features = [*FEATURES, Feature("slow", slow_feature)]
+    async with running(config, features=features), RpcClient(config) as rpc:
+        flood = [await rpc.send("test/slow", {"seconds": SLOW}, key=flooder) for _ in range(8)]
+        await asyncio.sleep(0.1)
+        mine = await rpc.send("test/slow", {"seconds": SLOW}, key=polite)
+        # Free slots were there for the polite key at once; the flood ran two at a time.
+        assert await pending_when_done(flood, mine) >= 4
+
+
+async def test_slots_are_handed_out_round_robin_and_survive_cancellation() -> None:
+    slots = FairSlots(capacity=1, per_caller=1)
+    order: list[str] = []
+
+    async def use(caller: str) -> None:
+        async with slots.slot(caller):
+            order.append(caller)
+            await asyncio.sleep(0)
+
+    await slots.acquire("a")  # hold the only slot while the queue forms
+    tasks = [asyncio.create_task(use(c)) for c in ("a", "a", "a", "b", "c")]
+    cancelled = asyncio.create_task(use("b"))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    slots.release("a")
+    await asyncio.gather(*tasks)
+    assert order == ["a", "b", "c", "a", "a"]
+    assert slots.waiting == 0
+    await asyncio.wait_for(slots.acquire("z"), 1)  # nothing leaked
