@@ -41,8 +41,7 @@ from provisiond.wifi.crypto import (
     b64url_decode,
     credential_plaintext,
 )
-from provisiond.wifi.jws import parse_unverified
-from provisiond.wifi.service import require_grantable
+from provisiond.wifi.service import GrantService, require_grantable
 from provisiond.wifi.uploader import Uploader, UploaderError
 from provisiond_ble import profile
 from provisiond_ble.central import BleError, GattSession, Radio
@@ -281,7 +280,7 @@ class BleBridgePlugin:
         device_id: int,
         public_key: bytes,
         body: UploadBody,
-        grants: Any,
+        grants: GrantService,
         progress: _Progress,
     ) -> Outcome:
         radio = self.radio
@@ -321,12 +320,16 @@ class BleBridgePlugin:
                 device_nonce=nonce,
             )
             uploader = Uploader.for_grant(
-                grant.grant_blob, ephemeral_private=ephemeral, device_public_key=public_key
+                grant.grant_blob,
+                ephemeral_private=ephemeral,
+                device_public_key=public_key,
+                grant_id=grant.jti,
+                epk=grant.epk,
             )
             # Bridge mode: e lives only for this attempt (Python cannot wipe it).
             del ephemeral
             self.last_grant_id[device_id] = uploader.grant_id
-            self._last_iat[device_id] = int(parse_unverified(grant.grant_blob)["iat"])
+            self._last_iat[device_id] = grant.iat
             progress.stage = "grant_write"
             await session.write_value(profile.WIFI_GRANT_UUID, grant.grant_blob.encode("ascii"))
             status = await self._next_status(session, uploader)
