@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from provisiond.clock import iso_utc
 from provisiond.config import ENV_KEY, Config, config_path, load, resolve_path
 
 EXIT_OK = 0
@@ -243,7 +244,7 @@ def cmd_keys_rotate_signing(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(f"new signing key {new_kid} is active on disk")
     for kid, until in retired:
-        print(f"key {kid} now only verifies, until {_iso(until)}")
+        print(f"key {kid} now only verifies, until {iso_utc(until)}")
     # The running daemon holds the ring in memory and reloads it on SIGHUP.
     print("reload the daemon so it signs with the new key: systemctl reload provisiond")
     return EXIT_OK
@@ -290,10 +291,6 @@ def _require_owner(directory: Path) -> None:
             f"{directory} belongs to uid {owner}; run this as that user "
             f"(e.g. sudo -u provisiond provisiond keys rotate-signing)"
         )
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 # --- registration
