@@ -33,6 +33,7 @@ from provisiond.errors import (
     RpcError,
     Unavailable,
 )
+from provisiond.payloads import REASON_CODE
 from provisiond.plugins import PluginContext
 from provisiond.rpc import Body, Operation, Request
 from provisiond.wifi.crypto import (
@@ -391,8 +392,6 @@ def _plain(raw: bytes) -> dict[str, str] | None:
     if not isinstance(doc, dict):
         return None
     reason = doc.get("reason")
-    if reason is not None and not (
-        isinstance(reason, str) and re.fullmatch(r"[a-z0-9_\-]{1,64}", reason)
-    ):
+    if reason is not None and not (isinstance(reason, str) and REASON_CODE.fullmatch(reason)):
         doc["reason"] = "unknown"
     return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str)}

@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from provisiond.payloads import REASON_CODE
+
 # Domain-separation strings. They carry the protocol version, so a future v2
 # can never be confused with v1 even if the message layout stays the same.
 SESSION_INFO: Final = b"provisiond wifi-session v1"
@@ -52,7 +54,6 @@ MAX_COUNTER: Final = (1 << 96) - 1
 
 SECURITY_TYPES: Final = frozenset({"open", "wpa2-psk", "wpa3-sae", "wpa2-wpa3"})
 STATUS_STATES: Final = frozenset({"idle", "grant-accepted", "connecting", "connected", "failed"})
-_REASON_RE: Final = re.compile(r"[a-z0-9_\-]{1,64}")
 _HEX64_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
 _B64URL_RE: Final = re.compile(r"[A-Za-z0-9_\-]*")
 
@@ -321,7 +322,7 @@ def _validate_status(doc: Mapping[str, Any]) -> dict[str, str]:
         reason = doc["reason"]
         # Reasons are machine codes, never free text: free text is how a
         # password or an SSID would leak into a log on the uploader side.
-        if not isinstance(reason, str) or not _REASON_RE.fullmatch(reason):
+        if not isinstance(reason, str) or not REASON_CODE.fullmatch(reason):
             raise InvalidStatus("reason", "must match [a-z0-9_-]{1,64}")
         out["reason"] = reason
     return out
