@@ -44,7 +44,8 @@ GRANT_KEY_INFO_PREFIX: Final = b"provisiond grant-key v1|"
 
 X25519_KEY_LEN: Final = 32
 SESSION_KEY_LEN: Final = 64
-NONCE_LEN: Final = 12
+# AES-GCM nonce: the random prefix of a credential message, the counter of a status.
+GCM_NONCE_LEN: Final = 12
 TAG_LEN: Final = 16
 # A BLE characteristic write is reassembled in device RAM; a hard ceiling keeps
 # a hostile uploader from making a small device allocate without bound.
@@ -272,8 +273,8 @@ def encrypt_credentials(
     """
     _check_key(k_up, "k_up")
     if nonce is None:
-        nonce = os.urandom(NONCE_LEN)
-    if len(nonce) != NONCE_LEN:
+        nonce = os.urandom(GCM_NONCE_LEN)
+    if len(nonce) != GCM_NONCE_LEN:
         raise ValueError("nonce must be 12 bytes")
     plaintext = credential_plaintext(ssid, password, security)
     return nonce + AESGCM(k_up).encrypt(nonce, plaintext, CREDENTIAL_AAD)
@@ -282,10 +283,12 @@ def encrypt_credentials(
 def decrypt_credentials(k_up: bytes, message: bytes) -> WifiCredentials:
     """Authenticate and parse a credential message; never returns partial data."""
     _check_key(k_up, "k_up")
-    if not NONCE_LEN + TAG_LEN < len(message) <= MAX_CREDENTIAL_MESSAGE:
+    if not GCM_NONCE_LEN + TAG_LEN < len(message) <= MAX_CREDENTIAL_MESSAGE:
         raise DecryptionFailed("credential")
     try:
-        plaintext = AESGCM(k_up).decrypt(message[:NONCE_LEN], message[NONCE_LEN:], CREDENTIAL_AAD)
+        plaintext = AESGCM(k_up).decrypt(
+            message[:GCM_NONCE_LEN], message[GCM_NONCE_LEN:], CREDENTIAL_AAD
+        )
     except InvalidTag as exc:
         raise DecryptionFailed("credential") from exc
     try:
@@ -304,7 +307,7 @@ def status_nonce(counter: int) -> bytes:
     """96-bit big-endian counter; implicit, so it costs no bytes over BLE."""
     if isinstance(counter, bool) or not isinstance(counter, int) or not 0 <= counter <= MAX_COUNTER:
         raise ValueError("status counter out of range")
-    return counter.to_bytes(NONCE_LEN, "big")
+    return counter.to_bytes(GCM_NONCE_LEN, "big")
 
 
 def _validate_status(doc: Mapping[str, Any]) -> dict[str, str]:
