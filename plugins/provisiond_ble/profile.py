@@ -78,10 +78,6 @@ def commit_frame(value: bytes) -> bytes:
     return bytes([OP_COMMIT]) + struct.pack("<H", len(value)) + digest(value)
 
 
-def abort_frame() -> bytes:
-    return bytes([OP_ABORT])
-
-
 class Reassembler:
     """Device side of one chunked characteristic: DATA..., then COMMIT."""
 
