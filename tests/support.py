@@ -11,6 +11,7 @@ import contextlib
 import json
 import shutil
 import socket
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -185,6 +186,15 @@ async def running(config: Config, **kwargs: Any) -> AsyncIterator[Server]:
     finally:
         server.request_stop()
         await asyncio.wait_for(task, 30)
+
+
+def rows(config: Config, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """What `sql` reads from the daemon's store, on a connection of its own."""
+    conn = sqlite3.connect(config.store.path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
 
 
 class RpcClient:

@@ -8,11 +8,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from presence_support import FakeDevice, Watcher, rows, seed_devices
+from presence_support import FakeDevice, Watcher, seed_devices
 
 from provisiond.config import Config
 from provisiond.presence import Presence
-from support import Broker, RpcClient, eventually, make_config, running, seed_key
+from support import Broker, RpcClient, eventually, make_config, rows, running, seed_key
 
 ALL = ("devices:read", "devices:write", "provision:write", "daemon:read")
 

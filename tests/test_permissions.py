@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from provision_support import ALL_SCOPES, provision, rows
+from provision_support import ALL_SCOPES, provision
 
 from provisiond.config import Config
 from provisiond.permissions import (
@@ -25,7 +25,7 @@ from provisiond.permissions import (
     OWN_DEVICES_VIEW,
     PROVISION_DEVICES,
 )
-from support import RpcClient, remember_secret, seed_key
+from support import RpcClient, remember_secret, rows, seed_key
 
 PD, OVU, OWN, ORGV = PROVISION_DEVICES, ORG_VIEW_USERS, OWN_DEVICES_VIEW, ORG_DEVICES_VIEW
 MISSING_DEVICE = 987_654
