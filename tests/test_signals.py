@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from daemon_proc import NotifySocket, daemon_process, write_toml
+from daemon_proc import DaemonProcess, NotifySocket, daemon_process, write_toml
 from structlog.testing import LogCapture
 
 from provisiond.app import App
@@ -21,6 +23,22 @@ from support import RpcClient, make_config, running, seed_key
 GRACE = 5.0
 
 
+@contextlib.asynccontextmanager
+async def ready_daemon(
+    config: Config, config_file: Path
+) -> AsyncIterator[tuple[RpcClient, DaemonProcess, NotifySocket]]:
+    """The daemon as a process, once it has said READY=1, and a client connected before it."""
+    notify = NotifySocket()
+    notify.start()
+    async with RpcClient(config) as rpc, daemon_process(config_file, notify) as daemon:
+        try:
+            await notify.wait_for("READY=1")
+        except TimeoutError:
+            pytest.fail(f"no READY=1; daemon output:\n{daemon.tail()}")
+        yield rpc, daemon, notify
+    notify.close()
+
+
 async def test_sigterm_answers_every_request_in_flight_and_exits_0(
     config: Config, tmp_path: Path
 ) -> None:
@@ -31,13 +49,7 @@ async def test_sigterm_answers_every_request_in_flight_and_exits_0(
         log={"format": "json"},
         daemon={"shutdown_grace_seconds": GRACE},
     )
-    notify = NotifySocket()
-    notify.start()
-    async with RpcClient(config) as rpc, daemon_process(config_file, notify) as daemon:
-        try:
-            await notify.wait_for("READY=1")
-        except TimeoutError:
-            pytest.fail(f"no READY=1; daemon output:\n{daemon.tail()}")
+    async with ready_daemon(config, config_file) as (rpc, daemon, _notify):
         futures = await asyncio.gather(*(rpc.send("keys/whoami", key=secret) for _ in range(200)))
         # Every request is with the broker (PUBACKed) and on its way to the
         # daemon; once it has answered one it is busy with the rest.
@@ -50,7 +62,6 @@ async def test_sigterm_answers_every_request_in_flight_and_exits_0(
         replies = await asyncio.wait_for(asyncio.gather(*futures), GRACE + 5)
         code = await daemon.wait(timeout=GRACE + 5)
         took = time.monotonic() - stopped_at
-    notify.close()
 
     assert code == 0, daemon.tail()
     assert took < GRACE + 3, took
@@ -73,13 +84,7 @@ async def test_sighup_refuses_a_broken_config_and_applies_a_good_one(
     _key_id, secret = seed_key(config, scopes=("devices:read",))
     config_file = write_toml(config, tmp_path / "provisiond.toml", log={"format": "json"})
     good = config_file.read_text()
-    notify = NotifySocket()
-    notify.start()
-    async with RpcClient(config) as rpc, daemon_process(config_file, notify) as daemon:
-        try:
-            await notify.wait_for("READY=1")
-        except TimeoutError:
-            pytest.fail(f"no READY=1; daemon output:\n{daemon.tail()}")
+    async with ready_daemon(config, config_file) as (rpc, daemon, notify):
         assert (await rpc.call("keys/whoami", key=secret))["status"] == 200
         await daemon.wait_event("rpc", count=1)
 
@@ -111,7 +116,6 @@ async def test_sighup_refuses_a_broken_config_and_applies_a_good_one(
 
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait(timeout=15) == 0, daemon.tail()
-    notify.close()
 
 
 # --- Server.reload in-process: what a reload changes, keeps and rolls back
