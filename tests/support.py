@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from structlog.typing import EventDict
@@ -186,6 +187,11 @@ async def running(config: Config, **kwargs: Any) -> AsyncIterator[Server]:
     finally:
         server.request_stop()
         await asyncio.wait_for(task, 30)
+
+
+def cases(names: tuple[str, ...], table: list[Any]) -> pytest.MarkDecorator:
+    """One test per row of a table of cases, each named by its first column."""
+    return pytest.mark.parametrize(names, table, ids=[row[0] for row in table])
 
 
 def rows(config: Config, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -15,7 +15,6 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 from provision_support import ALL_SCOPES, provision
 
 from provisiond.config import Config
@@ -25,7 +24,7 @@ from provisiond.permissions import (
     OWN_DEVICES_VIEW,
     PROVISION_DEVICES,
 )
-from support import RpcClient, remember_secret, rows, seed_key
+from support import RpcClient, cases, remember_secret, rows, seed_key
 
 PD, OVU, OWN, ORGV = PROVISION_DEVICES, ORG_VIEW_USERS, OWN_DEVICES_VIEW, ORG_DEVICES_VIEW
 MISSING_DEVICE = 987_654
@@ -64,11 +63,6 @@ def make_key(config: Config, key: Key) -> str:
 async def world_and_key(config: Config, rpc: RpcClient, key: Key) -> tuple[dict[str, int], str]:
     """The devices every rule is tried on, then the key the rule is about."""
     return await make_world(config, rpc), make_key(config, key)
-
-
-def by_rule(names: tuple[str, ...], table: list[Any]) -> pytest.MarkDecorator:
-    """One test per row of a rule table, named by the row's first column."""
-    return pytest.mark.parametrize(names, table, ids=[r[0] for r in table])
 
 
 def _remember(reply: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +138,7 @@ PROVISION_RULES: list[tuple[str, Key, int, int, int]] = [
 ]
 
 
-@by_rule(("rule", "key", "org", "owner", "status"), PROVISION_RULES)
+@cases(("rule", "key", "org", "owner", "status"), PROVISION_RULES)
 async def test_provision_token_rule(
     config: Config, rpc: RpcClient, rule: str, key: Key, org: int, owner: int, status: int
 ) -> None:
@@ -241,7 +235,7 @@ DEVICE_RULES: list[tuple[str, Key, str, int]] = [
 ]
 
 
-@by_rule(("rule", "key", "target", "status"), DEVICE_RULES)
+@cases(("rule", "key", "target", "status"), DEVICE_RULES)
 async def test_reprovision_rule(
     config: Config, rpc: RpcClient, rule: str, key: Key, target: str, status: int
 ) -> None:
@@ -266,7 +260,7 @@ async def test_reprovision_rule(
         }
 
 
-@by_rule(("rule", "key", "target", "status"), DEVICE_RULES)
+@cases(("rule", "key", "target", "status"), DEVICE_RULES)
 async def test_reconfigure_rule(
     config: Config, rpc: RpcClient, rule: str, key: Key, target: str, status: int
 ) -> None:
@@ -313,7 +307,7 @@ VIEW_RULES: list[tuple[str, Key, str, int]] = [
 ]
 
 
-@by_rule(("rule", "key", "target", "status"), VIEW_RULES)
+@cases(("rule", "key", "target", "status"), VIEW_RULES)
 async def test_device_get_rule(
     config: Config, rpc: RpcClient, rule: str, key: Key, target: str, status: int
 ) -> None:
@@ -340,7 +334,7 @@ LIST_RULES: list[tuple[str, Key, int, set[str]]] = [
 ]
 
 
-@by_rule(("rule", "key", "status", "visible"), LIST_RULES)
+@cases(("rule", "key", "status", "visible"), LIST_RULES)
 async def test_device_list_rule(
     config: Config, rpc: RpcClient, rule: str, key: Key, status: int, visible: set[str]
 ) -> None:
