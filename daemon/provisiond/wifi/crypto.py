@@ -280,17 +280,22 @@ def encrypt_credentials(
     return nonce + AESGCM(k_up).encrypt(nonce, plaintext, CREDENTIAL_AAD)
 
 
+def _open(key: bytes, nonce: bytes, sealed: bytes, aad: bytes, kind: str) -> bytes:
+    """AES-GCM decryption; a forged or damaged message is DecryptionFailed(kind)."""
+    try:
+        return AESGCM(key).decrypt(nonce, sealed, aad)
+    except InvalidTag as exc:
+        raise DecryptionFailed(kind) from exc
+
+
 def decrypt_credentials(k_up: bytes, message: bytes) -> WifiCredentials:
     """Authenticate and parse a credential message; never returns partial data."""
     _check_key(k_up, "k_up")
     if not GCM_NONCE_LEN + TAG_LEN < len(message) <= MAX_CREDENTIAL_MESSAGE:
         raise DecryptionFailed("credential")
-    try:
-        plaintext = AESGCM(k_up).decrypt(
-            message[:GCM_NONCE_LEN], message[GCM_NONCE_LEN:], CREDENTIAL_AAD
-        )
-    except InvalidTag as exc:
-        raise DecryptionFailed("credential") from exc
+    plaintext = _open(
+        k_up, message[:GCM_NONCE_LEN], message[GCM_NONCE_LEN:], CREDENTIAL_AAD, "credential"
+    )
     try:
         doc = _loads_object(plaintext)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -351,10 +356,7 @@ def decrypt_status(k_down: bytes, counter: int, message: bytes) -> dict[str, str
     _check_key(k_down, "k_down")
     if not TAG_LEN < len(message) <= MAX_STATUS_MESSAGE:
         raise DecryptionFailed("status")
-    try:
-        plaintext = AESGCM(k_down).decrypt(status_nonce(counter), message, STATUS_AAD)
-    except InvalidTag as exc:
-        raise DecryptionFailed("status") from exc
+    plaintext = _open(k_down, status_nonce(counter), message, STATUS_AAD, "status")
     try:
         doc = _loads_object(plaintext)
     except (UnicodeDecodeError, ValueError) as exc:
