@@ -304,6 +304,16 @@ def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[
     raise LookupError(f"{parser.prog} has no subcommands")
 
 
+def command_group(
+    sub: Any, common: argparse.ArgumentParser, name: str, summary: str
+) -> argparse._SubParsersAction[Any]:
+    """A command such as `db` whose ACTIONs (`db backup`) the caller adds."""
+    group: argparse._SubParsersAction[Any] = sub.add_parser(
+        name, parents=[common], help=summary
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    return group
+
+
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register `status`, `db backup` and `keys rotate-signing` on the main parser."""
     p = sub.add_parser(
@@ -325,9 +335,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the daemon's stats as JSON")
     p.set_defaults(fn=cmd_status)
 
-    db = sub.add_parser("db", parents=[common], help="database maintenance").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
+    db = command_group(sub, common, "db", "database maintenance")
     p = db.add_parser(
         "backup",
         parents=[common],
