@@ -223,7 +223,8 @@ def _describe(op: Operation) -> str:
 
 
 class _Parts:
-    """The channels, operations and messages of the document, in the order they are added."""
+    """The document's channels, operations and messages. Insertion order is the
+    order in docs/asyncapi.yaml, which tests/test_asyncapi.py compares as text."""
 
     def __init__(self) -> None:
         self.channels: dict[str, Any] = {
