@@ -32,12 +32,13 @@ def device_public_key() -> str:
 
 def token_rows(config: Config, device_id: int) -> list[tuple[Any, ...]]:
     """(hash, used_at, revoked_at, expires_at) of the device's tokens, oldest first."""
-    return rows(
+    found: list[tuple[Any, ...]] = rows(
         config,
         "SELECT hash, used_at, revoked_at, expires_at FROM provision_tokens"
         " WHERE device_id = ? ORDER BY created_at, rowid",
         (device_id,),
     )
+    return found
 
 
 def count(config: Config, table: str) -> int:

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 import pytest
@@ -40,6 +40,9 @@ SECRETS: set[str] = set()
 
 # Every log event of every in-process daemon in the session (see leakcheck.py).
 LOG_EVENTS: list[str] = []
+
+
+Test = TypeVar("Test", bound=Callable[..., Any])
 
 
 def log_sink(_logger: object, _method: str, event_dict: EventDict) -> EventDict:
@@ -189,9 +192,12 @@ async def running(config: Config, **kwargs: Any) -> AsyncIterator[Server]:
         await asyncio.wait_for(task, 30)
 
 
-def cases(names: tuple[str, ...], table: list[Any]) -> pytest.MarkDecorator:
+def cases(names: tuple[str, ...], table: list[Any]) -> Callable[[Test], Test]:
     """One test per row of a table of cases, each named by its first column."""
-    return pytest.mark.parametrize(names, table, ids=[row[0] for row in table])
+    mark: Callable[[Test], Test] = pytest.mark.parametrize(
+        names, table, ids=[row[0] for row in table]
+    )
+    return mark
 
 
 def rows(config: Config, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

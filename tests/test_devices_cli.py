@@ -14,7 +14,8 @@ from support import RpcClient
 
 
 async def cli(config_file: Path, *argv: str) -> tuple[int, str, str]:
-    return await provisiond(*argv, "-c", str(config_file))
+    result: tuple[int, str, str] = await provisiond(*argv, "-c", str(config_file))
+    return result
 
 
 async def test_devices_list_show_and_tokens_revoke(
