@@ -18,7 +18,6 @@ imposes are not part of any sample.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import socket
@@ -28,7 +27,7 @@ import time
 import uuid
 from typing import Any
 
-from bench.common import ROOT, mosquitto, report, seed, workdir
+from bench.common import ROOT, arg_parser, report, seeded_broker
 
 GOAL_MS = 50.0
 
@@ -50,8 +49,7 @@ async def run(quick: bool, n: int | None = None, devices: int = 5) -> dict[str, 
     logs.setup(LogConfig(level="warning", format="json"))
     link = f"bench-{uuid.uuid4().hex[:6]}"
     LOCAL_LINKS[link] = LocalLink()
-    with workdir() as directory, mosquitto(directory) as port:
-        key = seed(directory)
+    with seeded_broker() as (directory, port, key):
         config = Config.model_validate(
             {
                 "log": {"level": "warning"},
@@ -144,9 +142,7 @@ def main(quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m bench.ble_upload", description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--n", type=int)
+    parser = arg_parser("python -m bench.ble_upload", __doc__)
     parser.add_argument("--devices", type=int, default=5)
     args = parser.parse_args()
     asyncio.run(run(args.quick, n=args.n, devices=args.devices))

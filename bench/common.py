@@ -6,6 +6,7 @@ Everything runs on loopback, bounded in count and time, and cleans up.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -113,6 +114,13 @@ def seed(directory: Path, *, users: int = 1) -> str:
     _, key = auth.create_key(db, org_id=1, scopes=frozenset(auth.SCOPES))
     db.conn.close()
     return key
+
+
+@contextlib.contextmanager
+def seeded_broker(users: int = 1) -> Iterator[tuple[Path, int, str]]:
+    """A work directory, a private broker and a seeded store: (directory, port, org key)."""
+    with workdir() as directory, mosquitto(directory) as port:
+        yield directory, port, seed(directory, users=users)
 
 
 @contextlib.contextmanager
@@ -261,6 +269,23 @@ async def wait_rpc_ready(
 
 def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
+
+
+def versus_echo(result: LoadResult, echo: LoadResult) -> dict[str, Any]:
+    """`result`'s summary, with its throughput and p99 as ratios to the echo baseline's."""
+    return {
+        **result.summary(),
+        "throughput_vs_echo": ratio(result.throughput, echo.throughput),
+        "p99_vs_echo": ratio(result.pct(0.99), echo.pct(0.99)),
+    }
+
+
+def arg_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The options of a bench run on its own: `--quick`, and `--n` requests."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--n", type=int)
+    return parser
 
 
 def report(name: str, figures: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,6 @@ a production daemon writes is part of the cost.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -24,15 +23,14 @@ from typing import Any
 from bench.common import (
     ROOT,
     LoadResult,
+    arg_parser,
     daemon_process,
     echo_process,
-    mosquitto,
-    ratio,
     report,
     rpc_load,
-    seed,
+    seeded_broker,
+    versus_echo,
     wait_rpc_ready,
-    workdir,
     write_config,
 )
 
@@ -90,14 +88,11 @@ def merge(results: list[LoadResult]) -> LoadResult:
 
 
 def figures(result: LoadResult, echo: LoadResult) -> dict[str, Any]:
-    thr = ratio(result.throughput, echo.throughput)
-    p99 = ratio(result.pct(0.99), echo.pct(0.99))
-    return {
-        **result.summary(),
-        "throughput_vs_echo": thr,
-        "p99_vs_echo": p99,
-        "goal_met": thr >= GOAL_THROUGHPUT and p99 <= GOAL_P99,
-    }
+    doc = versus_echo(result, echo)
+    doc["goal_met"] = (
+        doc["throughput_vs_echo"] >= GOAL_THROUGHPUT and doc["p99_vs_echo"] <= GOAL_P99
+    )
+    return doc
 
 
 async def run(
@@ -125,8 +120,7 @@ async def run(
         "concurrency": concurrency,
         "daemon_log_level": log_level,
     }
-    with workdir() as d, mosquitto(d) as port:
-        key = seed(d, users=1)
+    with seeded_broker(users=1) as (d, port, key):
         device_id = seed_wifi_device(d)
         grant = "bench/rpc/wifi-config/grant"
         e2e_body = {"device_id": device_id, "app_public_key": app_public_key()}
@@ -183,9 +177,7 @@ def main(quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m bench.grant", description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--n", type=int)
+    parser = arg_parser("python -m bench.grant", __doc__)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))

@@ -8,41 +8,25 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from bench.common import (
-    daemon_process,
-    echo_process,
-    mosquitto,
-    ratio,
-    report,
-    rpc_load,
-    seed,
-    wait_rpc_ready,
-    workdir,
-    write_config,
-)  # fmt: skip
+from bench import common
 
 
 async def run(quick: bool = False) -> dict[str, Any]:
     n = 2000 if quick else 10_000
     results: dict[str, Any] = {}
-    with workdir() as d, mosquitto(d) as port:
-        key = seed(d, users=1)
+    with common.seeded_broker(users=1) as (d, port, key):
         # The echo gets the same request as the daemon (authorization property
         # included), so the driver and the broker do the same work for both.
-        with echo_process(port, "echo/rpc"):
-            await wait_rpc_ready(port, "echo/rpc", key)
-            echo = await rpc_load(port, "echo/rpc", {}, key=key, n=n)
+        with common.echo_process(port, "echo/rpc"):
+            await common.wait_rpc_ready(port, "echo/rpc", key)
+            echo = await common.rpc_load(port, "echo/rpc", {}, key=key, n=n)
         results["echo"] = echo.summary()
-        with daemon_process(write_config(d, port), d / "daemon.log"):
-            await wait_rpc_ready(port, "bench/rpc/keys/whoami", key)
+        with common.daemon_process(common.write_config(d, port), d / "daemon.log"):
+            await common.wait_rpc_ready(port, "bench/rpc/keys/whoami", key)
             for op, body in (("keys/whoami", {}), ("provision/token", {"orgId": 1, "ownerId": 1})):
-                result = await rpc_load(port, f"bench/rpc/{op}", body, key=key, n=n)
-                results[op] = {
-                    **result.summary(),
-                    "throughput_vs_echo": ratio(result.throughput, echo.throughput),
-                    "p99_vs_echo": ratio(result.pct(0.99), echo.pct(0.99)),
-                }
-    return report("rpc", results)
+                result = await common.rpc_load(port, f"bench/rpc/{op}", body, key=key, n=n)
+                results[op] = common.versus_echo(result, echo)
+    return common.report("rpc", results)
 
 
 def main(quick: bool = False) -> dict[str, Any]:

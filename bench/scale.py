@@ -14,24 +14,13 @@ import asyncio
 import contextlib
 from typing import Any
 
-from bench.common import (
-    daemon_process,
-    mosquitto,
-    ratio,
-    report,
-    rpc_load,
-    seed,
-    wait_rpc_ready,
-    workdir,
-    write_config,
-)
+from bench import common
 
 
 async def run(quick: bool = False) -> dict[str, Any]:
     n = 2000 if quick else 10_000
     results: dict[str, Any] = {}
-    with workdir() as d, mosquitto(d) as port:
-        key = seed(d)
+    with common.seeded_broker() as (d, port, key):
         topic = "bench/rpc/keys/whoami"
         for processes in (1, 2):
             with contextlib.ExitStack() as stack:
@@ -40,20 +29,22 @@ async def run(quick: bool = False) -> dict[str, Any]:
                     sub.mkdir()
                     # The same client ids in both phases: a stopped member keeps its
                     # persistent session, and with it its share of the requests.
-                    config = write_config(d, port, client_id=f"scale-{i}")
+                    config = common.write_config(d, port, client_id=f"scale-{i}")
                     text = config.read_text().replace(
                         "[mqtt]\n", '[mqtt]\nshared_group = "bench"\n'
                     )
                     (sub / "provisiond.toml").write_text(text)
-                    stack.enter_context(daemon_process(sub / "provisiond.toml", sub / "daemon.log"))
-                await wait_rpc_ready(port, topic, key)
+                    stack.enter_context(
+                        common.daemon_process(sub / "provisiond.toml", sub / "daemon.log")
+                    )
+                await common.wait_rpc_ready(port, topic, key)
                 await asyncio.sleep(1.0)  # let every process subscribe
-                result = await rpc_load(port, topic, {}, key=key, n=n, concurrency=64)
+                result = await common.rpc_load(port, topic, {}, key=key, n=n, concurrency=64)
                 results[f"{processes}_process"] = result.summary()
-        results["throughput_2_vs_1"] = ratio(
+        results["throughput_2_vs_1"] = common.ratio(
             results["2_process"]["throughput_rps"], results["1_process"]["throughput_rps"]
         )
-    return report("scale", results)
+    return common.report("scale", results)
 
 
 def main(quick: bool = False) -> dict[str, Any]:

@@ -106,7 +106,7 @@ Ctrl-C stops the daemon and the broker.
     signal.signal(signal.SIGTERM, on_term)
     daemon = subprocess.Popen([*PROVISIOND, "run"], env=env)
     try:
-        if args.devices > 0 and (ROOT / "daemon" / "provisiond" / "sim").exists():
+        if args.devices > 0 and (ROOT / "tools" / "provisiond_sim").exists():
             time.sleep(1.5)
             sim = subprocess.Popen(
                 [sys.executable, "-m", "provisiond_sim", "--port", str(args.port),

@@ -154,6 +154,21 @@ class DaemonProcess:
         return "\n".join(self.output[-40:])
 
 
+async def provisiond(*argv: str, **env: str) -> tuple[int, str, str]:
+    """Run `provisiond *argv` to its end, with no PROVISIOND_* variable but `env`:
+    (exit code, stdout, stderr)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
+    environ["PYTHONPATH"] = f"{ROOT / 'daemon'}:{ROOT / 'plugins'}"
+    environ.update(env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "provisiond", *argv,
+        env=environ, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 @contextlib.asynccontextmanager
 async def daemon_process(
     config_file: Path, notify: NotifySocket | None = None, **env: str

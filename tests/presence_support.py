@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -46,14 +45,6 @@ def seed_devices(
         ],
     )
     db.conn.close()
-
-
-def rows(config: Config, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(config.store.path)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def _client(config: Config, **kwargs: Any) -> aiomqtt.Client:
@@ -102,55 +93,20 @@ class Received:
                 await asyncio.wait_for(self._changed.wait(), left)
 
 
-class Watcher:
-    """A subscriber to daemon outputs: presence, events, commands."""
+class _Listener:
+    """An MQTT client that records every message on its subscriptions in `got`."""
 
-    def __init__(self, config: Config, topics: list[str]) -> None:
-        self.config = config
-        self.topics = topics
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
         self.got = Received()
-        self._client = _client(config)
-        self._reader: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Watcher:
-        await self._client.__aenter__()
-        for topic in self.topics:
-            await self._client.subscribe(f"{self.config.mqtt.topic_prefix}/{topic}", qos=1)
-        self._reader = asyncio.create_task(self._read())
-        return self
-
-    async def _read(self) -> None:
-        async for message in self._client.messages:
-            self.got.add(message.topic.value, bytes(message.payload))  # type: ignore[arg-type]
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._reader:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._reader
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._client.__aexit__(None, None, None)
-
-
-class FakeDevice:
-    """A device: heartbeats, status with a last will, receives commands and acks them."""
-
-    def __init__(self, config: Config, device_id: int, *, will: bool = True) -> None:
-        self.prefix = f"{config.mqtt.topic_prefix}/devices/{device_id}"
-        self.device_id = device_id
-        self.got = Received()
-        will_msg = (
-            aiomqtt.Will(f"{self.prefix}/status", b"offline", qos=1, retain=True) if will else None
-        )
-        self.client = _client(config, will=will_msg, keepalive=5)
         self._reader: asyncio.Task[None] | None = None
         self._killed = False
 
-    async def __aenter__(self) -> FakeDevice:
+    async def _connect(self, topics: list[str]) -> None:
         await self.client.__aenter__()
-        await self.client.subscribe(f"{self.prefix}/commands/reconfigure", qos=1)
+        for topic in topics:
+            await self.client.subscribe(topic, qos=1)
         self._reader = asyncio.create_task(self._read())
-        return self
 
     async def _read(self) -> None:
         async for message in self.client.messages:
@@ -164,6 +120,36 @@ class FakeDevice:
         if not self._killed:
             with contextlib.suppress(aiomqtt.MqttError):
                 await self.client.__aexit__(None, None, None)
+
+
+class Watcher(_Listener):
+    """A subscriber to daemon outputs: presence, events, commands."""
+
+    def __init__(self, config: Config, topics: list[str]) -> None:
+        super().__init__(_client(config))
+        self.config = config
+        self.topics = topics
+
+    async def __aenter__(self) -> Watcher:
+        prefix = self.config.mqtt.topic_prefix
+        await self._connect([f"{prefix}/{topic}" for topic in self.topics])
+        return self
+
+
+class FakeDevice(_Listener):
+    """A device: heartbeats, status with a last will, receives commands and acks them."""
+
+    def __init__(self, config: Config, device_id: int, *, will: bool = True) -> None:
+        self.prefix = f"{config.mqtt.topic_prefix}/devices/{device_id}"
+        self.device_id = device_id
+        will_msg = (
+            aiomqtt.Will(f"{self.prefix}/status", b"offline", qos=1, retain=True) if will else None
+        )
+        super().__init__(_client(config, will=will_msg, keepalive=5))
+
+    async def __aenter__(self) -> FakeDevice:
+        await self._connect([f"{self.prefix}/commands/reconfigure"])
+        return self
 
     @property
     def commands(self) -> list[Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -11,7 +10,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from provisiond.clock import Clock
 from provisiond.config import Config
 from provisiond.wifi.crypto import b64url_encode
-from support import RpcClient, remember_secret, seed_key
+from support import RpcClient, remember_secret, rows, seed_key
 
 ALL_SCOPES = ("devices:read", "devices:write", "provision:write", "daemon:read")
 
@@ -31,22 +30,15 @@ def device_public_key() -> str:
     return b64url_encode(raw)
 
 
-def rows(config: Config, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(config.store.path)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
 def token_rows(config: Config, device_id: int) -> list[tuple[Any, ...]]:
     """(hash, used_at, revoked_at, expires_at) of the device's tokens, oldest first."""
-    return rows(
+    found: list[tuple[Any, ...]] = rows(
         config,
         "SELECT hash, used_at, revoked_at, expires_at FROM provision_tokens"
         " WHERE device_id = ? ORDER BY created_at, rowid",
         (device_id,),
     )
+    return found
 
 
 def count(config: Config, table: str) -> int:

@@ -11,20 +11,25 @@ import contextlib
 import json
 import shutil
 import socket
+import sqlite3
 import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from structlog.typing import EventDict
 
 from provisiond import auth
+from provisiond.app import App
 from provisiond.config import Config
+from provisiond.features import Feature
+from provisiond.rpc import Body, Operation, Request, Router
 from provisiond.schema import all_migrations
 from provisiond.server import Server
 from provisiond.store import connect, migrate
@@ -38,6 +43,9 @@ SECRETS: set[str] = set()
 
 # Every log event of every in-process daemon in the session (see leakcheck.py).
 LOG_EVENTS: list[str] = []
+
+
+Test = TypeVar("Test", bound=Callable[..., Any])
 
 
 def log_sink(_logger: object, _method: str, event_dict: EventDict) -> EventDict:
@@ -187,6 +195,23 @@ async def running(config: Config, **kwargs: Any) -> AsyncIterator[Server]:
         await asyncio.wait_for(task, 30)
 
 
+def cases(names: tuple[str, ...], table: list[Any]) -> Callable[[Test], Test]:
+    """One test per row of a table of cases, each named by its first column."""
+    mark: Callable[[Test], Test] = pytest.mark.parametrize(
+        names, table, ids=[row[0] for row in table]
+    )
+    return mark
+
+
+def rows(config: Config, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """What `sql` reads from the daemon's store, on a connection of its own."""
+    conn = sqlite3.connect(config.store.path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
 class RpcClient:
     """An MQTT v5 requester: Response Topic + Correlation Data, Bearer in a user property."""
 
@@ -314,3 +339,19 @@ class Events:
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
         await self.client.__aexit__(None, None, None)
+
+
+class SlowBody(Body):
+    seconds: float
+
+
+def _slow_setup(_app: App, router: Router) -> None:
+    async def slow(_request: Request, body: SlowBody) -> dict[str, float]:
+        await asyncio.sleep(body.seconds)
+        return {"slept": body.seconds}
+
+    router.register(Operation("test/slow", slow, body=SlowBody))
+
+
+# `test/slow {"seconds": S}`: a request that certainly stays in flight for S seconds.
+SLOW_FEATURE = Feature("slow", _slow_setup)

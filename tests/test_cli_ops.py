@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import signal
 import sqlite3
 import stat
-import sys
 import time
 from pathlib import Path
 
 import jwt
-from daemon_proc import ROOT, NotifySocket, daemon_process, write_toml
+from daemon_proc import NotifySocket, daemon_process, provisiond, write_toml
 from provision_support import activate, org_key, provision
 
 from provisiond.config import Config
 from provisiond.server import Server
 from provisiond.wifi.signing import KeyRing
 from support import RpcClient, free_port, seed_key
-
-
-async def provisiond(*argv: str, **env: str) -> tuple[int, str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
-    environ["PYTHONPATH"] = f"{ROOT / 'daemon'}:{ROOT / 'plugins'}"
-    environ.update(env)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "provisiond", *argv,
-        env=environ, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
 
 # --- status
 

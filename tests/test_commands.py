@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from presence_support import FakeDevice, Watcher, rows, seed_devices
+from presence_support import FakeDevice, Watcher, seed_devices
 
 from provisiond.config import Config
 from provisiond.presence import PRESENCE, Presence
-from support import Broker, RpcClient, eventually, make_config, running, seed_key
+from provisiond.server import Server
+from support import Broker, RpcClient, eventually, make_config, rows, running, seed_key
 
 ALL = ("devices:read", "devices:write", "provision:write", "daemon:read")
 
@@ -30,6 +33,21 @@ def command_row(config: Config, command_id: str) -> tuple[Any, ...]:
     )
     assert found, command_id
     return found[0]
+
+
+@contextlib.asynccontextmanager
+async def daemon_and_device(
+    config: Config, device_id: int
+) -> AsyncIterator[tuple[Server, RpcClient, FakeDevice, str]]:
+    """A running daemon, a client with an org key, and seeded device `device_id` connected."""
+    seed_devices(config, [device_id])
+    key = org_key(config)
+    async with (
+        running(config) as server,
+        RpcClient(config) as rpc,
+        FakeDevice(config, device_id) as device,
+    ):
+        yield server, rpc, device, key
 
 
 async def online(server: Any, device: FakeDevice) -> None:
@@ -81,13 +99,7 @@ async def test_reconfigure_online_device_is_delivered_and_ack_recorded(config: C
 async def test_reconfigure_offline_device_is_queued_until_its_next_heartbeat(
     config: Config,
 ) -> None:
-    seed_devices(config, [12])
-    key = org_key(config)
-    async with (
-        running(config) as server,
-        RpcClient(config) as rpc,
-        FakeDevice(config, 12) as device,
-    ):
+    async with daemon_and_device(config, 12) as (server, rpc, device, key):
         reply = await rpc.call("provision/reconfigure", {"deviceId": 12}, key=key)
         assert reply["status"] == 200
         assert reply["body"]["deviceIsOffline"] is True
@@ -159,9 +171,7 @@ async def test_command_queued_before_a_restart_is_delivered_exactly_once(
 
 
 async def test_newer_reconfigure_supersedes_an_unsent_one(config: Config) -> None:
-    seed_devices(config, [15])
-    key = org_key(config)
-    async with running(config), RpcClient(config) as rpc, FakeDevice(config, 15) as device:
+    async with daemon_and_device(config, 15) as (_server, rpc, device, key):
         first = (await rpc.call("provision/reconfigure", {"deviceId": 15}, key=key))["body"]
         second = (await rpc.call("provision/reconfigure", {"deviceId": 15}, key=key))["body"]
         assert command_row(config, first["commandId"])[0] == "superseded"
@@ -254,13 +264,7 @@ async def test_ack_from_another_device_or_garbage_changes_nothing(config: Config
 async def test_device_online_only_over_ble_is_not_offline_but_command_waits_for_mqtt(
     config: Config,
 ) -> None:
-    seed_devices(config, [19])
-    key = org_key(config)
-    async with (
-        running(config) as server,
-        RpcClient(config) as rpc,
-        FakeDevice(config, 19) as device,
-    ):
+    async with daemon_and_device(config, 19) as (server, rpc, device, key):
         service: Presence = server.app.services.get(PRESENCE)
         service.set_channel(19, "ble", True)
         reply = await rpc.call("provision/reconfigure", {"deviceId": 19}, key=key)

@@ -47,20 +47,21 @@ def test_example_config_shows_every_key_with_its_default() -> None:
     assert loaded.model_dump(exclude={"source"}) == defaults.model_dump(exclude={"source"})
 
 
-def test_unknown_key_is_named(tmp_path: Path) -> None:
+def _refused(tmp_path: Path, text: str) -> ConfigError:
+    """The error loading a config file of `text` (and no environment) raises."""
     path = tmp_path / "c.toml"
-    path.write_text("[store]\npaht = 'x'\n")
+    path.write_text(text)
     with pytest.raises(ConfigError) as err:
         load(path, env={})
-    assert err.value.key == "store.paht"
+    return err.value
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    assert _refused(tmp_path, "[store]\npaht = 'x'\n").key == "store.paht"
 
 
 def test_bad_value_is_named(tmp_path: Path) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text("[mqtt]\nport = 70000\n")
-    with pytest.raises(ConfigError) as err:
-        load(path, env={})
-    assert err.value.key == "mqtt.port"
+    assert _refused(tmp_path, "[mqtt]\nport = 70000\n").key == "mqtt.port"
 
 
 def test_env_overrides_and_unknown_env_key(tmp_path: Path) -> None:

@@ -41,3 +41,15 @@ async def test_well_formed_unknown_ids_are_404(
         reply = await rpc.call(op, {field: unknown, **rest}, key=key)
         assert reply["status"] == 404, (op, unknown, reply)
         assert reply["error"]["code"] == "device_not_found"
+
+
+def test_the_ble_upload_takes_the_same_device_id_rule() -> None:
+    from pydantic import ValidationError
+
+    from provisiond_ble.plugin import UploadBody
+
+    rest = {"ssid": "net", "password": "secret-password"}
+    for bad in [*MALFORMED, "0", "01", "2147483648"]:
+        with pytest.raises(ValidationError):
+            UploadBody.model_validate({"device_id": bad, **rest})
+    assert UploadBody.model_validate({"device_id": "2147483647", **rest}).device_id == 2**31 - 1

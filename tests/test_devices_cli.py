@@ -3,30 +3,19 @@ against the store of a running daemon."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 
+from daemon_proc import provisiond
 from provision_support import activate, org_key, provision, token_rows
 
 from provisiond.config import Config
 from support import RpcClient
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 async def cli(config_file: Path, *argv: str) -> tuple[int, str, str]:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'daemon'}:{ROOT / 'plugins'}"}
-    env.pop("PROVISIOND_CONFIG", None)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "provisiond", *argv, "-c", str(config_file),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    result: tuple[int, str, str] = await provisiond(*argv, "-c", str(config_file))
+    return result
 
 
 async def test_devices_list_show_and_tokens_revoke(

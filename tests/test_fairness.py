@@ -6,25 +6,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from provisiond.app import App
 from provisiond.fairslots import FairSlots
-from provisiond.features import FEATURES, Feature
-from provisiond.rpc import Body, Operation, Request, Router
-from support import Broker, RpcClient, make_config, running, seed_key
+from provisiond.features import FEATURES
+from support import SLOW_FEATURE, Broker, RpcClient, make_config, running, seed_key
 
 SLOW = 0.4
-
-
-class SlowBody(Body):
-    seconds: float
-
-
-def slow_feature(_app: App, router: Router) -> None:
-    async def slow(_request: Request, body: SlowBody) -> dict[str, Any]:
-        await asyncio.sleep(body.seconds)
-        return {"slept": body.seconds}
-
-    router.register(Operation("test/slow", slow, body=SlowBody))
 
 
 async def pending_when_done(
@@ -46,7 +32,7 @@ async def test_a_waiting_key_is_served_before_a_flooding_key_drains(
     )
     _, flooder = seed_key(config)
     _, polite = seed_key(config)
-    features = [*FEATURES, Feature("slow", slow_feature)]
+    features = [*FEATURES, SLOW_FEATURE]
     async with running(config, features=features), RpcClient(config) as rpc:
         flood = [
             await rpc.send("test/slow", {"seconds": SLOW}, key=flooder) for _ in range(16)
@@ -64,7 +50,7 @@ async def test_one_key_holds_at_most_its_share_of_slots(tmp_path: Path, broker: 
     )
     _, flooder = seed_key(config)
     _, polite = seed_key(config)
-    features = [*FEATURES, Feature("slow", slow_feature)]
+    features = [*FEATURES, SLOW_FEATURE]
     async with running(config, features=features), RpcClient(config) as rpc:
         flood = [await rpc.send("test/slow", {"seconds": SLOW}, key=flooder) for _ in range(8)]
         await asyncio.sleep(0.1)

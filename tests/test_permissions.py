@@ -15,8 +15,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
-from provision_support import ALL_SCOPES, provision, rows
+from provision_support import ALL_SCOPES, provision
 
 from provisiond.config import Config
 from provisiond.permissions import (
@@ -25,7 +24,7 @@ from provisiond.permissions import (
     OWN_DEVICES_VIEW,
     PROVISION_DEVICES,
 )
-from support import RpcClient, remember_secret, seed_key
+from support import RpcClient, cases, remember_secret, rows, seed_key
 
 PD, OVU, OWN, ORGV = PROVISION_DEVICES, ORG_VIEW_USERS, OWN_DEVICES_VIEW, ORG_DEVICES_VIEW
 MISSING_DEVICE = 987_654
@@ -59,6 +58,11 @@ def make_key(config: Config, key: Key) -> str:
     return seed_key(
         config, org=key.org, user=key.user, scopes=key.scopes, permissions=key.permissions
     )[1]
+
+
+async def world_and_key(config: Config, rpc: RpcClient, key: Key) -> tuple[dict[str, int], str]:
+    """The devices every rule is tried on, then the key the rule is about."""
+    return await make_world(config, rpc), make_key(config, key)
 
 
 def _remember(reply: dict[str, Any]) -> dict[str, Any]:
@@ -134,14 +138,11 @@ PROVISION_RULES: list[tuple[str, Key, int, int, int]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("rule", "key", "org", "owner", "status"), PROVISION_RULES, ids=[r[0] for r in PROVISION_RULES]
-)
+@cases(("rule", "key", "org", "owner", "status"), PROVISION_RULES)
 async def test_provision_token_rule(
     config: Config, rpc: RpcClient, rule: str, key: Key, org: int, owner: int, status: int
 ) -> None:
-    await make_world(config, rpc)
-    secret = make_key(config, key)
+    _world, secret = await world_and_key(config, rpc, key)
     before = _count(config)
     reply = _remember(
         await rpc.call("provision/token", {"orgId": org, "ownerId": owner}, key=secret)
@@ -234,14 +235,11 @@ DEVICE_RULES: list[tuple[str, Key, str, int]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("rule", "key", "target", "status"), DEVICE_RULES, ids=[r[0] for r in DEVICE_RULES]
-)
+@cases(("rule", "key", "target", "status"), DEVICE_RULES)
 async def test_reprovision_rule(
     config: Config, rpc: RpcClient, rule: str, key: Key, target: str, status: int
 ) -> None:
-    world = await make_world(config, rpc)
-    secret = make_key(config, key)
+    world, secret = await world_and_key(config, rpc, key)
     device_id = world[target]
     tokens_before = _tokens(config)
     reply = _remember(
@@ -262,19 +260,16 @@ async def test_reprovision_rule(
         }
 
 
-@pytest.mark.parametrize(
-    ("rule", "key", "target", "status"), DEVICE_RULES, ids=[r[0] for r in DEVICE_RULES]
-)
+@cases(("rule", "key", "target", "status"), DEVICE_RULES)
 async def test_reconfigure_rule(
     config: Config, rpc: RpcClient, rule: str, key: Key, target: str, status: int
 ) -> None:
     """The seed's reconfigure rules are the re-provisioning rules, on active devices."""
-    world = await make_world(config, rpc)
+    world, secret = await world_and_key(config, rpc, key)
     db = sqlite3.connect(config.store.path)
     with db:
         db.execute("UPDATE devices SET state = 'active', public_key = ?", [bytes(range(1, 33))])
     db.close()
-    secret = make_key(config, key)
     device_id = world[target]
     before = rows(config, "SELECT COUNT(*) FROM commands")[0][0]
     reply = await rpc.call("provision/reconfigure", {"deviceId": device_id}, key=secret)
@@ -312,14 +307,11 @@ VIEW_RULES: list[tuple[str, Key, str, int]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("rule", "key", "target", "status"), VIEW_RULES, ids=[r[0] for r in VIEW_RULES]
-)
+@cases(("rule", "key", "target", "status"), VIEW_RULES)
 async def test_device_get_rule(
     config: Config, rpc: RpcClient, rule: str, key: Key, target: str, status: int
 ) -> None:
-    world = await make_world(config, rpc)
-    secret = make_key(config, key)
+    world, secret = await world_and_key(config, rpc, key)
     reply = await rpc.call("device/get", {"deviceId": world[target]}, key=secret)
     assert reply["status"] == status, reply
     if status == 200:
@@ -342,14 +334,11 @@ LIST_RULES: list[tuple[str, Key, int, set[str]]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("rule", "key", "status", "visible"), LIST_RULES, ids=[r[0] for r in LIST_RULES]
-)
+@cases(("rule", "key", "status", "visible"), LIST_RULES)
 async def test_device_list_rule(
     config: Config, rpc: RpcClient, rule: str, key: Key, status: int, visible: set[str]
 ) -> None:
-    world = await make_world(config, rpc)
-    secret = make_key(config, key)
+    world, secret = await world_and_key(config, rpc, key)
     reply = await rpc.call("device/list", {}, key=secret)
     assert reply["status"] == status, reply
     if status == 200:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from structlog.testing import LogCapture
 
 from provisiond import plugins
+from provisiond.config import Config
 from provisiond.errors import ConfigError
 from provisiond.plugins import PluginContext
 from provisiond.rpc import EmptyBody, Operation, Request
@@ -93,6 +94,12 @@ class FailsLater:
         type(self).stops += 1
 
 
+def example_config(tmp_path: Path, broker: Broker) -> tuple[Config, str]:
+    """A config running the example plugin with greeting "hi", and an API key for it."""
+    config = make_config(tmp_path, broker, plugins={"example": {"greeting": "hi"}})
+    return config, seed_key(config)[1]
+
+
 @pytest.fixture
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     # Short enough to watch, long enough that a loaded machine still sees the 503 between runs.
@@ -103,8 +110,7 @@ def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_example_plugin_from_entry_point(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:
-    config = make_config(tmp_path, broker, plugins={"example": {"greeting": "hi"}})
-    _, key = seed_key(config)
+    config, key = example_config(tmp_path, broker)
     async with running(config) as server, RpcClient(config) as rpc:
         # Found through the installed entry point, not handed in by the test.
         assert server.supervisor is not None and server.supervisor.names == ["example"]
@@ -252,8 +258,7 @@ def test_server_validates_plugins_before_opening_anything(tmp_path: Path, broker
 async def test_reload_applies_new_plugin_settings(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:
-    config = make_config(tmp_path, broker, plugins={"example": {"greeting": "hi"}})
-    _, key = seed_key(config)
+    config, key = example_config(tmp_path, broker)
     async with running(config) as server, RpcClient(config) as rpc:
         reply = await rpc.call("example/echo", {"message": "a"}, key=key)
         assert reply["body"]["greeting"] == "hi"

@@ -37,7 +37,7 @@ from provisiond.rpc import Router
 from provisiond.server import Server
 from provisiond.wifi.crypto import b64url_decode, b64url_encode
 from provisiond.wifi.service import GRANTS
-from support import RpcClient, eventually, make_config, remember_secret, running, seed_key
+from support import RpcClient, cases, eventually, make_config, remember_secret, running, seed_key
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9]{32}$")
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -336,9 +336,7 @@ BAD_PROVISION: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("case", "body", "field"), BAD_PROVISION, ids=[c[0] for c in BAD_PROVISION]
-)
+@cases(("case", "body", "field"), BAD_PROVISION)
 async def test_bad_provision_body_is_400_naming_field_and_writes_nothing(
     config: Config, rpc: RpcClient, case: str, body: dict[str, Any], field: str
 ) -> None:
@@ -361,9 +359,7 @@ BAD_REPROVISION: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("case", "body", "field"), BAD_REPROVISION, ids=[c[0] for c in BAD_REPROVISION]
-)
+@cases(("case", "body", "field"), BAD_REPROVISION)
 async def test_bad_reprovision_body_is_400_and_keeps_token(
     config: Config, rpc: RpcClient, case: str, body: dict[str, Any], field: str
 ) -> None:
@@ -400,9 +396,7 @@ BAD_ACTIVATION: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("case", "change", "field"), BAD_ACTIVATION, ids=[c[0] for c in BAD_ACTIVATION]
-)
+@cases(("case", "change", "field"), BAD_ACTIVATION)
 async def test_bad_activation_body_is_400_and_leaves_token_usable(
     config: Config, rpc: RpcClient, case: str, change: dict[str, Any], field: str
 ) -> None:

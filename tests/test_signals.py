@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from daemon_proc import NotifySocket, daemon_process, write_toml
+from daemon_proc import DaemonProcess, NotifySocket, daemon_process, write_toml
 from structlog.testing import LogCapture
 
-from provisiond.app import App
 from provisiond.config import Config
-from provisiond.features import FEATURES, Feature
-from provisiond.rpc import Body, Operation, Request, Router
+from provisiond.features import FEATURES
 from provisiond.server import Server
-from support import RpcClient, make_config, running, seed_key
+from support import SLOW_FEATURE, RpcClient, make_config, running, seed_key
 
 GRACE = 5.0
+
+
+@contextlib.asynccontextmanager
+async def ready_daemon(
+    config: Config, config_file: Path
+) -> AsyncIterator[tuple[RpcClient, DaemonProcess, NotifySocket]]:
+    """The daemon as a process, once it has said READY=1, and a client connected before it."""
+    notify = NotifySocket()
+    notify.start()
+    async with RpcClient(config) as rpc, daemon_process(config_file, notify) as daemon:
+        try:
+            await notify.wait_for("READY=1")
+        except TimeoutError:
+            pytest.fail(f"no READY=1; daemon output:\n{daemon.tail()}")
+        yield rpc, daemon, notify
+    notify.close()
 
 
 async def test_sigterm_answers_every_request_in_flight_and_exits_0(
@@ -31,13 +47,7 @@ async def test_sigterm_answers_every_request_in_flight_and_exits_0(
         log={"format": "json"},
         daemon={"shutdown_grace_seconds": GRACE},
     )
-    notify = NotifySocket()
-    notify.start()
-    async with RpcClient(config) as rpc, daemon_process(config_file, notify) as daemon:
-        try:
-            await notify.wait_for("READY=1")
-        except TimeoutError:
-            pytest.fail(f"no READY=1; daemon output:\n{daemon.tail()}")
+    async with ready_daemon(config, config_file) as (rpc, daemon, _notify):
         futures = await asyncio.gather(*(rpc.send("keys/whoami", key=secret) for _ in range(200)))
         # Every request is with the broker (PUBACKed) and on its way to the
         # daemon; once it has answered one it is busy with the rest.
@@ -50,7 +60,6 @@ async def test_sigterm_answers_every_request_in_flight_and_exits_0(
         replies = await asyncio.wait_for(asyncio.gather(*futures), GRACE + 5)
         code = await daemon.wait(timeout=GRACE + 5)
         took = time.monotonic() - stopped_at
-    notify.close()
 
     assert code == 0, daemon.tail()
     assert took < GRACE + 3, took
@@ -73,13 +82,7 @@ async def test_sighup_refuses_a_broken_config_and_applies_a_good_one(
     _key_id, secret = seed_key(config, scopes=("devices:read",))
     config_file = write_toml(config, tmp_path / "provisiond.toml", log={"format": "json"})
     good = config_file.read_text()
-    notify = NotifySocket()
-    notify.start()
-    async with RpcClient(config) as rpc, daemon_process(config_file, notify) as daemon:
-        try:
-            await notify.wait_for("READY=1")
-        except TimeoutError:
-            pytest.fail(f"no READY=1; daemon output:\n{daemon.tail()}")
+    async with ready_daemon(config, config_file) as (rpc, daemon, notify):
         assert (await rpc.call("keys/whoami", key=secret))["status"] == 200
         await daemon.wait_event("rpc", count=1)
 
@@ -111,7 +114,6 @@ async def test_sighup_refuses_a_broken_config_and_applies_a_good_one(
 
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait(timeout=15) == 0, daemon.tail()
-    notify.close()
 
 
 # --- Server.reload in-process: what a reload changes, keeps and rolls back
@@ -184,16 +186,6 @@ async def test_reload_from_a_file_that_does_not_load_keeps_the_old_config(
 # --- the drain in-process, with requests that are certainly in flight
 
 
-class SlowBody(Body):
-    seconds: float
-
-
-def slow_feature(app: App, router: Router) -> None:
-    async def slow(request: Request, body: SlowBody) -> dict[str, float]:
-        await asyncio.sleep(body.seconds)
-        return {"slept": body.seconds}
-
-    router.register(Operation("test/slow", slow, body=SlowBody))
 
 
 async def test_drain_finishes_accepted_requests_and_refuses_later_ones(
@@ -203,7 +195,7 @@ async def test_drain_finishes_accepted_requests_and_refuses_later_ones(
     _key_id, secret = seed_key(config)
     async with (
         RpcClient(config) as rpc,
-        running(config, features=[*FEATURES, Feature("slow", slow_feature)]) as server,
+        running(config, features=[*FEATURES, SLOW_FEATURE]) as server,
     ):
         assert server.router is not None
         accepted = [await rpc.send("test/slow", {"seconds": 1.0}, key=secret) for _ in range(20)]
@@ -230,7 +222,7 @@ async def test_drain_gives_up_at_the_grace_period(
     config = make_config(tmp_path, broker, daemon={"shutdown_grace_seconds": 0.5})  # type: ignore[arg-type]
     _key_id, secret = seed_key(config)
     async with RpcClient(config) as rpc:
-        async with running(config, features=[*FEATURES, Feature("slow", slow_feature)]) as server:
+        async with running(config, features=[*FEATURES, SLOW_FEATURE]) as server:
             assert server.router is not None
             await rpc.send("test/slow", {"seconds": 30.0}, key=secret)
             deadline = asyncio.get_running_loop().time() + 5

@@ -453,6 +453,43 @@ def test_uploader_checks_epk(world: World) -> None:
     assert info.value.reason == "epk_mismatch"
 
 
+def test_issued_grant_carries_its_claims(world: World) -> None:
+    e = X25519PrivateKey.generate()
+    g = world.grant(app_public_key=e.public_key().public_bytes_raw())
+    claims = parse_unverified(g.grant_blob)
+    assert g.epk == e.public_key().public_bytes_raw() == b64url_decode(claims["epk"])
+    assert (g.jti, g.iat, g.exp) == (claims["jti"], claims["iat"], claims["exp"])
+    server = world.grant()
+    assert server.epk == b64url_decode(parse_unverified(server.grant_blob)["epk"])
+
+
+def test_uploader_given_the_claims_it_issued_matches_one_that_reads_them(world: World) -> None:
+    # The BLE bridge knows jti and epk from its own GrantResult and passes them
+    # instead of parsing the blob again; the result must not differ.
+    e = X25519PrivateKey.generate()
+    g = world.grant(app_public_key=e.public_key().public_bytes_raw())
+    read = Uploader.for_grant(g.grant_blob, ephemeral_private=e, device_public_key=world.device_pub)
+    given = Uploader.for_grant(
+        g.grant_blob,
+        ephemeral_private=e,
+        device_public_key=world.device_pub,
+        grant_id=g.jti,
+        epk=g.epk,
+    )
+    assert given.grant_id == read.grant_id == g.jti
+    assert given.session_keys.raw == read.session_keys.raw
+    _complete_upload(world.device(), given, g.grant_blob)
+    with pytest.raises(UploaderError) as info:
+        Uploader.for_grant(
+            g.grant_blob,
+            ephemeral_private=e,
+            device_public_key=world.device_pub,
+            grant_id=g.jti,
+            epk=X25519PrivateKey.generate().public_key().public_bytes_raw(),
+        )
+    assert info.value.reason == "epk_mismatch"
+
+
 # --------------------------------------------------------------------------- keys
 
 

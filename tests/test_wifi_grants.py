@@ -243,6 +243,9 @@ async def test_bridge_mode_in_process(config: Config, daemon: Server, logs: LogC
     )
     assert result.mode == "e2e" and result.session_key is None
     assert result.device_public_key == dev.public
+    claims = parse_unverified(result.grant_blob)
+    assert result.epk == e.public_key().public_bytes_raw() == b64url_decode(claims["epk"])
+    assert (result.jti, result.iat, result.exp) == (claims["jti"], claims["iat"], claims["exp"])
     device = dev.reference(service.verification_jwks(dev.id), nonce=os.urandom(16))
     up = Uploader.for_grant(result.grant_blob, ephemeral_private=e, device_public_key=dev.public)
     await complete_upload(device, up, result.grant_blob)

@@ -166,6 +166,21 @@ FAILURE: Final = {
     },
 }
 
+SERVERS: Final = {
+    "local": {
+        "host": "127.0.0.1:1883",
+        "protocol": "mqtt",
+        "protocolVersion": "5",
+        "description": "Loopback listener for the daemon and local services (config/mosquitto/).",
+    },
+    "devices": {
+        "host": "gateway:8883",
+        "protocol": "secure-mqtt",
+        "protocolVersion": "5",
+        "description": "TLS listener for devices; username = deviceId.",
+    },
+}
+
 DESCRIPTION: Final = """\
 Request/reply over MQTT. A request is a JSON object published (QoS 1) on
 `{prefix}/rpc/<operation>`. MQTT v5 requesters set Response Topic and
@@ -206,6 +221,127 @@ def _describe(op: Operation) -> str:
     return " ".join(part for part in (" ".join(doc.split()), who) if part)
 
 
+class _Parts:
+    """The document's channels, operations and messages. Insertion order is the
+    order in docs/asyncapi.yaml, which tests/test_asyncapi.py compares as text."""
+
+    def __init__(self) -> None:
+        self.channels: dict[str, Any] = {
+            "rpcReply": {
+                "address": None,
+                "description": "Whatever Response Topic (or `reply_to`) the request named.",
+                "messages": {
+                    "success": {"$ref": "#/components/messages/rpcSuccess"},
+                    "failure": {"$ref": "#/components/messages/rpcFailure"},
+                },
+            }
+        }
+        self.operations: dict[str, Any] = {}
+        self.messages: dict[str, Any] = {
+            "rpcSuccess": {
+                "name": "rpcSuccess",
+                "contentType": "application/json",
+                "payload": SUCCESS,
+            },
+            "rpcFailure": {
+                "name": "rpcFailure",
+                "contentType": "application/json",
+                "payload": FAILURE,
+            },
+        }
+
+    def add_topic(
+        self, key: str, address: str, params: dict[str, Any], summary: str, payload: Any
+    ) -> None:
+        """A device-facing topic: its message and channel (the caller adds the operation)."""
+        self.messages[key] = {"name": key, "summary": summary, "payload": payload}
+        self.channels[key] = {
+            "address": address,
+            "parameters": params,
+            "messages": {"message": {"$ref": f"#/components/messages/{key}"}},
+        }
+
+
+def _add_rpc(parts: _Parts, op: Operation, payload: Any) -> None:
+    key = _id(op.name)
+    parts.messages[f"{key}.request"] = {
+        "name": f"{op.name} request",
+        "contentType": "application/json",
+        "payload": payload,
+        "correlationId": {"location": "$message.payload#/correlation_id"},
+        "bindings": {
+            "mqtt": {
+                "bindingVersion": "0.2.0",
+                "responseTopic": {"type": "string"},
+                "correlationData": {"type": "string", "format": "binary"},
+            }
+        },
+    }
+    parts.channels[f"rpc_{key}"] = {
+        "address": f"{{prefix}}/rpc/{op.name}",
+        "parameters": {"prefix": PREFIX_PARAM},
+        "messages": {"request": {"$ref": f"#/components/messages/{key}.request"}},
+    }
+    parts.operations[f"rpc_{key}"] = {
+        "action": "receive",
+        "title": op.name,
+        "description": _describe(op),
+        "channel": {"$ref": f"#/channels/rpc_{key}"},
+        "messages": [{"$ref": f"#/channels/rpc_{key}/messages/request"}],
+        "bindings": {"mqtt": {"bindingVersion": "0.2.0", "qos": 1}},
+        "reply": {
+            "address": {
+                "location": "$message.payload#/reply_to",
+                "description": "MQTT v5: the Response Topic property; MQTT 3.1.1: `reply_to`.",
+            },
+            "channel": {"$ref": "#/channels/rpcReply"},
+            "messages": [
+                {"$ref": "#/channels/rpcReply/messages/success"},
+                {"$ref": "#/channels/rpcReply/messages/failure"},
+            ],
+        },
+    }
+
+
+def _add_route(parts: _Parts, pattern: tuple[str, ...], qos: int) -> None:
+    """A topic the daemon subscribes to, from its route, so a new one cannot be missed."""
+    summary, payload = DEVICE_INBOUND.get(
+        "/".join(pattern), ("Undocumented topic route.", {"description": "Not described yet."})
+    )
+    segments = [
+        "{deviceId}" if (seg == "+" and i == 1 and pattern[0] == "devices") else seg
+        for i, seg in enumerate(pattern)
+    ]
+    key = _id("device_" + "_".join(p for p in pattern if p not in ("+", "devices")))
+    params: dict[str, Any] = {"prefix": PREFIX_PARAM}
+    if "{deviceId}" in segments:
+        params["deviceId"] = DEVICE_PARAM
+    parts.add_topic(key, "{prefix}/" + "/".join(segments), params, summary, payload)
+    parts.operations[f"receive_{key}"] = {
+        "action": "receive",
+        "summary": summary,
+        "channel": {"$ref": f"#/channels/{key}"},
+        "bindings": {"mqtt": {"bindingVersion": "0.2.0", "qos": qos}},
+    }
+
+
+def _add_outbound(parts: _Parts, key: str, address: str, summary: str, payload: Any) -> None:
+    params: dict[str, Any] = {"prefix": PREFIX_PARAM}
+    if "{deviceId}" in address:
+        params["deviceId"] = DEVICE_PARAM
+    if "{event}" in address:
+        params["event"] = {
+            "description": "`presence`, `command`, `device/activated`, "
+            "`device/reprovisioned`, `wifi/configured`, `wifi/failed`, ..."
+        }
+    parts.add_topic(key, address, params, summary, payload)
+    parts.operations[f"send_{key}"] = {
+        "action": "send",
+        "summary": summary,
+        "channel": {"$ref": f"#/channels/{key}"},
+    }
+
+
 def build(app: App, router: Router) -> dict[str, Any]:
     """The AsyncAPI 3.0 document for what `app` and `router` have registered."""
     ops = [router.operations[name] for name in sorted(router.operations)]
@@ -213,108 +349,13 @@ def build(app: App, router: Router) -> dict[str, Any]:
     refs, defs = models_json_schema([(m, "validation") for m in models], ref_template=SCHEMA_REF)
     schemas: dict[str, Any] = dict(sorted(defs.get("$defs", {}).items()))
 
-    channels: dict[str, Any] = {
-        "rpcReply": {
-            "address": None,
-            "description": "Whatever Response Topic (or `reply_to`) the request named.",
-            "messages": {
-                "success": {"$ref": "#/components/messages/rpcSuccess"},
-                "failure": {"$ref": "#/components/messages/rpcFailure"},
-            },
-        }
-    }
-    operations: dict[str, Any] = {}
-    messages: dict[str, Any] = {
-        "rpcSuccess": {"name": "rpcSuccess", "contentType": "application/json", "payload": SUCCESS},
-        "rpcFailure": {"name": "rpcFailure", "contentType": "application/json", "payload": FAILURE},
-    }
+    parts = _Parts()
     for op in ops:
-        key = _id(op.name)
-        messages[f"{key}.request"] = {
-            "name": f"{op.name} request",
-            "contentType": "application/json",
-            "payload": refs[(op.body, "validation")],
-            "correlationId": {"location": "$message.payload#/correlation_id"},
-            "bindings": {
-                "mqtt": {
-                    "bindingVersion": "0.2.0",
-                    "responseTopic": {"type": "string"},
-                    "correlationData": {"type": "string", "format": "binary"},
-                }
-            },
-        }
-        channels[f"rpc_{key}"] = {
-            "address": f"{{prefix}}/rpc/{op.name}",
-            "parameters": {"prefix": PREFIX_PARAM},
-            "messages": {"request": {"$ref": f"#/components/messages/{key}.request"}},
-        }
-        operations[f"rpc_{key}"] = {
-            "action": "receive",
-            "title": op.name,
-            "description": _describe(op),
-            "channel": {"$ref": f"#/channels/rpc_{key}"},
-            "messages": [{"$ref": f"#/channels/rpc_{key}/messages/request"}],
-            "bindings": {"mqtt": {"bindingVersion": "0.2.0", "qos": 1}},
-            "reply": {
-                "address": {
-                    "location": "$message.payload#/reply_to",
-                    "description": "MQTT v5: the Response Topic property; MQTT 3.1.1: `reply_to`.",
-                },
-                "channel": {"$ref": "#/channels/rpcReply"},
-                "messages": [
-                    {"$ref": "#/channels/rpcReply/messages/success"},
-                    {"$ref": "#/channels/rpcReply/messages/failure"},
-                ],
-            },
-        }
-
-    # Topics the daemon subscribes to: its routes, so a new one cannot be missed.
+        _add_rpc(parts, op, refs[(op.body, "validation")])
     for route in sorted(app.topics.routes, key=lambda r: r.pattern):
-        pattern = "/".join(route.pattern)
-        summary, payload = DEVICE_INBOUND.get(
-            pattern, ("Undocumented topic route.", {"description": "Not described yet."})
-        )
-        parts = [
-            "{deviceId}" if (seg == "+" and i == 1 and route.pattern[0] == "devices") else seg
-            for i, seg in enumerate(route.pattern)
-        ]
-        key = _id("device_" + "_".join(p for p in route.pattern if p not in ("+", "devices")))
-        params: dict[str, Any] = {"prefix": PREFIX_PARAM}
-        if "{deviceId}" in parts:
-            params["deviceId"] = DEVICE_PARAM
-        messages[key] = {"name": key, "summary": summary, "payload": payload}
-        channels[key] = {
-            "address": "{prefix}/" + "/".join(parts),
-            "parameters": params,
-            "messages": {"message": {"$ref": f"#/components/messages/{key}"}},
-        }
-        operations[f"receive_{key}"] = {
-            "action": "receive",
-            "summary": summary,
-            "channel": {"$ref": f"#/channels/{key}"},
-            "bindings": {"mqtt": {"bindingVersion": "0.2.0", "qos": route.qos}},
-        }
-
+        _add_route(parts, route.pattern, route.qos)
     for key, address, summary, payload in DAEMON_OUTBOUND:
-        params = {"prefix": PREFIX_PARAM}
-        if "{deviceId}" in address:
-            params["deviceId"] = DEVICE_PARAM
-        if "{event}" in address:
-            params["event"] = {
-                "description": "`presence`, `command`, `device/activated`, "
-                "`device/reprovisioned`, `wifi/configured`, `wifi/failed`, ..."
-            }
-        messages[key] = {"name": key, "summary": summary, "payload": payload}
-        channels[key] = {
-            "address": address,
-            "parameters": params,
-            "messages": {"message": {"$ref": f"#/components/messages/{key}"}},
-        }
-        operations[f"send_{key}"] = {
-            "action": "send",
-            "summary": summary,
-            "channel": {"$ref": f"#/channels/{key}"},
-        }
+        _add_outbound(parts, key, address, summary, payload)
 
     return {
         "asyncapi": "3.0.0",
@@ -324,23 +365,10 @@ def build(app: App, router: Router) -> dict[str, Any]:
             "description": DESCRIPTION,
         },
         "defaultContentType": "application/json",
-        "servers": {
-            "local": {
-                "host": "127.0.0.1:1883",
-                "protocol": "mqtt",
-                "protocolVersion": "5",
-                "description": "Loopback listener for the daemon and local services (config/mosquitto/).",
-            },
-            "devices": {
-                "host": "gateway:8883",
-                "protocol": "secure-mqtt",
-                "protocolVersion": "5",
-                "description": "TLS listener for devices; username = deviceId.",
-            },
-        },
-        "channels": channels,
-        "operations": operations,
-        "components": {"schemas": schemas, "messages": messages},
+        "servers": SERVERS,
+        "channels": parts.channels,
+        "operations": parts.operations,
+        "components": {"schemas": schemas, "messages": parts.messages},
     }
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import sqlite_utils
 
 from provisiond import tokens
+from provisiond.cli_ops import command_group
 from provisiond.devices import device_view, find_device, list_devices
 from provisiond.errors import NotFound
 from provisiond.store import transaction
@@ -80,9 +81,7 @@ def _positive_int(text: str) -> int:
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register the `devices` and `tokens` command groups on the main parser."""
-    devices = sub.add_parser("devices", parents=[common], help="inspect devices").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
+    devices = command_group(sub, common, "devices", "inspect devices")
     p = devices.add_parser("list", parents=[common], help="list devices as JSON")
     p.add_argument("--org", type=_positive_int, help="only this organisation's devices")
     p.add_argument("--owner", type=_positive_int, help="only this user's devices")
@@ -94,9 +93,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("id", type=_positive_int, metavar="ID")
     p.set_defaults(fn=cmd_devices_show)
 
-    toks = sub.add_parser(
-        "tokens", parents=[common], help="manage provision tokens"
-    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    toks = command_group(sub, common, "tokens", "manage provision tokens")
     p = toks.add_parser(
         "revoke", parents=[common], help="revoke every unused provision token of a device"
     )

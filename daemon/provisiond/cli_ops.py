@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from provisiond.clock import iso_utc
 from provisiond.config import ENV_KEY, Config, config_path, load, resolve_path
 
 EXIT_OK = 0
@@ -243,7 +244,7 @@ def cmd_keys_rotate_signing(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(f"new signing key {new_kid} is active on disk")
     for kid, until in retired:
-        print(f"key {kid} now only verifies, until {_iso(until)}")
+        print(f"key {kid} now only verifies, until {iso_utc(until)}")
     # The running daemon holds the ring in memory and reloads it on SIGHUP.
     print("reload the daemon so it signs with the new key: systemctl reload provisiond")
     return EXIT_OK
@@ -292,10 +293,6 @@ def _require_owner(directory: Path) -> None:
         )
 
 
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
 # --- registration
 
 
@@ -305,6 +302,16 @@ def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[
         if isinstance(action, argparse._SubParsersAction):
             return action
     raise LookupError(f"{parser.prog} has no subcommands")
+
+
+def command_group(
+    sub: Any, common: argparse.ArgumentParser, name: str, summary: str
+) -> argparse._SubParsersAction[Any]:
+    """A command such as `db` whose ACTIONs (`db backup`) the caller adds."""
+    group: argparse._SubParsersAction[Any] = sub.add_parser(
+        name, parents=[common], help=summary
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    return group
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -328,9 +335,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the daemon's stats as JSON")
     p.set_defaults(fn=cmd_status)
 
-    db = sub.add_parser("db", parents=[common], help="database maintenance").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
+    db = command_group(sub, common, "db", "database maintenance")
     p = db.add_parser(
         "backup",
         parents=[common],

@@ -18,3 +18,8 @@ class Clock:
 def iso_utc(ts: float) -> str:
     """ISO 8601 in UTC with a `Z` suffix, second precision, as the seed's API shows."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def iso_utc_or_none(ts: float | None) -> str | None:
+    """`iso_utc`, passing None through: for timestamps of what has not happened yet."""
+    return None if ts is None else iso_utc(ts)

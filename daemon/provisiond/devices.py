@@ -16,7 +16,7 @@ from typing import Annotated, Any, Final
 import sqlite_utils
 from pydantic import BeforeValidator, Field
 
-from provisiond.clock import iso_utc
+from provisiond.clock import iso_utc, iso_utc_or_none
 from provisiond.errors import NotFound, Unavailable
 from provisiond.store import Migration
 from provisiond.wifi.crypto import CAP_WIFI_UPLOAD
@@ -178,10 +178,8 @@ def device_view(device: Device) -> dict[str, Any]:
         "capabilities": device.capabilities,
         "firmware_version": device.firmware_version,
         "created_at": iso_utc(device.created_at),
-        "activated_at": None if device.activated_at is None else iso_utc(device.activated_at),
-        "reprovisioned_at": (
-            None if device.reprovisioned_at is None else iso_utc(device.reprovisioned_at)
-        ),
+        "activated_at": iso_utc_or_none(device.activated_at),
+        "reprovisioned_at": iso_utc_or_none(device.reprovisioned_at),
     }
 
 

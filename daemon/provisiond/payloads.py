@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, Final
+
+# A device's machine reason code ("wrong_password", "ssid_not_found"): what a
+# status report may carry, checked on every path a report comes in by.
+REASON_CODE: Final = re.compile(r"[a-z0-9_\-]{1,64}")
 
 
 class NotJson(ValueError):

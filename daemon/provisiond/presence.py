@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 
 from provisiond.app import App
-from provisiond.clock import iso_utc
+from provisiond.clock import iso_utc_or_none
 from provisiond.config import Config, PresenceConfig
 from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
@@ -196,8 +196,8 @@ class Presence:
         return {
             "online": bool(channels),
             "channels": channels,
-            "last_seen": None if dev.last_seen is None else iso_utc(dev.last_seen),
-            "since": None if dev.since is None else iso_utc(dev.since),
+            "last_seen": iso_utc_or_none(dev.last_seen),
+            "since": iso_utc_or_none(dev.since),
         }
 
     def set_channel(self, device_id: int, channel: str, online: bool) -> bool:

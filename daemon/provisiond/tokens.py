@@ -19,7 +19,7 @@ from typing import Any
 import sqlite_utils
 
 from provisiond.auth import hash_secret, random_string
-from provisiond.clock import iso_utc
+from provisiond.clock import iso_utc, iso_utc_or_none
 from provisiond.errors import Gone, Unauthorized
 from provisiond.store import Migration
 
@@ -138,8 +138,8 @@ def history(db: sqlite_utils.Database, device_id: int, *, now: float) -> list[di
                 "state": rec.state(now),
                 "created_at": iso_utc(rec.created_at),
                 "expires_at": iso_utc(rec.expires_at),
-                "used_at": None if rec.used_at is None else iso_utc(rec.used_at),
-                "revoked_at": None if rec.revoked_at is None else iso_utc(rec.revoked_at),
+                "used_at": iso_utc_or_none(rec.used_at),
+                "revoked_at": iso_utc_or_none(rec.revoked_at),
             }
         )
     return out

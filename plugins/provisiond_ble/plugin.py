@@ -17,15 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Final, Literal
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from provisiond import permissions
+from provisiond.devices import Device, DeviceIdOrDecimal
 from provisiond.errors import (
     BadRequest,
     Conflict,
@@ -33,6 +32,7 @@ from provisiond.errors import (
     RpcError,
     Unavailable,
 )
+from provisiond.payloads import REASON_CODE
 from provisiond.plugins import PluginContext
 from provisiond.rpc import Body, Operation, Request
 from provisiond.wifi.crypto import (
@@ -41,13 +41,11 @@ from provisiond.wifi.crypto import (
     b64url_decode,
     credential_plaintext,
 )
-from provisiond.wifi.jws import parse_unverified
-from provisiond.wifi.service import require_grantable
+from provisiond.wifi.service import GrantService
 from provisiond.wifi.uploader import Uploader, UploaderError
 from provisiond_ble import profile
 from provisiond_ble.central import BleError, GattSession, Radio
 
-_DECIMAL_ID: Final = re.compile(r"[1-9][0-9]{0,18}")
 # Re-sending the same credentials cannot fix these; a retry would only cost time.
 NO_RETRY: Final = frozenset({"wrong_password", "bad_credentials"})
 SWEEP_INTERVAL: Final = 1.0
@@ -80,23 +78,12 @@ class BleBridgeConfig(BaseModel):
 
 
 class UploadBody(Body):
-    device_id: int | str
+    device_id: DeviceIdOrDecimal
     ssid: str = Field(max_length=64)
     # repr=False: the body never shows its password in a traceback or a log.
     password: str = Field(max_length=256, repr=False)
     security: Literal["open", "wpa2-psk", "wpa2-wpa3", "wpa3-sae"] = "wpa2-psk"
     timeout_seconds: Annotated[float, Field(gt=0, le=600)] | None = None
-
-    @field_validator("device_id")
-    @classmethod
-    def _device_id(cls, value: int | str) -> int | str:
-        if isinstance(value, str):
-            if not _DECIMAL_ID.fullmatch(value):
-                raise ValueError("must be a positive integer or its decimal string")
-            value = int(value)
-        if not 0 < value < 2**63:
-            raise ValueError("must be a positive integer")
-        return value
 
 
 @dataclass
@@ -209,21 +196,20 @@ class BleBridgePlugin:
         ctx = self.ctx
         assert ctx is not None and request.principal is not None
         principal = request.principal
-        device_id = int(body.device_id)
+        device_id = body.device_id
         request.log_fields["device"] = device_id
         try:
             credential_plaintext(body.ssid, body.password, body.security)
         except InvalidCredentials as exc:
             raise BadRequest(exc.message, code="invalid_field", field=exc.field) from None
 
-        # Everything that can be refused from the store is refused before any BLE traffic.
-        device = await ctx.app.store.call(
-            lambda db: permissions.viewable_device(db, principal, device_id)
-        )
-        public_key = require_grantable(device)
         grants = ctx.grants
         if grants is None or self.radio is None:
             raise Unavailable("the grant service is not running", code="grants_unavailable")
+        # Everything that can be refused from the store is refused before any BLE traffic.
+        device = await grants.grantable(
+            org_id=principal.org_id, device_id=device_id, principal=principal
+        )
         if device_id in self._busy:
             raise Conflict(f"an upload to device {device_id} is in progress", code="device_busy")
 
@@ -237,9 +223,7 @@ class BleBridgePlugin:
         try:
             async with asyncio.timeout(timeout):
                 attempts = 1
-                outcome = await self._attempt(
-                    request, device_id, public_key, body, grants, progress
-                )
+                outcome = await self._attempt(request, device, body, grants, progress)
                 if (
                     outcome.state == "failed"
                     and self.config.retry_on_failure
@@ -247,9 +231,7 @@ class BleBridgePlugin:
                 ):
                     attempts = 2
                     ctx.log.info("ble.retry", device=device_id, reason=outcome.reason)
-                    outcome = await self._attempt(
-                        request, device_id, public_key, body, grants, progress
-                    )
+                    outcome = await self._attempt(request, device, body, grants, progress)
         except TimeoutError:
             if progress.stage == "scan":
                 raise GatewayTimeout(
@@ -278,12 +260,12 @@ class BleBridgePlugin:
     async def _attempt(
         self,
         request: Request,
-        device_id: int,
-        public_key: bytes,
+        device: Device,
         body: UploadBody,
-        grants: Any,
+        grants: GrantService,
         progress: _Progress,
     ) -> Outcome:
+        device_id, public_key = device.id, device.public_key
         radio = self.radio
         if radio is None:
             raise Unavailable("the BLE radio is not running", code="plugin_unavailable")
@@ -312,21 +294,23 @@ class BleBridgePlugin:
             progress.stage = "grant_issue"
             await self._wait_for_fresh_iat(device_id)
             ephemeral = X25519PrivateKey.generate()
-            grant = await grants.issue(
-                org_id=request.principal.org_id,
-                device_id=device_id,
-                principal=request.principal,
+            grant = grants.issue_for(
+                device,
                 expires_in=self.config.grant_expires_in_seconds,
                 app_public_key=ephemeral.public_key().public_bytes_raw(),
                 device_nonce=nonce,
             )
             uploader = Uploader.for_grant(
-                grant.grant_blob, ephemeral_private=ephemeral, device_public_key=public_key
+                grant.grant_blob,
+                ephemeral_private=ephemeral,
+                device_public_key=public_key,
+                grant_id=grant.jti,
+                epk=grant.epk,
             )
             # Bridge mode: e lives only for this attempt (Python cannot wipe it).
             del ephemeral
             self.last_grant_id[device_id] = uploader.grant_id
-            self._last_iat[device_id] = int(parse_unverified(grant.grant_blob)["iat"])
+            self._last_iat[device_id] = grant.iat
             progress.stage = "grant_write"
             await session.write_value(profile.WIFI_GRANT_UUID, grant.grant_blob.encode("ascii"))
             status = await self._next_status(session, uploader)
@@ -388,8 +372,6 @@ def _plain(raw: bytes) -> dict[str, str] | None:
     if not isinstance(doc, dict):
         return None
     reason = doc.get("reason")
-    if reason is not None and not (
-        isinstance(reason, str) and re.fullmatch(r"[a-z0-9_\-]{1,64}", reason)
-    ):
+    if reason is not None and not (isinstance(reason, str) and REASON_CODE.fullmatch(reason)):
         doc["reason"] = "unknown"
     return {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str)}

@@ -13,6 +13,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
+from provisiond.wifi.crypto import MAX_CREDENTIAL_MESSAGE
+from provisiond.wifi.jws import MAX_GRANT_LEN
+
 # 128-bit UUIDs of our own (random base b7e1xxxx-3f2a-4c55-9d0e-6a1f5c2e8d40).
 SERVICE_UUID: Final = "b7e10000-3f2a-4c55-9d0e-6a1f5c2e8d40"
 DEVICE_INFO_UUID: Final = "b7e10001-3f2a-4c55-9d0e-6a1f5c2e8d40"
@@ -26,8 +29,9 @@ OP_COMMIT: Final = 0x02  # 02 | total length u16 LE | SHA-256(value)[0:8]
 OP_ABORT: Final = 0x03  # 03
 DATA_HEADER: Final = 3
 DIGEST_LEN: Final = 8
-MAX_GRANT_BYTES: Final = 2048
-MAX_CREDENTIAL_BYTES: Final = 1024
+# A characteristic holds one whole protocol value, so the protocol's own caps apply.
+MAX_GRANT_BYTES: Final = MAX_GRANT_LEN
+MAX_CREDENTIAL_BYTES: Final = MAX_CREDENTIAL_MESSAGE
 
 # ATT application error codes (0x80-0x9F) a device answers a bad write with.
 ERR_BAD_OFFSET: Final = 0x80
@@ -76,10 +80,6 @@ def data_frames(value: bytes, mtu: int) -> list[bytes]:
 
 def commit_frame(value: bytes) -> bytes:
     return bytes([OP_COMMIT]) + struct.pack("<H", len(value)) + digest(value)
-
-
-def abort_frame() -> bytes:
-    return bytes([OP_ABORT])
 
 
 class Reassembler:

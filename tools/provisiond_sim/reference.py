@@ -56,7 +56,8 @@ DEFAULT_LEEWAY: Final = 30
 # Bound on remembered jtis. Safe to evict: an evicted grant's iat is <= the
 # last accepted iat, so the monotonic-iat rule still refuses it.
 MAX_LEDGER: Final = 32
-NONCE_LEN: Final = 16
+# The `dn` a device shows in Device Info and wants bound into its next grant.
+DEVICE_NONCE_LEN: Final = 16
 
 _ALG_BY_KTY: Final = {"OKP": "EdDSA", "EC": "ES256", "oct": "HS256"}
 
@@ -68,7 +69,6 @@ class CredentialRejected(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(f"credential message rejected: {reason}")
         self.reason = reason
-
 
 
 # --------------------------------------------------------------------------- grant claims
@@ -219,7 +219,7 @@ class ReferenceDevice:
         self._session: _Session | None = None
         # `nonce` is injectable only so test vectors can pin it; real devices
         # draw a fresh one at boot.
-        self._nonce = nonce if nonce is not None else os.urandom(NONCE_LEN)
+        self._nonce = nonce if nonce is not None else os.urandom(DEVICE_NONCE_LEN)
         # The plaintext result for P/devices/N/wifi/status (DESIGN §4).
         self.last_report: dict[str, str | None] | None = None
 
@@ -245,7 +245,7 @@ class ReferenceDevice:
     def _renew_nonce(self) -> None:
         # A new nonce invalidates every grant minted for the old one, so a
         # grant requested for one session cannot be kept for a later one.
-        self._nonce = os.urandom(NONCE_LEN)
+        self._nonce = os.urandom(DEVICE_NONCE_LEN)
 
     # ---- grant
 

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 from provisiond.app import App
 from provisiond.devices import DeviceIdOrDecimal, find_device
 from provisiond.logs import get_logger
-from provisiond.payloads import json_object
+from provisiond.payloads import REASON_CODE, json_object
 from provisiond.presence import parse_device_id
 from provisiond.rpc import Body, EmptyBody, Operation, Request, Router
 from provisiond.transport import Delivery
@@ -28,7 +28,6 @@ from provisiond.wifi.service import GRANTS, GrantService
 
 log = get_logger("provisiond.wifi")
 
-_REASON: Final = re.compile(r"[a-z0-9_\-]{1,64}")
 # A jti is b64url of 16 bytes (22 chars); allow some slack for other issuers
 # but never an unbounded string into the database.
 _GRANT_ID: Final = re.compile(r"[A-Za-z0-9_\-]{1,64}")
@@ -208,7 +207,7 @@ def _parse_status(segment: str, payload: bytes) -> tuple[int, str, str, str | No
         return None
     if state not in ("connected", "failed"):
         return None
-    if reason is not None and (not isinstance(reason, str) or not _REASON.fullmatch(reason)):
+    if reason is not None and (not isinstance(reason, str) or not REASON_CODE.fullmatch(reason)):
         return None
     if state == "failed" and reason is None:
         reason = "unknown"

@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from provisiond.payloads import REASON_CODE
+
 # Domain-separation strings. They carry the protocol version, so a future v2
 # can never be confused with v1 even if the message layout stays the same.
 SESSION_INFO: Final = b"provisiond wifi-session v1"
@@ -42,7 +44,8 @@ GRANT_KEY_INFO_PREFIX: Final = b"provisiond grant-key v1|"
 
 X25519_KEY_LEN: Final = 32
 SESSION_KEY_LEN: Final = 64
-NONCE_LEN: Final = 12
+# AES-GCM nonce: the random prefix of a credential message, the counter of a status.
+GCM_NONCE_LEN: Final = 12
 TAG_LEN: Final = 16
 # A BLE characteristic write is reassembled in device RAM; a hard ceiling keeps
 # a hostile uploader from making a small device allocate without bound.
@@ -52,7 +55,6 @@ MAX_COUNTER: Final = (1 << 96) - 1
 
 SECURITY_TYPES: Final = frozenset({"open", "wpa2-psk", "wpa3-sae", "wpa2-wpa3"})
 STATUS_STATES: Final = frozenset({"idle", "grant-accepted", "connecting", "connected", "failed"})
-_REASON_RE: Final = re.compile(r"[a-z0-9_\-]{1,64}")
 _HEX64_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
 _B64URL_RE: Final = re.compile(r"[A-Za-z0-9_\-]*")
 
@@ -271,22 +273,29 @@ def encrypt_credentials(
     """
     _check_key(k_up, "k_up")
     if nonce is None:
-        nonce = os.urandom(NONCE_LEN)
-    if len(nonce) != NONCE_LEN:
+        nonce = os.urandom(GCM_NONCE_LEN)
+    if len(nonce) != GCM_NONCE_LEN:
         raise ValueError("nonce must be 12 bytes")
     plaintext = credential_plaintext(ssid, password, security)
     return nonce + AESGCM(k_up).encrypt(nonce, plaintext, CREDENTIAL_AAD)
 
 
+def _open(key: bytes, nonce: bytes, sealed: bytes, aad: bytes, kind: str) -> bytes:
+    """AES-GCM decryption; a forged or damaged message is DecryptionFailed(kind)."""
+    try:
+        return AESGCM(key).decrypt(nonce, sealed, aad)
+    except InvalidTag as exc:
+        raise DecryptionFailed(kind) from exc
+
+
 def decrypt_credentials(k_up: bytes, message: bytes) -> WifiCredentials:
     """Authenticate and parse a credential message; never returns partial data."""
     _check_key(k_up, "k_up")
-    if not NONCE_LEN + TAG_LEN < len(message) <= MAX_CREDENTIAL_MESSAGE:
+    if not GCM_NONCE_LEN + TAG_LEN < len(message) <= MAX_CREDENTIAL_MESSAGE:
         raise DecryptionFailed("credential")
-    try:
-        plaintext = AESGCM(k_up).decrypt(message[:NONCE_LEN], message[NONCE_LEN:], CREDENTIAL_AAD)
-    except InvalidTag as exc:
-        raise DecryptionFailed("credential") from exc
+    plaintext = _open(
+        k_up, message[:GCM_NONCE_LEN], message[GCM_NONCE_LEN:], CREDENTIAL_AAD, "credential"
+    )
     try:
         doc = _loads_object(plaintext)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -303,7 +312,7 @@ def status_nonce(counter: int) -> bytes:
     """96-bit big-endian counter; implicit, so it costs no bytes over BLE."""
     if isinstance(counter, bool) or not isinstance(counter, int) or not 0 <= counter <= MAX_COUNTER:
         raise ValueError("status counter out of range")
-    return counter.to_bytes(NONCE_LEN, "big")
+    return counter.to_bytes(GCM_NONCE_LEN, "big")
 
 
 def _validate_status(doc: Mapping[str, Any]) -> dict[str, str]:
@@ -321,7 +330,7 @@ def _validate_status(doc: Mapping[str, Any]) -> dict[str, str]:
         reason = doc["reason"]
         # Reasons are machine codes, never free text: free text is how a
         # password or an SSID would leak into a log on the uploader side.
-        if not isinstance(reason, str) or not _REASON_RE.fullmatch(reason):
+        if not isinstance(reason, str) or not REASON_CODE.fullmatch(reason):
             raise InvalidStatus("reason", "must match [a-z0-9_-]{1,64}")
         out["reason"] = reason
     return out
@@ -347,10 +356,7 @@ def decrypt_status(k_down: bytes, counter: int, message: bytes) -> dict[str, str
     _check_key(k_down, "k_down")
     if not TAG_LEN < len(message) <= MAX_STATUS_MESSAGE:
         raise DecryptionFailed("status")
-    try:
-        plaintext = AESGCM(k_down).decrypt(status_nonce(counter), message, STATUS_AAD)
-    except InvalidTag as exc:
-        raise DecryptionFailed("status") from exc
+    plaintext = _open(k_down, status_nonce(counter), message, STATUS_AAD, "status")
     try:
         doc = _loads_object(plaintext)
     except (UnicodeDecodeError, ValueError) as exc:

@@ -18,7 +18,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Required, TypedDict, Unpack
 
 import sqlite_utils
 
@@ -79,14 +79,30 @@ MIN_HS256_SECRET: Final = 32
 Mode = Literal["e2e", "server"]
 
 
+class GrantRequest(TypedDict, total=False):
+    """The keyword arguments of `GrantService.issue`, for `issue_reply` to pass on."""
+
+    org_id: Required[int]
+    device_id: Required[int]
+    principal: Principal | None
+    expires_in: int | None
+    app_public_key: bytes | None
+    device_nonce: bytes | None
+
+
 @dataclass(frozen=True)
 class GrantResult:
     """One issued grant, as the RPC reply and the BLE bridge need it."""
 
     grant_blob: str
     jti: str
+    # The bridge waits for a newer second than the last grant's before the next
+    # (devices refuse a stale iat), so it needs this without parsing the blob.
+    iat: int
     exp: int
     expires_at: str
+    # The grant's `epk` claim: what the uploader's ephemeral key must match.
+    epk: bytes
     device_public_key: bytes
     # Only in server-generated mode; out of repr so it cannot reach a log line.
     session_key: bytes | None = field(repr=False)
@@ -182,28 +198,6 @@ class GrantService:
         BLE bridge) pass None and are trusted for `org_id`. A user-scoped key
         needs OWN_DEVICES_VIEW on its own devices or ORG_DEVICES_VIEW — the
         same device rules as DESIGN §5 gives reconfigure, applied here too.
-        """
-        _reply, result = await self.issue_reply(
-            org_id=org_id,
-            device_id=device_id,
-            principal=principal,
-            expires_in=expires_in,
-            app_public_key=app_public_key,
-            device_nonce=device_nonce,
-        )
-        return result
-
-    async def issue_reply(
-        self,
-        *,
-        org_id: int,
-        device_id: int,
-        principal: Principal | None = None,
-        expires_in: int | None = None,
-        app_public_key: bytes | None = None,
-        device_nonce: bytes | None = None,
-    ) -> tuple[dict[str, Any], GrantResult]:
-        """`issue`, also building the `wifi-config/grant` reply body.
 
         The device comes from the app's device cache, read from the store
         only on a miss. The signing runs on the event loop: it is a fixed,
@@ -211,7 +205,20 @@ class GrantService:
         X25519 operations, about 0.1 ms in all), cheaper than the two thread
         switches it would take to run it elsewhere.
         """
-        config = self.app.config.wifi
+        device = await self.grantable(org_id=org_id, device_id=device_id, principal=principal)
+        return self.issue_for(
+            device, expires_in=expires_in, app_public_key=app_public_key, device_nonce=device_nonce
+        )
+
+    async def grantable(
+        self, *, org_id: int, device_id: int, principal: Principal | None = None
+    ) -> Device:
+        """The device, if the caller may have a grant for it and it can take one.
+
+        The one place a grant is refused for the device's sake (unknown, another
+        organisation's, not the caller's, not activated, not WiFi-capable); the
+        BLE bridge asks it before any radio traffic, then signs with `issue_for`.
+        """
         if principal is not None:
             if principal.org_id != org_id:
                 # A key never reaches another organisation's devices, nor learns they exist.
@@ -219,12 +226,27 @@ class GrantService:
                     f"device {device_id} not found", code="device_not_found", field="device_id"
                 )
             permissions.check_device_view(principal)
-        keys = self._require_keys()
-        lifetime = config.default_expires_in_seconds if expires_in is None else expires_in
+        self._require_keys()
         device = await self._device(device_id, org_id)
         if principal is not None:
             permissions.check_owner(principal, device)
-        public_key = require_grantable(device)
+        require_grantable(device)
+        return device
+
+    def issue_for(
+        self,
+        device: Device,
+        *,
+        expires_in: int | None = None,
+        app_public_key: bytes | None = None,
+        device_nonce: bytes | None = None,
+    ) -> GrantResult:
+        """Sign a grant for a device `grantable` returned."""
+        config = self.app.config.wifi
+        keys = self._require_keys()
+        public_key = device.public_key
+        assert public_key is not None, "issue_for takes a device that grantable() returned"
+        lifetime = config.default_expires_in_seconds if expires_in is None else expires_in
         if app_public_key is None and not config.allow_server_generated:
             raise BadRequest(
                 "server-generated session keys are disabled; send app_public_key",
@@ -245,14 +267,23 @@ class GrantService:
         result = GrantResult(
             grant_blob=issued.grant_blob,
             jti=issued.jti,
+            iat=issued.iat,
             exp=issued.exp,
             expires_at=iso_utc(issued.exp),
+            epk=issued.epk,
             device_public_key=public_key,
             session_key=issued.session_key,
             mode=issued.mode,
         )
-        self._remember(result.jti, device_id, result.exp)
+        self._remember(result.jti, device.id, result.exp)
         self.app.counters[f"wifi.grants.{result.mode}"] += 1
+        return result
+
+    async def issue_reply(
+        self, **request: Unpack[GrantRequest]
+    ) -> tuple[dict[str, Any], GrantResult]:
+        """`issue`, also building the `wifi-config/grant` reply body."""
+        result = await self.issue(**request)
         return reply_body(result), result
 
     async def _device(self, device_id: int, org_id: int) -> Device:

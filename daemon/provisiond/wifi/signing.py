@@ -428,6 +428,9 @@ class IssuedGrant:
     jti: str
     iat: int
     exp: int
+    # The grant's `epk` claim: app_public_key, or the public half of the
+    # gateway's ephemeral key in server-generated mode.
+    epk: bytes
     # Only in server-generated mode; kept out of repr so it never reaches a log.
     session_key: bytes | None = field(repr=False)
     mode: Literal["e2e", "server"]
@@ -467,6 +470,58 @@ def check_x25519_public(public: bytes, field: str) -> None:
         raise InvalidGrantRequest(field, "is a low-order X25519 point") from exc
 
 
+def _check_grant_request(
+    *,
+    device_id: int,
+    device_public_key: bytes,
+    capabilities: int,
+    expires_in: int,
+    device_nonce: bytes | None,
+) -> None:
+    if not capabilities & CAP_WIFI_UPLOAD:
+        raise DeviceNotWifiCapable(device_id)
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int):
+        raise InvalidGrantRequest("expires_in_seconds", "must be an integer")
+    if not MIN_GRANT_LIFETIME <= expires_in <= MAX_GRANT_LIFETIME:
+        raise InvalidGrantRequest(
+            "expires_in_seconds", f"must be {MIN_GRANT_LIFETIME}..{MAX_GRANT_LIFETIME}"
+        )
+    if len(device_public_key) != X25519_KEY_LEN:
+        raise InvalidGrantRequest("device_public_key", "must be a 32-byte X25519 public key")
+    # No low-order probe for the device's key on every grant: activation
+    # refused low-order keys before storing one, and in server-generated mode
+    # x25519_shared refuses an all-zero Z anyway.
+    if device_nonce is not None and not 8 <= len(device_nonce) <= 64:
+        raise InvalidGrantRequest("device_nonce", "must be 8..64 bytes")
+
+
+def _signing_key(
+    keyring: KeyRing | None, algorithm: str | None, hs256_master_secret: bytes | None
+) -> tuple[str, SigningKey | None]:
+    """The algorithm that signs, and its key from the ring (None for HS256)."""
+    alg = algorithm or (keyring.active.alg if keyring is not None else "HS256")
+    if alg == "HS256":
+        if hs256_master_secret is None:
+            raise AlgorithmUnavailable(alg)
+        return alg, None
+    if keyring is None or keyring.active.alg != alg:
+        raise AlgorithmUnavailable(alg)
+    return alg, keyring.active
+
+
+def _sign_claims(
+    claims: dict[str, Any],
+    signing_key: SigningKey | None,
+    hs256_master_secret: bytes | None,
+    device_id: int,
+) -> tuple[str, str]:
+    """The grant blob and the `kid` its header names."""
+    if signing_key is None:
+        assert hs256_master_secret is not None
+        return sign_grant_hs256(claims, hs256_master_secret, device_id), hs256_kid(device_id)
+    return sign_grant(claims, signing_key), signing_key.kid
+
+
 def issue_grant(
     keyring: KeyRing | None,
     *,
@@ -489,31 +544,14 @@ def issue_grant(
     the ephemeral private key go out of scope; refusing this mode when it is
     configured off is the caller's decision.
     """
-    if not capabilities & CAP_WIFI_UPLOAD:
-        raise DeviceNotWifiCapable(device_id)
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int):
-        raise InvalidGrantRequest("expires_in_seconds", "must be an integer")
-    if not MIN_GRANT_LIFETIME <= expires_in <= MAX_GRANT_LIFETIME:
-        raise InvalidGrantRequest(
-            "expires_in_seconds", f"must be {MIN_GRANT_LIFETIME}..{MAX_GRANT_LIFETIME}"
-        )
-    if len(device_public_key) != X25519_KEY_LEN:
-        raise InvalidGrantRequest("device_public_key", "must be a 32-byte X25519 public key")
-    # No low-order probe for the device's key on every grant: activation
-    # refused low-order keys before storing one, and in server-generated mode
-    # x25519_shared below refuses an all-zero Z anyway.
-    if device_nonce is not None and not 8 <= len(device_nonce) <= 64:
-        raise InvalidGrantRequest("device_nonce", "must be 8..64 bytes")
-
-    alg = algorithm or (keyring.active.alg if keyring is not None else "HS256")
-    signing_key: SigningKey | None = None
-    if alg == "HS256":
-        if hs256_master_secret is None:
-            raise AlgorithmUnavailable(alg)
-    elif keyring is None or keyring.active.alg != alg:
-        raise AlgorithmUnavailable(alg)
-    else:
-        signing_key = keyring.active
+    _check_grant_request(
+        device_id=device_id,
+        device_public_key=device_public_key,
+        capabilities=capabilities,
+        expires_in=expires_in,
+        device_nonce=device_nonce,
+    )
+    alg, signing_key = _signing_key(keyring, algorithm, hs256_master_secret)
 
     ephemeral: X25519PrivateKey | None = None
     if app_public_key is not None:
@@ -539,13 +577,7 @@ def issue_grant(
     if device_nonce is not None:
         claims["dn"] = b64url_encode(device_nonce)
 
-    if signing_key is None:
-        assert hs256_master_secret is not None
-        blob = sign_grant_hs256(claims, hs256_master_secret, device_id)
-        kid = hs256_kid(device_id)
-    else:
-        blob = sign_grant(claims, signing_key)
-        kid = signing_key.kid
+    blob, kid = _sign_claims(claims, signing_key, hs256_master_secret, device_id)
 
     session_key: bytes | None = None
     if ephemeral is not None:
@@ -559,6 +591,7 @@ def issue_grant(
         jti=jti,
         iat=iat,
         exp=exp,
+        epk=epk,
         session_key=session_key,
         mode="e2e" if app_public_key is not None else "server",
         kid=kid,

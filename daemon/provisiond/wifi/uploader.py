@@ -30,15 +30,14 @@ class UploaderError(Exception):
         self.reason = reason
 
 
-
-
 class Uploader:
     """The app's (or BLE bridge's) side: one grant, one credential message."""
 
-    def __init__(self, grant_blob: str, keys: SessionKeys) -> None:
-        claims = parse_unverified(grant_blob)
+    def __init__(self, grant_blob: str, keys: SessionKeys, *, grant_id: str | None = None) -> None:
         self.grant_blob = grant_blob
-        self.grant_id = str(claims.get("jti"))
+        self.grant_id = (
+            str(parse_unverified(grant_blob).get("jti")) if grant_id is None else grant_id
+        )
         self._keys = keys
         self._sent = False
         self._counter = 0
@@ -51,28 +50,37 @@ class Uploader:
         ephemeral_private: X25519PrivateKey | None = None,
         session_key: bytes | None = None,
         device_public_key: bytes | None = None,
+        grant_id: str | None = None,
+        epk: bytes | None = None,
     ) -> Uploader:
         """End-to-end/bridge mode: pass `ephemeral_private` (the `e` whose
         public half was sent as app_public_key) and `device_public_key`.
         Server-generated mode: pass the 64-byte `session_key` from the reply.
+
+        `grant_id` and `epk` are the grant's `jti` and `epk` claims, for a
+        caller that issued the grant and knows them; the others leave them
+        out and they are read from the blob.
         """
         if (ephemeral_private is None) == (session_key is None):
             raise UploaderError("usage", "pass exactly one of ephemeral_private, session_key")
         if session_key is not None:
-            return cls(grant_blob, SessionKeys.from_raw(session_key))
+            return cls(grant_blob, SessionKeys.from_raw(session_key), grant_id=grant_id)
         assert ephemeral_private is not None
         if device_public_key is None:
             raise UploaderError("usage", "device_public_key is required with ephemeral_private")
-        try:
-            epk = b64url_decode(str(parse_unverified(grant_blob).get("epk")))
-        except (ValueError, GrantRejected) as exc:
-            raise UploaderError("malformed", "grant has no usable epk") from exc
+        if epk is None or grant_id is None:
+            try:
+                claims = parse_unverified(grant_blob)
+                epk = b64url_decode(str(claims.get("epk"))) if epk is None else epk
+            except (ValueError, GrantRejected) as exc:
+                raise UploaderError("malformed", "grant has no usable epk") from exc
+            grant_id = str(claims.get("jti")) if grant_id is None else grant_id
         # Catches the easy mistake of pairing a grant with the wrong e; the
         # device would only say "decrypt_failed", far from the cause.
         if epk != ephemeral_private.public_key().public_bytes_raw():
             raise UploaderError("epk_mismatch", "grant was not issued for this ephemeral key")
         z = x25519_shared(ephemeral_private, device_public_key)
-        return cls(grant_blob, derive_session_key(z, grant_blob))
+        return cls(grant_blob, derive_session_key(z, grant_blob), grant_id=grant_id)
 
     @property
     def session_keys(self) -> SessionKeys:

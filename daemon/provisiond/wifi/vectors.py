@@ -17,7 +17,8 @@ import hashlib
 import hmac
 import json
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -26,6 +27,7 @@ from provisiond.wifi.crypto import (
     CREDENTIAL_AAD,
     SESSION_INFO,
     STATUS_AAD,
+    SessionKeys,
     b64url_encode,
     credential_plaintext,
     derive_session_key,
@@ -39,6 +41,11 @@ from provisiond.wifi.crypto import (
 from provisiond.wifi.signing import SigningKey, hs256_kid, sign_grant, sign_grant_hs256
 
 VERSION = "provisiond wifi-grant v1"
+DEVICE_ID: Final = 42
+IAT: Final = 1_750_000_000
+JTI: Final = bytes(range(16))
+DEVICE_NONCE: Final = bytes(range(0xA0, 0xB0))
+CREDENTIAL_NONCE: Final = bytes(range(0xC0, 0xCC))
 
 
 def _seed(label: str) -> bytes:
@@ -54,57 +61,124 @@ def _jws(header: dict[str, Any], claims: dict[str, Any], signer: Any) -> str:
     return f"{signing_input}.{b64url_encode(signer(signing_input.encode()))}"
 
 
-def generate() -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Fixture:
+    """The fixed inputs, and the grant and session keys made from them."""
+
+    signing_priv: Ed25519PrivateKey
+    key: SigningKey
+    device_pub: bytes
+    epk: bytes
+    claims: dict[str, Any]
+    blob: str
+    z: bytes
+    keys: SessionKeys
+
+
+def _fixture() -> _Fixture:
     signing_priv = Ed25519PrivateKey.from_private_bytes(_seed("gateway ed25519"))
     device_priv = X25519PrivateKey.from_private_bytes(_seed("device x25519"))
     eph_priv = X25519PrivateKey.from_private_bytes(_seed("ephemeral x25519"))
     key = SigningKey.from_private_key(signing_priv)
     device_pub = device_priv.public_key().public_bytes_raw()
     epk = eph_priv.public_key().public_bytes_raw()
-
-    device_id = 42
-    iat = 1_750_000_000
-    jti = bytes(range(16))
-    dn = bytes(range(0xA0, 0xB0))
     claims: dict[str, Any] = {
         "iss": "gw-vector-01",
-        "sub": str(device_id),
+        "sub": str(DEVICE_ID),
         "aud": "wifi-config",
-        "iat": iat,
-        "exp": iat + 900,
-        "jti": b64url_encode(jti),
+        "iat": IAT,
+        "exp": IAT + 900,
+        "jti": b64url_encode(JTI),
         "cap": 2,
         "epk": b64url_encode(epk),
-        "dn": b64url_encode(dn),
+        "dn": b64url_encode(DEVICE_NONCE),
     }
     blob = sign_grant(claims, key)
     z = x25519_shared(eph_priv, device_pub)
-    keys = derive_session_key(z, blob)
+    return _Fixture(
+        signing_priv, key, device_pub, epk, claims, blob, z, derive_session_key(z, blob)
+    )
 
-    cred_nonce = bytes(range(0xC0, 0xCC))
+
+def _keys_section(fx: _Fixture) -> dict[str, Any]:
+    return {
+        "gateway_ed25519_private": _seed("gateway ed25519").hex(),
+        "gateway_ed25519_public": fx.signing_priv.public_key().public_bytes_raw().hex(),
+        "gateway_jwk": fx.key.public_jwk(),
+        "device_x25519_private": _seed("device x25519").hex(),
+        "device_x25519_public": fx.device_pub.hex(),
+        "device_x25519_public_b64url": b64url_encode(fx.device_pub),
+        "ephemeral_x25519_private": _seed("ephemeral x25519").hex(),
+        "ephemeral_x25519_public": fx.epk.hex(),
+    }
+
+
+def _grant_section(fx: _Fixture) -> dict[str, Any]:
+    return {
+        "claims": fx.claims,
+        "blob": fx.blob,
+        "salt_sha256_of_blob": hashlib.sha256(fx.blob.encode("ascii")).hexdigest(),
+        "z": fx.z.hex(),
+        "k_session": fx.keys.raw.hex(),
+        "k_up": fx.keys.k_up.hex(),
+        "k_down": fx.keys.k_down.hex(),
+    }
+
+
+def _credential_section(fx: _Fixture) -> dict[str, Any]:
     ssid, password, security = "provisiond-lab", "correct horse battery staple", "wpa2-psk"
-    cred_msg = encrypt_credentials(keys.k_up, ssid, password, security, nonce=cred_nonce)
+    return {
+        "ssid": ssid,
+        "password": password,
+        "security": security,
+        "plaintext": credential_plaintext(ssid, password, security).decode("utf-8"),
+        "nonce": CREDENTIAL_NONCE.hex(),
+        "message": encrypt_credentials(
+            fx.keys.k_up, ssid, password, security, nonce=CREDENTIAL_NONCE
+        ).hex(),
+    }
 
+
+def _status_section(fx: _Fixture) -> list[dict[str, Any]]:
     statuses = [
-        {"state": "connecting", "grant_id": claims["jti"]},
-        {"state": "failed", "reason": "wrong_password", "grant_id": claims["jti"]},
+        {"state": "connecting", "grant_id": fx.claims["jti"]},
+        {"state": "failed", "reason": "wrong_password", "grant_id": fx.claims["jti"]},
+    ]
+    return [
+        {
+            "counter": i,
+            "nonce": status_nonce(i).hex(),
+            "plaintext": status_plaintext(doc).decode("ascii"),
+            "message": encrypt_status(fx.keys.k_down, i, doc).hex(),
+        }
+        for i, doc in enumerate(statuses)
     ]
 
+
+def _hs256_section(fx: _Fixture) -> dict[str, Any]:
     master = _seed("hs256 master secret")
-    hs_key = hs256_device_key(master, device_id)
-    hs_blob = sign_grant_hs256(claims, master, device_id)
+    hs_blob = sign_grant_hs256(fx.claims, master, DEVICE_ID)
+    return {
+        "master_secret": master.hex(),
+        "info": f"provisiond grant-key v1|{DEVICE_ID}",
+        "device_key": hs256_device_key(master, DEVICE_ID).hex(),
+        "kid": hs256_kid(DEVICE_ID),
+        "blob": hs_blob,
+        "k_session": derive_session_key(fx.z, hs_blob).raw.hex(),
+    }
 
-    header = {"alg": "EdDSA", "kid": key.kid, "typ": "JWT"}
 
-    def ed(msg: bytes) -> bytes:
-        return signing_priv.sign(msg)
-
-    tampered_parts = blob.split(".")
+def _reject_cases(fx: _Fixture) -> list[tuple[str, str, str]]:
+    """(name, blob, reason) of grants a device must refuse, and why."""
+    claims = fx.claims
+    header = {"alg": "EdDSA", "kid": fx.key.kid, "typ": "JWT"}
+    ed = fx.signing_priv.sign
+    ed_pub = fx.signing_priv.public_key().public_bytes_raw()
+    tampered_parts = fx.blob.split(".")
     tampered_parts[1] = b64url_encode(
         json.dumps({**claims, "sub": "43"}, separators=(",", ":")).encode()
     )
-    ed_pub = signing_priv.public_key().public_bytes_raw()
-    rejects = [
+    return [
         ("alg_none", _jws({**header, "alg": "none"}, claims, lambda _m: b""), "alg_not_allowed"),
         (
             "hs256_keyed_with_ed25519_public_key",
@@ -126,10 +200,10 @@ def generate() -> dict[str, Any]:
         ),
         (
             "expired",
-            _jws(header, {**claims, "iat": iat - 7200, "exp": iat - 6300}, ed),
+            _jws(header, {**claims, "iat": IAT - 7200, "exp": IAT - 6300}, ed),
             "expired",
         ),
-        ("not_yet_valid", _jws(header, {**claims, "iat": iat + 600}, ed), "not_yet_valid"),
+        ("not_yet_valid", _jws(header, {**claims, "iat": IAT + 600}, ed), "not_yet_valid"),
         (
             "wrong_nonce",
             _jws(header, {**claims, "dn": b64url_encode(bytes(16))}, ed),
@@ -137,6 +211,24 @@ def generate() -> dict[str, Any]:
         ),
     ]
 
+
+def _rejects_section(fx: _Fixture) -> dict[str, Any]:
+    return {
+        "device_context": {
+            "device_id": DEVICE_ID,
+            "now": IAT + 60,
+            "nonce": DEVICE_NONCE.hex(),
+            "last_iat": None,
+            "has_clock": True,
+            "leeway": 30,
+            "pinned": [fx.key.public_jwk()],
+        },
+        "cases": [{"name": n, "blob": b, "reason": r} for n, b, r in _reject_cases(fx)],
+    }
+
+
+def generate() -> dict[str, Any]:
+    fx = _fixture()
     return {
         "version": VERSION,
         "description": (
@@ -148,63 +240,13 @@ def generate() -> dict[str, Any]:
             "credential_aad": CREDENTIAL_AAD.decode(),
             "status_aad": STATUS_AAD.decode(),
         },
-        "keys": {
-            "gateway_ed25519_private": _seed("gateway ed25519").hex(),
-            "gateway_ed25519_public": ed_pub.hex(),
-            "gateway_jwk": key.public_jwk(),
-            "device_x25519_private": _seed("device x25519").hex(),
-            "device_x25519_public": device_pub.hex(),
-            "device_x25519_public_b64url": b64url_encode(device_pub),
-            "ephemeral_x25519_private": _seed("ephemeral x25519").hex(),
-            "ephemeral_x25519_public": epk.hex(),
-        },
-        "device": {"device_id": device_id, "nonce": dn.hex()},
-        "grant": {
-            "claims": claims,
-            "blob": blob,
-            "salt_sha256_of_blob": hashlib.sha256(blob.encode("ascii")).hexdigest(),
-            "z": z.hex(),
-            "k_session": keys.raw.hex(),
-            "k_up": keys.k_up.hex(),
-            "k_down": keys.k_down.hex(),
-        },
-        "credential": {
-            "ssid": ssid,
-            "password": password,
-            "security": security,
-            "plaintext": credential_plaintext(ssid, password, security).decode("utf-8"),
-            "nonce": cred_nonce.hex(),
-            "message": cred_msg.hex(),
-        },
-        "status": [
-            {
-                "counter": i,
-                "nonce": status_nonce(i).hex(),
-                "plaintext": status_plaintext(doc).decode("ascii"),
-                "message": encrypt_status(keys.k_down, i, doc).hex(),
-            }
-            for i, doc in enumerate(statuses)
-        ],
-        "hs256": {
-            "master_secret": master.hex(),
-            "info": f"provisiond grant-key v1|{device_id}",
-            "device_key": hs_key.hex(),
-            "kid": hs256_kid(device_id),
-            "blob": hs_blob,
-            "k_session": derive_session_key(z, hs_blob).raw.hex(),
-        },
-        "rejects": {
-            "device_context": {
-                "device_id": device_id,
-                "now": iat + 60,
-                "nonce": dn.hex(),
-                "last_iat": None,
-                "has_clock": True,
-                "leeway": 30,
-                "pinned": [key.public_jwk()],
-            },
-            "cases": [{"name": n, "blob": b, "reason": r} for n, b, r in rejects],
-        },
+        "keys": _keys_section(fx),
+        "device": {"device_id": DEVICE_ID, "nonce": DEVICE_NONCE.hex()},
+        "grant": _grant_section(fx),
+        "credential": _credential_section(fx),
+        "status": _status_section(fx),
+        "hs256": _hs256_section(fx),
+        "rejects": _rejects_section(fx),
     }
 
 
