@@ -4,8 +4,9 @@
 
 Every input is fixed (keys are SHA-256 of a label, so anyone can rebuild
 them), and Ed25519 and HS256 are deterministic, so the output is the same
-on every run; tests/test_wifi_vectors.py checks that it still is. ES256 has
-no vector because ECDSA signatures are randomised.
+on every run; tests/test_wifi_vectors.py checks that it still is. The ES256
+section (for firmware on mbedTLS, which has no Ed25519) signs with RFC 6979
+deterministic ECDSA for the same reason.
 
 Byte strings are hex unless the protocol itself carries them as base64url
 (grant claims, JWKs), where both spellings are given.
@@ -17,9 +18,13 @@ import hashlib
 import hmac
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from provisiond.wifi.crypto import (
@@ -52,6 +57,54 @@ def _jws(header: dict[str, Any], claims: dict[str, Any], signer: Any) -> str:
 
     signing_input = f"{seg(header)}.{seg(claims)}"
     return f"{signing_input}.{b64url_encode(signer(signing_input.encode()))}"
+
+
+def _rejects(
+    blob: str,
+    header: dict[str, Any],
+    claims: dict[str, Any],
+    sign: Callable[[bytes], bytes],
+    public_raw: bytes,
+    key_label: str,
+) -> list[tuple[str, str, str]]:
+    """Grants a device pinned to `header`'s key must refuse, one check each."""
+    iat = claims["iat"]
+    tampered_parts = blob.split(".")
+    tampered_parts[1] = b64url_encode(
+        json.dumps({**claims, "sub": "43"}, separators=(",", ":")).encode()
+    )
+    return [
+        ("alg_none", _jws({**header, "alg": "none"}, claims, lambda _m: b""), "alg_not_allowed"),
+        (
+            f"hs256_keyed_with_{key_label}_public_key",
+            _jws(
+                {**header, "alg": "HS256"},
+                claims,
+                lambda m: hmac.new(public_raw, m, hashlib.sha256).digest(),
+            ),
+            "alg_not_allowed",
+        ),
+        ("tampered_payload", ".".join(tampered_parts), "bad_signature"),
+        ("unknown_kid", _jws({**header, "kid": "0000000000000000"}, claims, sign), "unknown_kid"),
+        ("wrong_audience", _jws(header, {**claims, "aud": "other"}, sign), "wrong_audience"),
+        ("wrong_subject", _jws(header, {**claims, "sub": "43"}, sign), "wrong_subject"),
+        (
+            "missing_cap",
+            _jws(header, {k: v for k, v in claims.items() if k != "cap"}, sign),
+            "missing_cap",
+        ),
+        (
+            "expired",
+            _jws(header, {**claims, "iat": iat - 7200, "exp": iat - 6300}, sign),
+            "expired",
+        ),
+        ("not_yet_valid", _jws(header, {**claims, "iat": iat + 600}, sign), "not_yet_valid"),
+        (
+            "wrong_nonce",
+            _jws(header, {**claims, "dn": b64url_encode(bytes(16))}, sign),
+            "wrong_nonce",
+        ),
+    ]
 
 
 def generate() -> dict[str, Any]:
@@ -99,43 +152,31 @@ def generate() -> dict[str, Any]:
     def ed(msg: bytes) -> bytes:
         return signing_priv.sign(msg)
 
-    tampered_parts = blob.split(".")
-    tampered_parts[1] = b64url_encode(
-        json.dumps({**claims, "sub": "43"}, separators=(",", ":")).encode()
-    )
     ed_pub = signing_priv.public_key().public_bytes_raw()
-    rejects = [
-        ("alg_none", _jws({**header, "alg": "none"}, claims, lambda _m: b""), "alg_not_allowed"),
-        (
-            "hs256_keyed_with_ed25519_public_key",
-            _jws(
-                {**header, "alg": "HS256"},
-                claims,
-                lambda m: hmac.new(ed_pub, m, hashlib.sha256).digest(),
-            ),
-            "alg_not_allowed",
-        ),
-        ("tampered_payload", ".".join(tampered_parts), "bad_signature"),
-        ("unknown_kid", _jws({**header, "kid": "0000000000000000"}, claims, ed), "unknown_kid"),
-        ("wrong_audience", _jws(header, {**claims, "aud": "other"}, ed), "wrong_audience"),
-        ("wrong_subject", _jws(header, {**claims, "sub": "43"}, ed), "wrong_subject"),
-        (
-            "missing_cap",
-            _jws(header, {k: v for k, v in claims.items() if k != "cap"}, ed),
-            "missing_cap",
-        ),
-        (
-            "expired",
-            _jws(header, {**claims, "iat": iat - 7200, "exp": iat - 6300}, ed),
-            "expired",
-        ),
-        ("not_yet_valid", _jws(header, {**claims, "iat": iat + 600}, ed), "not_yet_valid"),
-        (
-            "wrong_nonce",
-            _jws(header, {**claims, "dn": b64url_encode(bytes(16))}, ed),
-            "wrong_nonce",
-        ),
-    ]
+    rejects = _rejects(blob, header, claims, ed, ed_pub, "ed25519")
+
+    es_priv = ec.derive_private_key(int.from_bytes(_seed("gateway p256"), "big"), ec.SECP256R1())
+    es_key = SigningKey.from_private_key(es_priv)
+    es_header = {"alg": "ES256", "kid": es_key.kid, "typ": "JWT"}
+
+    def es(msg: bytes) -> bytes:
+        der = es_priv.sign(msg, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+        r, s = decode_dss_signature(der)
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    es_blob = _jws(es_header, claims, es)
+    es_pub = es_priv.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    es_context = {
+        "device_id": device_id,
+        "now": iat + 60,
+        "nonce": dn.hex(),
+        "last_iat": None,
+        "has_clock": True,
+        "leeway": 30,
+        "pinned": [es_key.public_jwk()],
+    }
 
     return {
         "version": VERSION,
@@ -192,6 +233,20 @@ def generate() -> dict[str, Any]:
             "kid": hs256_kid(device_id),
             "blob": hs_blob,
             "k_session": derive_session_key(z, hs_blob).raw.hex(),
+        },
+        "es256": {
+            "gateway_p256_private": _seed("gateway p256").hex(),
+            "gateway_p256_public": es_pub.hex(),
+            "gateway_jwk": es_key.public_jwk(),
+            "blob": es_blob,
+            "k_session": derive_session_key(z, es_blob).raw.hex(),
+            "rejects": {
+                "device_context": es_context,
+                "cases": [
+                    {"name": n, "blob": b, "reason": r}
+                    for n, b, r in _rejects(es_blob, es_header, claims, es, es_pub, "p256")
+                ],
+            },
         },
         "rejects": {
             "device_context": {
