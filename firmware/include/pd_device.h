@@ -205,6 +205,17 @@ int pd_finish(pd_device_t *dev, int connected, const char *reason, uint8_t *out,
 
 void pd_wipe(void *p, size_t n);
 
+/* For bindings (the simulator's ctypes adapter) that should not mirror
+ * pd_device_t's layout. */
+size_t pd_device_sizeof(void);
+size_t pd_config_sizeof(void);
+size_t pd_freshness_sizeof(void);
+pd_state_t pd_device_state(const pd_device_t *dev);
+const uint8_t *pd_device_nonce(const pd_device_t *dev);
+const uint8_t *pd_device_public_key(const pd_device_t *dev);
+const pd_report_t *pd_device_last_report(const pd_device_t *dev);
+const pd_freshness_t *pd_device_freshness(const pd_device_t *dev);
+
 /* K_session = HKDF-SHA256(Z, SHA-256(blob), "provisiond wifi-session v1", 64):
  * K_up is k[0..31], K_down k[32..63]. Public for test vectors and uploaders. */
 int pd_session_keys(const uint8_t z[PD_KEY_LEN], const char *blob, size_t len, uint8_t k[64]);

@@ -667,3 +667,43 @@ int pd__install_session_for_test(pd_device_t *dev, const uint8_t k[64])
 {
     return pd__install_session(dev, "AAECAwQFBgcICQoLDA0ODw", INT64_MAX / 2, k);
 }
+
+size_t pd_device_sizeof(void)
+{
+    return sizeof(pd_device_t);
+}
+
+size_t pd_config_sizeof(void)
+{
+    return sizeof(pd_config_t);
+}
+
+size_t pd_freshness_sizeof(void)
+{
+    return sizeof(pd_freshness_t);
+}
+
+pd_state_t pd_device_state(const pd_device_t *dev)
+{
+    return dev->state;
+}
+
+const uint8_t *pd_device_nonce(const pd_device_t *dev)
+{
+    return dev->nonce;
+}
+
+const uint8_t *pd_device_public_key(const pd_device_t *dev)
+{
+    return dev->public_key;
+}
+
+const pd_report_t *pd_device_last_report(const pd_device_t *dev)
+{
+    return &dev->last_report;
+}
+
+const pd_freshness_t *pd_device_freshness(const pd_device_t *dev)
+{
+    return &dev->fresh;
+}
