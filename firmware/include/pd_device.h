@@ -205,6 +205,11 @@ int pd_finish(pd_device_t *dev, int connected, const char *reason, uint8_t *out,
 
 void pd_wipe(void *p, size_t n);
 
+/* The X25519 public key for a private key: what activation sends, before
+ * any grant key is pinned. */
+int pd_public_key(const uint8_t private_key[PD_KEY_LEN], uint8_t public_key[PD_KEY_LEN],
+                  int (*random)(void *ctx, uint8_t *buf, size_t len), void *ctx);
+
 /* For bindings (the simulator's ctypes adapter) that should not mirror
  * pd_device_t's layout. */
 size_t pd_device_sizeof(void);

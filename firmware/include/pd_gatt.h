@@ -58,6 +58,12 @@ void pd_reasm_reset(pd_reassembler_t *r);
 int pd_reasm_feed(pd_reassembler_t *r, const uint8_t *frame, size_t len, const uint8_t **value,
                   size_t *value_len);
 
+/* Uploader side, for C centrals and tests: the COMMIT frame for a value
+ * (11 bytes), and DATA frame `index` for it at this MTU (0 when past the end). */
+void pd_commit_frame(const uint8_t *value, size_t len, uint8_t out[3 + PD_DIGEST_LEN]);
+size_t pd_data_frame(const uint8_t *value, size_t len, size_t mtu, size_t index, uint8_t *out,
+                     size_t cap);
+
 /* Notifications for one status message at this ATT MTU. */
 size_t pd_fragment_count(size_t message_len, size_t mtu);
 /* Fragment `index` into out (at least mtu - 3 bytes); returns its length, 0 on misuse. */

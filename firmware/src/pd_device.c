@@ -707,3 +707,15 @@ const pd_freshness_t *pd_device_freshness(const pd_device_t *dev)
 {
     return &dev->fresh;
 }
+
+int pd_public_key(const uint8_t private_key[PD_KEY_LEN], uint8_t public_key[PD_KEY_LEN],
+                  int (*random)(void *ctx, uint8_t *buf, size_t len), void *ctx)
+{
+    pd_config_t cfg;
+    int r;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.random = random;
+    cfg.ctx = ctx;
+    r = pd_x25519_base(private_key, public_key, rng_adapter, &cfg) == 0 ? PD_OK : PD_CRYPTO_ERROR;
+    return r;
+}

@@ -71,6 +71,32 @@ int pd_reasm_feed(pd_reassembler_t *r, const uint8_t *frame, size_t len, const u
     }
 }
 
+void pd_commit_frame(const uint8_t *value, size_t len, uint8_t out[3 + PD_DIGEST_LEN])
+{
+    uint8_t digest[32];
+    pd_sha256(value, len, digest);
+    out[0] = PD_OP_COMMIT;
+    out[1] = (uint8_t)len;
+    out[2] = (uint8_t)(len >> 8);
+    memcpy(out + 3, digest, PD_DIGEST_LEN);
+}
+
+size_t pd_data_frame(const uint8_t *value, size_t len, size_t mtu, size_t index, uint8_t *out,
+                     size_t cap)
+{
+    size_t room, start, n;
+    if (mtu < 7 || cap < mtu - 3) return 0;
+    room = mtu - 6;
+    start = index * room;
+    if (start >= len) return 0;
+    n = len - start < room ? len - start : room;
+    out[0] = PD_OP_DATA;
+    out[1] = (uint8_t)start;
+    out[2] = (uint8_t)(start >> 8);
+    memcpy(out + 3, value + start, n);
+    return n + 3;
+}
+
 size_t pd_fragment_count(size_t message_len, size_t mtu)
 {
     size_t room;

@@ -209,11 +209,7 @@ class CEngine:
         self.persisted: list[bytes] = []
         self._now = now
 
-        raw = (
-            private_key
-            if isinstance(private_key, bytes)
-            else private_key.private_bytes_raw()
-        )
+        raw = private_key if isinstance(private_key, bytes) else private_key.private_bytes_raw()
         # The callbacks must outlive the device: keep them on self.
         self._now_cb = _NowFn(lambda _ctx: int(self._now()))
         self._random_cb = _RandomFn(self._random)
@@ -341,7 +337,9 @@ class CEngine:
         return self.status(self.state, reason)
 
     def finish(self, connected: bool, reason: str | None = None) -> bytes:
-        return self._sealed(self._lib.lib.pd_finish, int(connected), reason, error=CredentialRejected)
+        return self._sealed(
+            self._lib.lib.pd_finish, int(connected), reason, error=CredentialRejected
+        )
 
     def _sealed(self, fn: Any, arg: int, reason: str | None, *, error: type[Exception]) -> bytes:
         out = (ctypes.c_uint8 * _MAX_STATUS)()

@@ -1,0 +1,68 @@
+"""firmware/ under CTest, from pytest so scripts/test.sh runs it: every test
+vector, the unit tests and the bounded fuzz, plain and with ASan + UBSan."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from firmware_support import FIRMWARE, ROOT, build, run
+
+VECTORS = ROOT / "tests" / "vectors" / "wifi-grant-v1.json"
+
+
+@pytest.mark.parametrize("flavour", ["plain", "sanitize"])
+def test_ctest_passes(flavour: str) -> None:
+    directory = build(flavour)
+    env = {
+        **os.environ,
+        "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+    }
+    result = run(["ctest", "--output-on-failure", "-j", "2"], directory, env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "100% tests passed, 0 tests failed out of 3" in out
+    for name in ("vectors", "units", "fuzz"):
+        assert f": {name} " in out, out
+
+
+def test_vector_run_covers_every_es256_reject_case() -> None:
+    vec = json.loads(VECTORS.read_text())
+    result = run([str(build("plain") / "test_vectors"), str(VECTORS)], ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = len(vec["es256"]["rejects"]["cases"])
+    assert f"es256.rejects: {cases} reject cases" in result.stdout
+
+
+def test_vector_test_fails_on_a_wrong_vector(tmp_path: Path) -> None:
+    """The C vector test really compares bytes: one flipped bit fails it."""
+    vec = json.loads(VECTORS.read_text())
+    message = bytearray.fromhex(vec["status"][0]["message"])
+    message[-1] ^= 1
+    vec["status"][0]["message"] = message.hex()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(vec))
+    result = run([str(build("plain") / "test_vectors"), str(bad)], ROOT)
+    assert result.returncode != 0 and "check(s) failed" in result.stderr
+
+
+def test_library_never_allocates() -> None:
+    """No malloc in the library itself: buffers are the documented constants."""
+    archive = build("plain") / "libprovisiond_device.a"
+    undefined = subprocess.run(
+        ["nm", "-u", str(archive)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for symbol in ("malloc", "calloc", "realloc", "free"):
+        assert symbol not in undefined, f"{symbol} is referenced"
+    assert "mbedtls_gcm_auth_decrypt" in undefined  # the check sees real references
+
+
+def test_esp_idf_component_layout() -> None:
+    cmake = (FIRMWARE / "CMakeLists.txt").read_text()
+    assert "idf_component_register" in cmake and "if(ESP_PLATFORM)" in cmake
+    manifest = (FIRMWARE / "idf_component.yml").read_text()
+    assert "version:" in manifest and "idf:" in manifest
