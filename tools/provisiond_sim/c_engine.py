@@ -143,6 +143,21 @@ class FirmwareLibrary:
             "pd_device_public_key": (u8_p, [dev_p]),
             "pd_device_last_report": (ctypes.POINTER(_Report), [dev_p]),
             "pd_device_freshness": (ctypes.c_void_p, [dev_p]),
+            # GATT framing, for uploader-side checks against the Python profile.
+            "pd_data_frame": (
+                size_p,
+                [ctypes.c_char_p, size_p, size_p, size_p, ctypes.c_char_p, size_p],
+            ),
+            "pd_commit_frame": (None, [ctypes.c_char_p, size_p, ctypes.c_char_p]),
+            "pd_fragment_count": (size_p, [size_p, size_p]),
+            "pd_fragment": (
+                size_p,
+                [ctypes.c_char_p, size_p, size_p, size_p, ctypes.c_char_p, size_p],
+            ),
+            "pd_plain_status": (
+                size_p,
+                [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, size_p],
+            ),
         }
         for name, (restype, argtypes) in sigs.items():
             fn = getattr(lib, name)
