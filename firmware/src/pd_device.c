@@ -407,30 +407,48 @@ int pd_accept_grant(pd_device_t *dev, const char *blob, size_t len, pd_grant_inf
     /* Commit, and make it durable first, so a refused or unpersisted grant
      * leaves no trace. */
     {
-        pd_freshness_t before = dev->fresh;
-        pd_ledger_entry_t entry;
+        /* Undo information instead of a copy of the whole ledger: this
+         * function's frame is what a device's task stack must hold. */
+        pd_ledger_entry_t entry, evicted;
+        int64_t old_last_iat = dev->fresh.last_iat;
+        uint8_t old_has_last_iat = dev->fresh.has_last_iat;
+        int appended = 0;
+        size_t min = PD_LEDGER_SIZE;
         entry.exp = cl.exp;
         memcpy(entry.jti, cl.jti, PD_JTI_LEN);
         if (dev->fresh.count < PD_LEDGER_SIZE) {
             dev->fresh.ledger[dev->fresh.count++] = entry;
+            appended = 1;
         } else {
             /* Evict the earliest exp (the oldest on a tie), as the reference
              * does; even the new entry, if it is the earliest: an evicted
              * jti's iat is <= last_iat, so the iat rule still refuses it. */
-            size_t min = 0;
+            min = 0;
             for (i = 1; i < PD_LEDGER_SIZE; i++) {
                 if (dev->fresh.ledger[i].exp < dev->fresh.ledger[min].exp) min = i;
             }
             if (entry.exp >= dev->fresh.ledger[min].exp) {
+                evicted = dev->fresh.ledger[min];
                 memmove(&dev->fresh.ledger[min], &dev->fresh.ledger[min + 1],
                         (PD_LEDGER_SIZE - 1 - min) * sizeof entry);
                 dev->fresh.ledger[PD_LEDGER_SIZE - 1] = entry;
+            } else {
+                min = PD_LEDGER_SIZE;
             }
         }
         dev->fresh.last_iat = cl.iat;
         dev->fresh.has_last_iat = 1;
         if (dev->cfg.persist && dev->cfg.persist(dev->cfg.ctx, &dev->fresh) != 0) {
-            dev->fresh = before;
+            if (appended) {
+                dev->fresh.count--;
+                memset(&dev->fresh.ledger[dev->fresh.count], 0, sizeof entry);
+            } else if (min < PD_LEDGER_SIZE) {
+                memmove(&dev->fresh.ledger[min + 1], &dev->fresh.ledger[min],
+                        (PD_LEDGER_SIZE - 1 - min) * sizeof entry);
+                dev->fresh.ledger[min] = evicted;
+            }
+            dev->fresh.last_iat = old_last_iat;
+            dev->fresh.has_last_iat = old_has_last_iat;
             pd_wipe(k, sizeof k);
             return PD_STORAGE_FAILED;
         }

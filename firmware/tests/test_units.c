@@ -318,6 +318,16 @@ static void freshness(void)
         CHECK_EQ_INT(pd_accept_grant(&dev2, blob, bl, NULL), PD_OK);
     }
     CHECK_EQ_INT(dev2.fresh.count, PD_LEDGER_SIZE);
+    /* A storage failure with a full ledger: the evicted entry comes back. */
+    STORE.fail = 1;
+    {
+        pd_freshness_t before = dev2.fresh;
+        NOW += 1;
+        bl = grant(&dev2, e, NOW, 250, 0, blob, sizeof blob);
+        CHECK_EQ_INT(pd_accept_grant(&dev2, blob, bl, NULL), PD_STORAGE_FAILED);
+        CHECK(memcmp(&before, &dev2.fresh, sizeof before) == 0);
+    }
+    STORE.fail = 0;
     /* Connecting: busy. */
     {
         uint8_t z[32], k[64], nonce[12] = {1}, msg[200];
