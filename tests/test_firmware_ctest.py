@@ -66,3 +66,25 @@ def test_esp_idf_component_layout() -> None:
     assert "idf_component_register" in cmake and "if(ESP_PLATFORM)" in cmake
     manifest = (FIRMWARE / "idf_component.yml").read_text()
     assert "version:" in manifest and "idf:" in manifest
+
+
+def test_documented_memory_bounds_hold() -> None:
+    """firmware/README.md's RAM and size figures, as upper bounds that must keep holding."""
+    directory = build("plain")
+    probe = run([str(directory / "pd_ram_probe"), str(VECTORS)], ROOT)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    sizes = {
+        line.split()[0]: int(line.split()[1])
+        for line in probe.stdout.splitlines()
+        if line.startswith("sizeof")
+    }
+    assert sizes["sizeof(pd_device_t)"] + sizes["sizeof(pd_gatt_t)"] <= 8 * 1024
+    heaps = [
+        int(line.split("heap")[1].split()[0])
+        for line in probe.stdout.splitlines()
+        if line.startswith("call")
+    ]
+    assert heaps and max(heaps) <= 6 * 1024, probe.stdout
+    text = run(["size", "-t", str(directory / "libprovisiond_device_size.a")], ROOT)
+    total = next(line for line in text.stdout.splitlines() if "TOTALS" in line)
+    assert int(total.split()[0]) <= 32 * 1024, text.stdout
