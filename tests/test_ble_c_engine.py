@@ -27,6 +27,7 @@ from provisiond.server import Server
 from provisiond.sim import Broker as SimBroker
 from provisiond.sim import Fleet, SimDevice, provision
 from provisiond.sim.ble import BlePeripheral
+from provisiond.wifi.crypto import b64url_encode
 from provisiond_ble import profile
 from provisiond_ble.central import LOCAL_LINKS, GattSession, Radio
 from support import Broker, RpcClient, eventually, make_config, remember_secret, running, seed_key
@@ -233,6 +234,27 @@ def test_c_engine_agrees_with_the_reference_device(firmware: FirmwareLibrary) ->
                 engine.accept_grant(case["blob"])
             reasons.append(info.value.reason)
         assert reasons == [case["reason"]] * 2, case["name"]
+
+    # Edges the vectors do not name: both engines give the same reason.
+    head, body, sig = vec["es256"]["blob"].split(".")
+    odd = [
+        f"{head}.{body}.{b64url_encode(os.urandom(100))}",  # oversized signature
+        f"{head}.{body}.{sig}.{sig}",  # four segments
+        f"{head}.{body}",  # two
+        f"{head}.{body}.{sig}=",  # padding
+        f"{head}.{body[:-2]}.{sig}",  # payload cut
+        b64url_encode(b'{"alg":"ES256"}') + f".{body}.{sig}",  # no kid
+        f"{b64url_encode(b'[1]')}.{body}.{sig}",  # header not an object
+        "é" + vec["es256"]["blob"],  # not ASCII
+    ]
+    for blob in odd:
+        c, ref = both()
+        reasons = []
+        for engine in (c, ref):
+            with pytest.raises(GrantRejected) as info:
+                engine.accept_grant(blob)
+            reasons.append(info.value.reason)
+        assert reasons[0] == reasons[1], (blob[:40], reasons)
 
     c, ref = both()
     assert c.device_info() == ref.device_info()

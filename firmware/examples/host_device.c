@@ -158,6 +158,11 @@ static void on_connect(struct mosquitto *mosq, void *obj, int rc, int flags,
         app->failed = 1;
         return;
     }
+    if (app->activated) {
+        /* Back after a lost connection: the broker published our will. */
+        publish(app, "status", "online", 1, 1);
+    }
+    app->subscribed = 0;
     pd_mqtt_device_topic(app->prefix, app->device_id, "replies/activate", topic, sizeof topic);
     mosquitto_subscribe_v5(mosq, NULL, topic, 1, 0, NULL);
     pd_mqtt_device_topic(app->prefix, app->device_id, "commands/reconfigure", topic, sizeof topic);
@@ -173,8 +178,9 @@ static void on_subscribe(struct mosquitto *mosq, void *obj, int mid, int count, 
         app->failed = 1;
         return;
     }
-    /* Ask only once both subscriptions stand, or the reply could be lost. */
-    if (++app->subscribed == 2) send_activation(app);
+    /* Ask only once both subscriptions stand, or the reply could be lost;
+     * and only once: the token is spent by the first activation. */
+    if (++app->subscribed == 2 && !app->activated) send_activation(app);
 }
 
 static void on_activation_reply(app_t *app, const struct mosquitto_message *msg,
@@ -412,7 +418,11 @@ int main(int argc, char **argv)
     while (!app.done && !app.failed) {
         struct pollfd pfd = {0, POLLIN, 0};
         rc = mosquitto_loop(app.mosq, 50, 1);
-        if (rc != MOSQ_ERR_SUCCESS) {
+        if (rc == MOSQ_ERR_CONN_LOST || rc == MOSQ_ERR_NO_CONN) {
+            fprintf(stderr, "mqtt: %s, reconnecting\n", mosquitto_strerror(rc));
+            sleep(1);
+            mosquitto_reconnect(app.mosq);
+        } else if (rc != MOSQ_ERR_SUCCESS) {
             fprintf(stderr, "mqtt: %s\n", mosquitto_strerror(rc));
             break;
         }

@@ -313,9 +313,11 @@ int pd_session_keys(const uint8_t z[PD_KEY_LEN], const char *blob, size_t len, u
 
 int pd_accept_grant(pd_device_t *dev, const char *blob, size_t len, pd_grant_info_t *info)
 {
-    /* Header and payload decode into the device's scratch buffer, one after
-     * the other, so a grant costs no large stack frame. */
-    uint8_t *header = dev->scratch, *payload, sig[80];
+    /* The three segments decode into the device's scratch buffer, one after
+     * the other (3/4 of the blob at most), so a grant costs no large stack
+     * frame and an oversized signature is refused as bad_signature, as by
+     * the reference, rather than as malformed. */
+    uint8_t *header = dev->scratch, *payload = NULL, *sig = NULL;
     size_t hlen, plen, slen, i, dot1 = 0, dot2 = 0, dots = 0;
     pd_json_span_t h, c, v;
     claims_t cl;
@@ -343,7 +345,9 @@ int pd_accept_grant(pd_device_t *dev, const char *blob, size_t len, pd_grant_inf
         (payload = header + hlen,
          decode_segment(blob + dot1 + 1, dot2 - dot1 - 1, payload, sizeof dev->scratch - hlen,
                         &plen, &c) != 0) ||
-        decode_segment(blob + dot2 + 1, len - dot2 - 1, sig, sizeof sig, &slen, NULL) != 0) {
+        (sig = payload + plen,
+         decode_segment(blob + dot2 + 1, len - dot2 - 1, sig, sizeof dev->scratch - hlen - plen,
+                        &slen, NULL) != 0)) {
         return PD_MALFORMED;
     }
 
