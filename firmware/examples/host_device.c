@@ -316,7 +316,9 @@ static void command(app_t *app, char *line)
     } else if (strncmp(line, "GRANT ", 6) == 0) {
         write_framed(app, 0, (const uint8_t *)line + 6, strlen(line + 6), NULL, &res);
         if (res.att_error) printf("error att=0x%02x\n", res.att_error);
-        printf("grant %s\n", app->dev.state == PD_STATE_GRANT_ACCEPTED ? "accepted" : "refused");
+        /* Sealed means accepted; a refusal is plain (there is no key yet). */
+        printf("grant %s\n",
+               res.status_len && res.status[0] == PD_STATUS_SEALED ? "accepted" : "refused");
         print_status(&res);
     } else if (strncmp(line, "CRED ", 5) == 0) {
         pd_wifi_credentials_t creds;
