@@ -95,16 +95,21 @@ static void device(pd_device_t *dev, const pd_key_t *key)
 static void fuzz_grants(pd_device_t *dev, const char *orig, size_t orig_len, long iterations)
 {
     static uint8_t buf[PD_MAX_GRANT_LEN + 64];
+    long tried = 0;
     for (long i = 0; i < iterations; i++) {
         size_t len = orig_len;
         pd_freshness_t before = dev->fresh;
         int r, edits = 1 + (int)below(3);
         memcpy(buf, orig, orig_len);
         while (edits--) mutate(buf, &len, sizeof buf, 1);
+        if (len == orig_len && memcmp(buf, orig, len) == 0) {
+            continue; /* an edit that changed nothing */
+        }
+        tried++;
         r = pd_accept_grant(dev, (const char *)buf, len, NULL);
+        /* Only the untouched grant could pass: anything else is a forgery. */
+        CHECK(r != PD_OK);
         if (r == PD_OK) {
-            /* Only the untouched grant may pass; anything else is a forgery. */
-            CHECK(len == orig_len && memcmp(buf, orig, len) == 0);
             return;
         }
         CHECK(r > PD_OK && r <= PD_BUSY);
@@ -112,6 +117,9 @@ static void fuzz_grants(pd_device_t *dev, const char *orig, size_t orig_len, lon
         CHECK(memcmp(&before.ledger, &dev->fresh.ledger, sizeof before.ledger) == 0 ||
               dev->fresh.count < before.count);
     }
+    printf("grants: %ld mutated grants refused\n", tried);
+    /* Then the untouched one is accepted: the device was able to say yes. */
+    CHECK_EQ_INT(pd_accept_grant(dev, orig, orig_len, NULL), PD_OK);
 }
 
 static void fuzz_frames(pd_device_t *dev, long iterations)
@@ -150,6 +158,7 @@ static void fuzz_credentials(pd_device_t *dev, long iterations)
     uint8_t k[64], nonce[12], plain[400], msg[500], out[256];
     pd_wifi_credentials_t creds;
     size_t ol;
+    long outcomes[3] = {0, 0, 0};
     det_random(NULL, k, sizeof k);
     for (long i = 0; i < iterations; i++) {
         const char *s = seeds[below(3)];
@@ -164,6 +173,7 @@ static void fuzz_credentials(pd_device_t *dev, long iterations)
         if (raw) mutate(msg, &len, sizeof msg - 28, 0);
         r = pd_receive_credentials(dev, msg, len + 28, &creds);
         CHECK(r == PD_OK || r == PD_BAD_CREDENTIALS || r == PD_DECRYPT_FAILED);
+        outcomes[r == PD_OK ? 0 : r == PD_BAD_CREDENTIALS ? 1 : 2]++;
         if (r == PD_OK) {
             CHECK(creds.ssid_len >= 1 && creds.ssid_len <= PD_MAX_SSID_LEN);
             CHECK(strlen(creds.password) <= PD_MAX_PASSWORD_LEN);
@@ -171,6 +181,10 @@ static void fuzz_credentials(pd_device_t *dev, long iterations)
         }
         CHECK_EQ_INT(pd_finish(dev, r == PD_OK, NULL, out, sizeof out, &ol), PD_OK);
     }
+    printf("credentials: %ld accepted, %ld bad_credentials, %ld decrypt_failed\n", outcomes[0],
+           outcomes[1], outcomes[2]);
+    /* Every path was reached, or the mutations are not doing their job. */
+    CHECK(outcomes[0] > 0 && outcomes[1] > 0 && outcomes[2] > 0);
 }
 
 static void fuzz_text(const char *vectors, size_t vlen, long iterations)
@@ -261,6 +275,11 @@ int main(int argc, char **argv)
     CHECK(pd_test_get(v, "es256.gateway_jwk", &jwk_span) == 0);
     CHECK_EQ_INT(pd_key_from_jwk(&key, jwk_span.start, (size_t)(jwk_span.end - jwk_span.start)), PD_OK);
     device(&dev, &key);
+    {
+        uint8_t nonce[16];
+        pd_test_hex_at(v, "device.nonce", nonce, sizeof nonce);
+        pd_device_set_nonce(&dev, nonce);
+    }
     pd_test_str(v, "es256.blob", blob, sizeof blob);
     fuzz_grants(&dev, blob, strlen(blob), iterations / 100);
 
