@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from provisiond.wifi.crypto import CAP_WIFI_UPLOAD, WifiCredentials, b64url_encode
 
 try:  # after the simulator moves out of the core package
-    from provisiond_sim.reference import (  # type: ignore[import-not-found]
+    from provisiond_sim.reference import (  # type: ignore[import-not-found,unused-ignore]
         CredentialRejected,
         GrantRejected,
     )
