@@ -22,15 +22,28 @@ from firmware_support import shared_library
 from provisiond_sim.c_engine import CEngine, FirmwareLibrary, load_library
 from structlog.testing import LogCapture
 
-from provisiond.device import GrantRejected, ReferenceDevice, Uploader
 from provisiond.server import Server
-from provisiond.sim import Broker as SimBroker
-from provisiond.sim import Fleet, SimDevice, provision
-from provisiond.sim.ble import BlePeripheral
 from provisiond.wifi.crypto import b64url_encode
 from provisiond_ble import profile
 from provisiond_ble.central import LOCAL_LINKS, GattSession, Radio
 from support import Broker, RpcClient, eventually, make_config, remember_secret, running, seed_key
+
+try:  # once the simulator and the reference device live in tools/provisiond_sim
+    from provisiond_sim.ble import BlePeripheral  # type: ignore[import-not-found]
+    from provisiond_sim.device import Broker as SimBroker  # type: ignore[import-not-found]
+    from provisiond_sim.device import SimDevice, provision  # type: ignore[import-not-found]
+    from provisiond_sim.fleet import Fleet  # type: ignore[import-not-found]
+    from provisiond_sim.reference import (  # type: ignore[import-not-found]
+        GrantRejected,
+        ReferenceDevice,
+    )
+
+    from provisiond.wifi.uploader import Uploader  # type: ignore[import-not-found]
+except ImportError:
+    from provisiond.device import GrantRejected, ReferenceDevice, Uploader
+    from provisiond.sim import Broker as SimBroker
+    from provisiond.sim import Fleet, SimDevice, provision
+    from provisiond.sim.ble import BlePeripheral
 
 SSID = "provisiond-lab"
 PASSWORD = remember_secret("correct horse battery staple")
