@@ -288,6 +288,7 @@ def test_c_engine_agrees_with_the_reference_device(firmware: FirmwareLibrary) ->
     assert c.status_message() == ref.status_message()
     assert c.finish(False, "ssid_not_found") == ref.finish(False, "ssid_not_found")
     assert c.last_report == ref.last_report and c.state == ref.state == "idle"
+    assert c.last_iat == ref.last_iat == vec["grant"]["claims"]["iat"]
 
 
 def test_c_framing_matches_the_profile(firmware: FirmwareLibrary) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -220,6 +221,9 @@ class CEngine:
         lib = self._lib.lib
         self.device_id = device_id
         self.capabilities = capabilities
+        self.has_clock = has_clock
+        self.leeway = leeway
+        self.require_nonce = require_nonce
         # Every state the library asked us to make durable, newest last.
         self.persisted: list[bytes] = []
         self._now = now
@@ -299,6 +303,12 @@ class CEngine:
         """pd_freshness_t as the firmware would write it to flash."""
         ptr = self._lib.lib.pd_device_freshness(self._dev)
         return ctypes.string_at(ptr, self._lib.freshness_size)
+
+    @property
+    def last_iat(self) -> int | None:
+        # pd_freshness_t starts with int64 last_iat, then uint8 has_last_iat.
+        raw = self.freshness
+        return int.from_bytes(raw[:8], sys.byteorder, signed=True) if raw[8] else None
 
     @property
     def last_report(self) -> dict[str, str | None] | None:
