@@ -13,6 +13,11 @@ missing=()
 command -v mosquitto_rr >/dev/null || missing+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then missing+=(python3-venv); fi
+# firmware/ (the C device library) and its tests: compiler, CMake, mbedTLS, libmosquitto.
+command -v cc >/dev/null && command -v make >/dev/null || missing+=(build-essential)
+command -v cmake >/dev/null || missing+=(cmake)
+[ -f /usr/include/mbedtls/gcm.h ] || missing+=(libmbedtls-dev)
+[ -f /usr/include/mosquitto.h ] || missing+=(libmosquitto-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]} with apt-get" >&2
     $SUDO apt-get update -qq

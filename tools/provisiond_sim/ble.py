@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from bumble import att, gatt
 from bumble.controller import Controller
@@ -32,6 +32,32 @@ from provisiond_sim.reference import CredentialRejected, ReferenceDevice
 log = get_logger("provisiond.sim.ble")
 
 Report = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class DeviceEngine(Protocol):
+    """The device protocol engine the peripheral drives: ReferenceDevice, or
+    anything with its interface (e.g. the C firmware library through
+    tools/provisiond_sim/c_engine.py). Refusals raise the reference's
+    GrantRejected / CredentialRejected."""
+
+    device_id: int
+    capabilities: int
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def last_report(self) -> dict[str, str | None] | None: ...
+
+    def device_info(self) -> dict[str, Any]: ...
+
+    def accept_grant(self, blob: str) -> Any: ...
+
+    def status_message(self, reason: str | None = None) -> bytes: ...
+
+    def receive_credentials(self, message: bytes) -> WifiCredentials: ...
+
+    def finish(self, connected: bool, reason: str | None = None) -> bytes: ...
 
 
 class WifiNetworks:
@@ -54,7 +80,7 @@ class BlePeripheral:
 
     def __init__(
         self,
-        device: ReferenceDevice,
+        device: ReferenceDevice | DeviceEngine,
         networks: WifiNetworks,
         *,
         on_report: Report | None = None,

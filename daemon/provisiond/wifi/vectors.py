@@ -17,10 +17,14 @@ import hashlib
 import hmac
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from provisiond.wifi.crypto import (
@@ -168,62 +172,103 @@ def _hs256_section(fx: _Fixture) -> dict[str, Any]:
     }
 
 
-def _reject_cases(fx: _Fixture) -> list[tuple[str, str, str]]:
-    """(name, blob, reason) of grants a device must refuse, and why."""
-    claims = fx.claims
-    header = {"alg": "EdDSA", "kid": fx.key.kid, "typ": "JWT"}
-    ed = fx.signing_priv.sign
-    ed_pub = fx.signing_priv.public_key().public_bytes_raw()
-    tampered_parts = fx.blob.split(".")
+def _rejects(
+    blob: str,
+    header: dict[str, Any],
+    claims: dict[str, Any],
+    sign: Callable[[bytes], bytes],
+    public_raw: bytes,
+    key_label: str,
+) -> list[tuple[str, str, str]]:
+    """(name, blob, reason) of grants a device pinned to `header`'s key must refuse."""
+    tampered_parts = blob.split(".")
     tampered_parts[1] = b64url_encode(
         json.dumps({**claims, "sub": "43"}, separators=(",", ":")).encode()
     )
     return [
         ("alg_none", _jws({**header, "alg": "none"}, claims, lambda _m: b""), "alg_not_allowed"),
         (
-            "hs256_keyed_with_ed25519_public_key",
+            f"hs256_keyed_with_{key_label}_public_key",
             _jws(
                 {**header, "alg": "HS256"},
                 claims,
-                lambda m: hmac.new(ed_pub, m, hashlib.sha256).digest(),
+                lambda m: hmac.new(public_raw, m, hashlib.sha256).digest(),
             ),
             "alg_not_allowed",
         ),
         ("tampered_payload", ".".join(tampered_parts), "bad_signature"),
-        ("unknown_kid", _jws({**header, "kid": "0000000000000000"}, claims, ed), "unknown_kid"),
-        ("wrong_audience", _jws(header, {**claims, "aud": "other"}, ed), "wrong_audience"),
-        ("wrong_subject", _jws(header, {**claims, "sub": "43"}, ed), "wrong_subject"),
+        ("unknown_kid", _jws({**header, "kid": "0000000000000000"}, claims, sign), "unknown_kid"),
+        ("wrong_audience", _jws(header, {**claims, "aud": "other"}, sign), "wrong_audience"),
+        ("wrong_subject", _jws(header, {**claims, "sub": "43"}, sign), "wrong_subject"),
         (
             "missing_cap",
-            _jws(header, {k: v for k, v in claims.items() if k != "cap"}, ed),
+            _jws(header, {k: v for k, v in claims.items() if k != "cap"}, sign),
             "missing_cap",
         ),
         (
             "expired",
-            _jws(header, {**claims, "iat": IAT - 7200, "exp": IAT - 6300}, ed),
+            _jws(header, {**claims, "iat": IAT - 7200, "exp": IAT - 6300}, sign),
             "expired",
         ),
-        ("not_yet_valid", _jws(header, {**claims, "iat": IAT + 600}, ed), "not_yet_valid"),
+        ("not_yet_valid", _jws(header, {**claims, "iat": IAT + 600}, sign), "not_yet_valid"),
         (
             "wrong_nonce",
-            _jws(header, {**claims, "dn": b64url_encode(bytes(16))}, ed),
+            _jws(header, {**claims, "dn": b64url_encode(bytes(16))}, sign),
             "wrong_nonce",
         ),
     ]
 
 
-def _rejects_section(fx: _Fixture) -> dict[str, Any]:
+def _device_context(pinned: dict[str, Any]) -> dict[str, Any]:
     return {
-        "device_context": {
-            "device_id": DEVICE_ID,
-            "now": IAT + 60,
-            "nonce": DEVICE_NONCE.hex(),
-            "last_iat": None,
-            "has_clock": True,
-            "leeway": 30,
-            "pinned": [fx.key.public_jwk()],
+        "device_id": DEVICE_ID,
+        "now": IAT + 60,
+        "nonce": DEVICE_NONCE.hex(),
+        "last_iat": None,
+        "has_clock": True,
+        "leeway": 30,
+        "pinned": [pinned],
+    }
+
+
+def _rejects_section(fx: _Fixture) -> dict[str, Any]:
+    header = {"alg": "EdDSA", "kid": fx.key.kid, "typ": "JWT"}
+    ed_pub = fx.signing_priv.public_key().public_bytes_raw()
+    cases = _rejects(fx.blob, header, fx.claims, fx.signing_priv.sign, ed_pub, "ed25519")
+    return {
+        "device_context": _device_context(fx.key.public_jwk()),
+        "cases": [{"name": n, "blob": b, "reason": r} for n, b, r in cases],
+    }
+
+
+def _es256_section(fx: _Fixture) -> dict[str, Any]:
+    """The same grant signed with ES256 (devices on mbedTLS 2.x have no Ed25519)."""
+    es_priv = ec.derive_private_key(int.from_bytes(_seed("gateway p256"), "big"), ec.SECP256R1())
+    es_key = SigningKey.from_private_key(es_priv)
+    header = {"alg": "ES256", "kid": es_key.kid, "typ": "JWT"}
+
+    def es(msg: bytes) -> bytes:
+        der = es_priv.sign(msg, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+        r, s = decode_dss_signature(der)
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+    blob = _jws(header, fx.claims, es)
+    public = es_priv.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    return {
+        "gateway_p256_private": _seed("gateway p256").hex(),
+        "gateway_p256_public": public.hex(),
+        "gateway_jwk": es_key.public_jwk(),
+        "blob": blob,
+        "k_session": derive_session_key(fx.z, blob).raw.hex(),
+        "rejects": {
+            "device_context": _device_context(es_key.public_jwk()),
+            "cases": [
+                {"name": n, "blob": b, "reason": r}
+                for n, b, r in _rejects(blob, header, fx.claims, es, public, "p256")
+            ],
         },
-        "cases": [{"name": n, "blob": b, "reason": r} for n, b, r in _reject_cases(fx)],
     }
 
 
@@ -246,6 +291,7 @@ def generate() -> dict[str, Any]:
         "credential": _credential_section(fx),
         "status": _status_section(fx),
         "hs256": _hs256_section(fx),
+        "es256": _es256_section(fx),
         "rejects": _rejects_section(fx),
     }
 
