@@ -27,7 +27,7 @@ from support import Broker, make_config, running, seed_key
 
 PROVISIOND = ROOT / ".venv" / "bin" / "provisiond"
 
-GUARD = '''
+GUARD = """
 import os, sys
 
 _ROOTS = ("/etc/provisiond", "/var/lib/provisiond")
@@ -47,7 +47,7 @@ def _hook(event, args):
 
 
 sys.addaudithook(_hook)
-'''
+"""
 
 # Every leaf command, with the arguments it needs. `test_every_command_is_listed`
 # fails when a command is added without an entry here.
@@ -116,7 +116,9 @@ async def run_cli(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
 
 
 def place(position: str, config_file: Path, argv: list[str]) -> list[str]:
-    return ["-c", str(config_file), *argv] if position == "before" else [*argv, "-c", str(config_file)]
+    return (
+        ["-c", str(config_file), *argv] if position == "before" else [*argv, "-c", str(config_file)]
+    )
 
 
 def test_guard_catches_the_default_path(tmp_path: Path) -> None:
@@ -148,7 +150,9 @@ async def test_offline_commands_use_the_given_file(
     key_id = _seed_store(config)
     config_file = write_toml(config, tmp_path / "my.toml")
     env, log = guarded_env(tmp_path)
-    argv = [a.replace("{key_id}", key_id).replace("{tmp}", str(tmp_path)) for a in COMMANDS[command]]
+    argv = [
+        a.replace("{key_id}", key_id).replace("{tmp}", str(tmp_path)) for a in COMMANDS[command]
+    ]
     code, out, err = await run_cli(place(position, config_file, argv), env)
     assert code == 0, err
     assert not log.exists(), log.read_text()
