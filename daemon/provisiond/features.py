@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from provisiond import presence
+from provisiond import metrics, presence
 from provisiond.app import App
 from provisiond.ops import commands as command_ops
 from provisiond.ops import daemon, keys, provision, wifi
@@ -21,4 +21,5 @@ FEATURES: list[Setup] = [
     device_ops.setup,
     presence.setup,
     command_ops.setup,
+    metrics.setup,
 ]
