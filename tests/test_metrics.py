@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import signal
 import socket
 import urllib.error
@@ -12,7 +14,7 @@ from typing import Any
 
 import pytest
 import test_ble_bridge
-from daemon_proc import daemon_process, write_toml
+from daemon_proc import ROOT, daemon_process, write_toml
 from prometheus_client.parser import text_string_to_metric_families
 from provision_support import device_public_key, org_key
 from structlog.testing import LogCapture
@@ -115,6 +117,21 @@ async def test_scrape_after_traffic(tmp_path: Path, broker: Broker, logs: LogCap
     assert value(found, "provisiond_wifi_grants_total", mode="server") == 1
     assert (value(found, "provisiond_store_duration_seconds_count") or 0) > 5
     assert (value(found, "process_resident_memory_bytes") or 0) > 0
+
+    # The documentation lists exactly what a scrape shows, and the dashboard uses only those.
+    documented = set(
+        re.findall(r"^\| `(provisiond_\w+)`", (ROOT / "docs/metrics.md").read_text(), re.M)
+    )
+    served = set(re.findall(r"^# HELP (provisiond_\w+) ", text, re.M))
+    assert documented == served
+    dashboard = json.loads((ROOT / "docs/grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {
+        re.sub(r"_(bucket|count|sum)$", "", n)
+        for e in exprs
+        for n in re.findall(r"provisiond_\w+", e)
+    }
+    assert used and used <= served
 
     # Never a secret: not the key, not the token, not the session key, nor part of one.
     for secret in (key, token, grant["session_key"], *SECRETS):

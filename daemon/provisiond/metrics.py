@@ -82,8 +82,17 @@ async def timed(store: Store, pending: Awaitable[T]) -> T:
 
 class Metrics:
     def __init__(self, app: App, router: Router) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Histogram,
+            disable_created_metrics,
+        )
         from prometheus_client.process_collector import ProcessCollector
+
+        # `*_created` series double the output and say only when the daemon
+        # started, which provisiond_start_time_seconds says once.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
 
         self.app = app
         self.router = router
