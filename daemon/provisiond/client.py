@@ -12,8 +12,9 @@ data*, so the daemon answers the repeat from its replay record and nothing is
 done twice. Replies nobody is waiting for (late duplicates, strangers') are
 discarded.
 
-Only aiomqtt and paho-mqtt are needed (`pip install 'provisiond[client]'`):
-this module imports nothing else of the daemon, so it can be used without it.
+Only aiomqtt and paho-mqtt are needed (the `client` extra): this module
+imports nothing else, of the daemon or otherwise, so a service can use it (or
+vendor this one file) without the daemon's dependencies.
 """
 
 from __future__ import annotations
