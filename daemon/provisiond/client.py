@@ -126,7 +126,8 @@ class CallTimeout(ClientError, TimeoutError):
     def __init__(self, operation: str, timeout: float, attempts: int) -> None:
         super().__init__(
             f"{operation}: no reply within {timeout:g}s ({attempts} attempt(s)); "
-            "is the daemon running and the topic prefix right?"
+            "is the daemon running, the topic prefix right, and may this account read "
+            "the reply topic?"
         )
         self.operation = operation
         self.timeout = timeout
@@ -247,9 +248,26 @@ class ProvisiondClient:
     async def __aenter__(self) -> ProvisiondClient:
         try:
             await self._mqtt.__aenter__()
-            await self._mqtt.subscribe(self.reply_topic, qos=1)
         except aiomqtt.MqttError as exc:
             raise ConnectionFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+        try:
+            granted = await self._mqtt.subscribe(self.reply_topic, qos=1)
+            # A broker that refuses the subscription (some ACL backends do;
+            # mosquitto grants it and delivers nothing) would turn every call
+            # into a timeout: say so now instead.
+            for granted_code in granted:
+                code = granted_code if isinstance(granted_code, int) else granted_code.value
+                if code >= 0x80:
+                    raise ConnectionFailed(
+                        f"the broker refused the subscription to {self.reply_topic} "
+                        f"(reason 0x{code:02x}); does its ACL let this account read it?"
+                    )
+        except BaseException as exc:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._mqtt.__aexit__(None, None, None)
+            if isinstance(exc, aiomqtt.MqttError):
+                raise ConnectionFailed(f"cannot subscribe to {self.reply_topic}: {exc}") from None
+            raise
         self._reader = asyncio.create_task(self._read(), name="provisiond-client-replies")
         return self
 
