@@ -113,7 +113,10 @@ async def test_error_reply_raises_with_status_code_and_field(
         assert caught.value.status == 401
 
 
-async def test_a_retry_is_a_replay(tmp_path: Path, broker: Broker, logs: LogCapture) -> None:
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_a_retry_is_a_replay(
+    tmp_path: Path, broker: Broker, logs: LogCapture, protocol: Any
+) -> None:
     """The first attempt goes unanswered (daemon down, its session keeps the
     request); the retry carries the same correlation data, so when the daemon
     comes back it answers both copies with one device created, and the client
@@ -122,7 +125,7 @@ async def test_a_retry_is_a_replay(tmp_path: Path, broker: Broker, logs: LogCapt
     key = org_key(config)
     async with running(config):
         pass  # makes the daemon's persistent session on the broker
-    async with client_for(config, key, timeout=20, retries=9) as client:
+    async with client_for(config, key, timeout=20, retries=9, protocol=protocol) as client:
         call = asyncio.create_task(client.provision_token(org_id=1, owner_id=10))
         await asyncio.sleep(5)  # two or three attempts, all held by the broker
         assert not call.done()
@@ -137,6 +140,20 @@ async def test_a_retry_is_a_replay(tmp_path: Path, broker: Broker, logs: LogCapt
     ]
     assert len(rpc_lines) >= 2 and all(e["status"] == 200 for e in rpc_lines)
     assert sum(1 for e in rpc_lines if e.get("replay")) == len(rpc_lines) - 1
+
+
+async def test_concurrent_calls_each_get_their_own_reply(config: Config, daemon: Server) -> None:
+    key = org_key(config, users=(10, 11, 12))
+    async with client_for(config, key) as client:
+        owners = [10, 11, 12] * 7
+        created = await asyncio.gather(
+            *(client.provision_token(org_id=1, owner_id=o) for o in owners)
+        )
+        for reply in created:
+            remember_secret(reply["token"])
+        devices = await asyncio.gather(*(client.device_get(r["deviceId"]) for r in created))
+    assert [d["ownerId"] for d in devices] == owners
+    assert len({r["deviceId"] for r in created}) == len(owners)
 
 
 async def test_unsolicited_replies_are_discarded(config: Config, daemon: Server) -> None:
