@@ -22,6 +22,7 @@ from structlog.testing import LogCapture
 from provisiond.client import ProvisiondClient, RpcError
 from provisiond.config import Config, load
 from provisiond.errors import ConfigError
+from provisiond.metrics import HTTP_TIMEOUT, MAX_CONNECTIONS
 from support import (
     SECRETS,
     Broker,
@@ -40,6 +41,13 @@ def scrape(listen: str, path: str = "/metrics", method: str = "GET") -> tuple[in
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def scrape_or_none(listen: str) -> int | None:
+    try:
+        return scrape(listen)[0]
+    except (ConnectionError, urllib.error.URLError):
+        return None
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -198,12 +206,17 @@ async def test_only_get_metrics(tmp_path: Path, broker: Broker, logs: LogCapture
     async with running(config):
         assert (await asyncio.to_thread(scrape, listen, "/"))[0] == 404
         assert (await asyncio.to_thread(scrape, listen, "/metrics", "POST"))[0] == 405
-        # A client that sends nothing is dropped, and the next scrape still works.
+        # Clients that send nothing hold at most MAX_CONNECTIONS slots, for at
+        # most HTTP_TIMEOUT; then scrapes work again.
         host, port = listen.split(":")
-        idle = socket.create_connection((host, int(port)))
+        idle = [socket.create_connection((host, int(port))) for _ in range(MAX_CONNECTIONS + 3)]
+        await asyncio.sleep(0.2)
+        assert (await asyncio.to_thread(scrape_or_none, listen)) is None
+        await asyncio.sleep(HTTP_TIMEOUT + 0.5)
         status, _text = await asyncio.to_thread(scrape, listen)
-        idle.close()
         assert status == 200
+        for sock in idle:
+            sock.close()
 
 
 async def test_off_by_default(config: Config, logs: LogCapture) -> None:

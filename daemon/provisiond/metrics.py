@@ -46,6 +46,8 @@ MAX_LABEL_VALUES: Final = 64
 REQUEST_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # fmt: skip
 STORE_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)  # fmt: skip
 HTTP_TIMEOUT: Final = 5.0
+# Connections served at once; more are closed at once (a scraper needs one).
+MAX_CONNECTIONS: Final = 8
 MAX_REQUEST_BYTES: Final = 8192
 
 # Each open store -> the metrics of the daemon that owns it (several daemons
@@ -326,6 +328,7 @@ class MetricsServer:
         self.listen = listen
         self.host, self.port = parse_listen(listen)
         self._server: asyncio.Server | None = None
+        self._open = 0
 
     async def start(self) -> None:
         try:
@@ -347,6 +350,10 @@ class MetricsServer:
                     await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._open += 1
         try:
             async with asyncio.timeout(HTTP_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -380,6 +387,7 @@ class MetricsServer:
                     writer, 500, b"scrape failed; see the daemon's log\n", "text/plain"
                 )
         finally:
+            self._open -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
