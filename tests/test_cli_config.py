@@ -238,3 +238,23 @@ async def test_status_and_call_use_the_given_file(tmp_path: Path, broker: Broker
                 assert code == 0, (command, position, err)
                 assert secret not in out + err
     assert not log.exists(), log.read_text()
+
+
+def test_check_config_names_the_file_from_the_environment(tmp_path: Path) -> None:
+    good = tmp_path / "env.toml"
+    good.write_text('[daemon]\ngateway_id = "gw"\n')
+    env, log = guarded_env(tmp_path, PROVISIOND_CONFIG=str(good))
+    code, out, err = asyncio.run(run_cli(["check-config"], env))
+    assert code == 0, err
+    assert out.strip() == f"config ok: {good}"
+    assert not log.exists()
+
+
+def test_check_config_says_when_there_is_no_file(tmp_path: Path) -> None:
+    default = Path("/etc/provisiond/provisiond.toml")
+    if default.exists():
+        pytest.skip(f"{default} exists on this machine")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
+    code, out, err = asyncio.run(run_cli(["check-config"], env))
+    assert code == 0, err
+    assert out.strip() == f"config ok: no file at {default}; defaults and environment only"
