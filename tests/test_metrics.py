@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
 import signal
 import socket
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,11 +21,12 @@ from daemon_proc import ROOT, daemon_process, write_toml
 from prometheus_client.parser import text_string_to_metric_families
 from provision_support import device_public_key, org_key
 from structlog.testing import LogCapture
+from test_systemd import _analyze, _unit_copy
 
 from provisiond.client import ProvisiondClient, RpcError
 from provisiond.config import Config, load
 from provisiond.errors import ConfigError
-from provisiond.metrics import HTTP_TIMEOUT, MAX_CONNECTIONS
+from provisiond.metrics import HTTP_TIMEOUT, MAX_CONNECTIONS, systemd_socket
 from support import (
     SECRETS,
     Broker,
@@ -262,3 +266,65 @@ async def test_real_process_serves_metrics(tmp_path: Path, broker: Broker) -> No
         assert status == 200 and "provisiond_mqtt_connected 1.0" in text
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait(30) == 0
+
+
+def test_systemd_socket_is_only_ours() -> None:
+    base = {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "metrics"}
+    assert systemd_socket({**base, "LISTEN_PID": str(os.getpid() + 1)}) is None
+    assert (
+        systemd_socket({**base, "LISTEN_PID": str(os.getpid()), "LISTEN_FDNAMES": "other"}) is None
+    )
+    assert systemd_socket({}) is None
+
+
+async def test_systemd_socket_activation(tmp_path: Path, broker: Broker) -> None:
+    """As systemd starts it with provisiond-metrics.socket: fd 3 named `metrics`,
+    LISTEN_PID the daemon's own pid, and no `[metrics] listen` in the config."""
+    config = make_config(tmp_path, broker, log={"format": "json"})
+    assert config.metrics.listen == ""
+    config_file = write_toml(config, tmp_path / "p.toml")
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    listen = f"127.0.0.1:{held.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
+    env.update(
+        PYTHONPATH=f"{ROOT / 'daemon'}:{ROOT / 'plugins'}",
+        LISTEN_FDS="1",
+        LISTEN_FDNAMES="metrics",
+    )
+    # bash puts the socket on fd 3 and sets LISTEN_PID to its own pid, which
+    # `exec` hands to the daemon: what systemd does between fork and exec.
+    wrapper = f'export LISTEN_PID=$$; exec 3<&{held.fileno()}; exec "$@"'
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", wrapper, "bash", sys.executable, "-m", "provisiond", "run",
+        "-c", str(config_file), env=env, pass_fds=(held.fileno(),),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    held.close()  # the daemon holds it now, as systemd would
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(30):
+            while '"daemon.ready"' not in (lines[-1] if lines else ""):
+                lines.append((await proc.stdout.readline()).decode())
+                assert lines[-1], "".join(lines)
+        listening = [json.loads(line) for line in lines if '"metrics.listening"' in line]
+        assert [(e["listen"], e.get("systemd_socket")) for e in listening] == [(listen, True)]
+        status, text = await asyncio.to_thread(scrape, listen)
+        assert status == 200 and "provisiond_mqtt_connected 1.0" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, "".join(lines)
+
+
+def test_socket_unit_verifies(tmp_path: Path) -> None:
+    _unit_copy(tmp_path)  # the service it names, beside it
+    shutil.copy(ROOT / "systemd" / "provisiond-metrics.socket", tmp_path)
+    result = _analyze("verify", str(tmp_path / "provisiond-metrics.socket"))
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+        result.stdout + result.stderr
+    )
+    text = (ROOT / "systemd" / "provisiond-metrics.socket").read_text()
+    assert "FileDescriptorName=metrics\n" in text and "Service=provisiond.service\n" in text

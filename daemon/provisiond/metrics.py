@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 import weakref
 from collections.abc import Awaitable, Iterable
@@ -40,6 +42,9 @@ log = get_logger("provisiond.metrics")
 T = TypeVar("T")
 
 SERVICE: Final = "metrics"
+# The FileDescriptorName= of systemd/provisiond-metrics.socket.
+SOCKET_NAME: Final = "metrics"
+SD_LISTEN_FDS_START: Final = 3
 BLE_UPLOAD: Final = "wifi-config/upload"
 # Label values are bounded: past this many distinct values of one label, "other".
 MAX_LABEL_VALUES: Final = 64
@@ -301,15 +306,35 @@ class _StateCollector:
 # --- the feature
 
 
+def systemd_socket(env: dict[str, str] | None = None) -> socket.socket | None:
+    """The listening socket systemd passed us as `metrics` (socket activation), if any."""
+    env = dict(os.environ) if env is None else env
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return None  # not ours: inherited from a parent that was socket-activated
+    try:
+        count = int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    for index in range(min(count, len(names))):
+        if names[index] == SOCKET_NAME:
+            sock = socket.socket(fileno=SD_LISTEN_FDS_START + index)
+            sock.set_inheritable(False)
+            return sock
+    return None
+
+
 def setup(app: App, router: Router) -> None:
-    """Serve metrics when `[metrics] listen` is set; otherwise do nothing at all."""
+    """Serve metrics when `[metrics] listen` is set or systemd passed a `metrics`
+    socket; otherwise do nothing at all."""
     listen = app.config.metrics.listen
-    if not listen:
+    inherited = systemd_socket()
+    if not listen and inherited is None:
         return
     metrics = Metrics(app, router)
     app.services[SERVICE] = metrics
     _STORES[app.store] = metrics
-    server = MetricsServer(metrics, listen)
+    server = MetricsServer(metrics, listen, inherited)
     app.on_start.append(server.start)
     app.on_stop.append(server.stop)
 
@@ -323,17 +348,27 @@ def setup(app: App, router: Router) -> None:
 class MetricsServer:
     """GET /metrics over HTTP/1.0-style one-shot connections, on the event loop."""
 
-    def __init__(self, metrics: Metrics, listen: str) -> None:
+    def __init__(self, metrics: Metrics, listen: str, sock: socket.socket | None = None) -> None:
         self.metrics = metrics
         self.listen = listen
-        self.host, self.port = parse_listen(listen)
+        # A socket systemd holds for us wins over `listen`: it stays open
+        # across restarts, so scrapes wait instead of being refused.
+        self.sock = sock
         self._server: asyncio.Server | None = None
         self._open = 0
 
     async def start(self) -> None:
+        if self.sock is not None:
+            self._server = await asyncio.start_server(
+                self._serve, sock=self.sock, limit=MAX_REQUEST_BYTES
+            )
+            host, port = self.sock.getsockname()[:2]
+            log.info("metrics.listening", listen=f"{host}:{port}", systemd_socket=True)
+            return
+        host, port = parse_listen(self.listen)
         try:
             self._server = await asyncio.start_server(
-                self._serve, self.host, self.port, limit=MAX_REQUEST_BYTES
+                self._serve, host, port, limit=MAX_REQUEST_BYTES
             )
         except OSError as exc:
             raise ConfigError(
