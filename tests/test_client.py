@@ -76,7 +76,7 @@ async def _every_operation(client: ProvisiondClient, config: Config) -> None:
 
     grant = await client.wifi_config_grant(device_id=device_id, expires_in_seconds=120)
     assert grant["grant_blob"].count(".") == 2
-    remember_secret(grant.get("session_key", "x"))
+    remember_secret(grant["session_key"])  # server-generated mode: no app_public_key
     assert (await client.device_get(device_id))["state"] == "active"
     listed = await client.device_list(limit=50)
     assert device_id in [d["deviceId"] for d in listed["devices"]]
