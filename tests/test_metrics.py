@@ -330,3 +330,15 @@ def test_socket_unit_verifies(tmp_path: Path) -> None:
     )
     text = (ROOT / "systemd" / "provisiond-metrics.socket").read_text()
     assert "FileDescriptorName=metrics\n" in text and "Service=provisiond.service\n" in text
+
+
+async def test_reload_keeps_the_listener(tmp_path: Path, broker: Broker, logs: LogCapture) -> None:
+    config, listen = metrics_config(tmp_path, broker)
+    async with running(config) as server:
+        moved = config.model_copy(
+            update={"metrics": config.metrics.model_copy(update={"listen": "127.0.0.1:1"})}
+        )
+        assert await server.reload(moved)
+        warned = [e for e in logs.entries if e["event"] == "config.needs_restart"]
+        assert warned and warned[-1]["keys"] == ["metrics.listen"] and warned[-1]["kept"] == listen
+        assert (await asyncio.to_thread(scrape, listen))[0] == 200
