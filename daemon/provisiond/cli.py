@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-from provisiond import __version__, auth, cli_devices, cli_ops, logs, plugins
+from provisiond import __version__, auth, cli_call, cli_devices, cli_ops, logs, plugins
 from provisiond.config import EXIT_BAD_CONFIG, Config, config_path, load, resolve_path
 from provisiond.errors import ConfigError, RpcError
 from provisiond.schema import all_migrations
@@ -32,6 +32,7 @@ Command = Callable[[argparse.Namespace], int]
 EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     cli_devices.add_commands,
     cli_ops.add_commands,
+    cli_call.add_commands,
 ]
 
 
@@ -79,10 +80,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(args)
+    path = config_path(args.config)
+    config = load(path)
     # Plugin tables are judged by their plugins' own schemas, as at start.
     plugins.resolve(config)
-    print(f"config ok: {config.source or '(defaults and environment only)'}")
+    if path.is_file():
+        print(f"config ok: {path}")
+    else:
+        # Only the default path may be missing (load() refuses any other).
+        print(f"config ok: no file at {path}; defaults and environment only")
     return EXIT_OK
 
 
@@ -122,19 +128,26 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CONFIG_HELP = "config file (default: $PROVISIOND_CONFIG or /etc/provisiond/provisiond.toml)"
+
+
+def _config_option(default: object) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-c", "--config", metavar="FILE", default=default, help=CONFIG_HELP)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-c",
-        "--config",
-        metavar="FILE",
-        help="config file (default: $PROVISIOND_CONFIG or /etc/provisiond/provisiond.toml)",
-    )
+    # `-c` is accepted before and after the command. A subparser writes its
+    # defaults over the namespace the top-level parser filled, so the copy the
+    # subcommands get must have no default at all (SUPPRESS): otherwise
+    # `provisiond -c FILE keys list` would end with config=None.
     parser = argparse.ArgumentParser(
         prog="provisiond",
         description="Provisioning and WiFi-grant daemon for MQTT gateways.",
-        parents=[common],
+        parents=[_config_option(None)],
     )
+    common = _config_option(argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"provisiond {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -119,6 +119,32 @@ class LimitsConfig(Section):
     max_inflight_per_key: int = Field(default=16, ge=1, le=100_000)
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` or `[v6-address]:port` -> (host, port); ValueError says what is wrong."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError('must be "host:port", e.g. "127.0.0.1:9108"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c in host for c in "[]/ "):
+        raise ValueError(f"{host!r} is not a host name or address")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 1..65535, not {port_text!r}")
+    return host, int(port_text)
+
+
+class MetricsConfig(Section):
+    # Empty: off. "host:port": serve Prometheus metrics at http://host:port/metrics.
+    listen: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            parse_listen(value)
+        return value
+
+
 class Config(Section):
     daemon: DaemonConfig = DaemonConfig()
     log: LogConfig = LogConfig()
@@ -129,6 +155,7 @@ class Config(Section):
     commands: CommandsConfig = CommandsConfig()
     wifi: WifiConfig = WifiConfig()
     limits: LimitsConfig = LimitsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     # Each plugin validates its own table with its own schema.
     plugins: dict[str, dict[str, Any]] = {}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from provisiond import presence
+from provisiond import metrics, presence
 from provisiond.app import App
 from provisiond.ops import commands, daemon, devices, keys, provision, wifi
 from provisiond.presence import PRESENCE
@@ -77,4 +77,5 @@ FEATURES: list[Feature] = [
     Feature("provision", provision.setup, uses=(PRESENCE, GRANTS)),
     Feature("devices", devices.setup, uses=(PRESENCE,)),
     Feature("commands", commands.setup, requires=(PRESENCE,)),
+    Feature("metrics", metrics.setup, uses=(PRESENCE,)),
 ]

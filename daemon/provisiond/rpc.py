@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import sqlite_utils
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from provisiond import auth, replay
+from provisiond import auth, metrics, replay
 from provisiond.app import App
 from provisiond.config import Config
 from provisiond.errors import (
@@ -252,6 +252,7 @@ class Router:
             self.app.counters["rpc.requests"] += 1
             fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
             log.info("rpc", status=status, **fields)
+            metrics.observe_request(self, name, status, started, fields)
 
     def _parse(self, delivery: Delivery, fields: dict[str, Any]) -> tuple[ReplyPath | None, Any]:
         """Find the reply path and the body; errors are returned as the body."""

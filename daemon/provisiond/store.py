@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import sqlite_utils
 
+from provisiond import metrics
 from provisiond.errors import StoreUnavailable
 
 T = TypeVar("T")
@@ -149,7 +150,7 @@ class Store:
     async def _run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn)
+            return await metrics.timed(self, loop.run_in_executor(self._executor, fn))
         except sqlite3.OperationalError as exc:
             # Disk full, read-only file, lock timeout: the caller gets a 503, the
             # daemon keeps running and the next call tries again.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 
@@ -20,7 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=1883, help="broker port")
     p.add_argument("--prefix", default="provisiond", help="topic prefix (mqtt.topic_prefix)")
     p.add_argument("--devices", type=int, default=3, help="devices to simulate")
-    p.add_argument("--key", required=True, help="API key with provision:write (gets tokens)")
+    # From the environment by default: a key on a command line is visible to `ps`.
+    key = os.environ.get("PROVISIOND_KEY")
+    p.add_argument(
+        "--key",
+        required=key is None,
+        default=key,
+        help="API key with provision:write (gets tokens); default $PROVISIOND_KEY",
+    )
     p.add_argument("--org", type=int, required=True, help="organisation id")
     p.add_argument("--owner", type=int, required=True, help="owner user id")
     p.add_argument(
