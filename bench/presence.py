@@ -257,8 +257,8 @@ async def memory_per_device(config: Any, n: int) -> dict[str, float]:
     """Bytes held by presence.py per active device: loaded, then each heartbeated once."""
     from provisiond import mqtt
     from provisiond import presence as presence_mod
-    from provisiond.app import App
     from provisiond.clock import Clock
+    from provisiond.runtime.app import App
     from provisiond.schema import all_migrations
     from provisiond.store import Store
     from provisiond.transport import Delivery, Transport

@@ -26,10 +26,10 @@ from paho.mqtt.properties import Properties
 from structlog.typing import EventDict
 
 from provisiond import auth
-from provisiond.app import App
 from provisiond.config import Config
-from provisiond.features import Feature
 from provisiond.rpc import Body, Operation, Request, Router
+from provisiond.runtime.app import App
+from provisiond.runtime.features import Feature
 from provisiond.schema import all_migrations
 from provisiond.server import Server
 from provisiond.store import connect, migrate

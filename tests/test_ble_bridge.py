@@ -16,10 +16,10 @@ import pytest
 from bumble.link import LocalLink
 from structlog.testing import LogCapture
 
-from provisiond.app import App
-from provisiond.features import FEATURES, Feature
 from provisiond.presence import PRESENCE
 from provisiond.rpc import Router
+from provisiond.runtime.app import App
+from provisiond.runtime.features import FEATURES, Feature
 from provisiond.server import Server
 from provisiond.wifi.service import GRANTS
 from provisiond_ble import profile

@@ -104,9 +104,9 @@ async def test_bad_input_is_a_clear_error(config: Config, daemon: Server, tmp_pa
 def test_daemon_does_not_import_the_client() -> None:
     """The client is an optional extra: starting the daemon must not need it."""
     code = (
-        "import sys, provisiond.cli, provisiond.server, provisiond.features;"
+        "import sys, provisiond.cli.main, provisiond.server, provisiond.runtime.features;"
         "assert 'provisiond.client' not in sys.modules, 'client imported';"
-        "assert 'provisiond.cli_call' in sys.modules"
+        "assert 'provisiond.cli.call' in sys.modules"
     )
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'daemon'}:{ROOT / 'plugins'}"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)

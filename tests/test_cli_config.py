@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from daemon_proc import ROOT, write_toml
 
-from provisiond.cli import build_parser
+from provisiond.cli.main import build_parser
 from provisiond.config import Config
 from support import Broker, make_config, running, seed_key
 

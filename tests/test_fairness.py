@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from provisiond.fairslots import FairSlots
-from provisiond.features import FEATURES
+from provisiond.runtime.fairslots import FairSlots
+from provisiond.runtime.features import FEATURES
 from support import SLOW_FEATURE, Broker, RpcClient, make_config, running, seed_key
 
 SLOW = 0.4

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from provisiond.app import App
-from provisiond.features import FEATURES, Feature, check
 from provisiond.ops import commands as command_ops
 from provisiond.presence import PRESENCE
 from provisiond.rpc import Router
+from provisiond.runtime.app import App
+from provisiond.runtime.features import FEATURES, Feature, check
+from provisiond.runtime.services import FeatureError, ServiceKey, Services
 from provisiond.server import Server
-from provisiond.services import FeatureError, ServiceKey, Services
 from support import Broker, make_config
 
 

@@ -9,10 +9,10 @@ from typing import Any
 from presence_support import FakeDevice, seed_devices
 from structlog.testing import LogCapture
 
-from provisiond.app import App
-from provisiond.features import FEATURES, Feature
 from provisiond.presence import PRESENCE
 from provisiond.rpc import EmptyBody, Operation, Request, Router
+from provisiond.runtime.app import App
+from provisiond.runtime.features import FEATURES, Feature
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
 
 SLOW_SECONDS = 3.0

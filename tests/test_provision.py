@@ -27,13 +27,13 @@ from provision_support import (
 from structlog.testing import LogCapture
 
 import support
-from provisiond.app import App
 from provisiond.config import Config
-from provisiond.features import Feature
 from provisiond.ops import devices as device_ops
 from provisiond.ops import provision as provision_ops
 from provisiond.presence import PRESENCE
 from provisiond.rpc import Router
+from provisiond.runtime.app import App
+from provisiond.runtime.features import Feature
 from provisiond.server import Server
 from provisiond.wifi.crypto import b64url_decode, b64url_encode
 from provisiond.wifi.service import GRANTS

@@ -14,7 +14,7 @@ from daemon_proc import DaemonProcess, NotifySocket, daemon_process, write_toml
 from structlog.testing import LogCapture
 
 from provisiond.config import Config
-from provisiond.features import FEATURES
+from provisiond.runtime.features import FEATURES
 from provisiond.server import Server
 from support import SLOW_FEATURE, RpcClient, make_config, running, seed_key
 

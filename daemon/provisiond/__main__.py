@@ -1,3 +1,3 @@
-from provisiond.cli import main
+from provisiond.cli.main import main
 
 raise SystemExit(main())

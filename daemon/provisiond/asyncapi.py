@@ -21,11 +21,11 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from provisiond import __version__
-from provisiond.app import App
 from provisiond.clock import Clock
 from provisiond.config import Config
-from provisiond.features import FEATURES, Feature, set_up
 from provisiond.rpc import Operation, Router
+from provisiond.runtime.app import App
+from provisiond.runtime.features import FEATURES, Feature, set_up
 from provisiond.store import Store
 from provisiond.transport import Transport
 

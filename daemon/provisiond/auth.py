@@ -235,7 +235,7 @@ class KeyCache:
     """Principals of keys seen recently, so a request needs no store trip.
 
     Keys are created and revoked by the CLI, another process; the watcher in
-    `provisiond.caches` clears this cache when the store says another
+    `provisiond.runtime.caches` clears this cache when the store says another
     connection committed, so a revocation takes effect within one poll.
     """
 

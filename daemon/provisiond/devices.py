@@ -124,7 +124,7 @@ class DeviceCache:
 
     Local writes to a device call `forget` once committed; another process's
     commits (the CLI, a second daemon on the same store) are noticed by the
-    watcher in `provisiond.caches`, which calls `observe`, clearing everything. A change made elsewhere is
+    watcher in `provisiond.runtime.caches`, which calls `observe`, clearing everything. A change made elsewhere is
     therefore seen within one poll interval, as with API keys.
 
     A read that started before a `forget` must not refill the cache with what

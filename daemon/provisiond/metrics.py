@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from provisiond.config import Config, parse_listen
 from provisiond.errors import ConfigError, StoreUnavailable
 from provisiond.logs import get_logger
-from provisiond.services import ServiceKey
+from provisiond.runtime.services import ServiceKey
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
 
-    from provisiond.app import App
     from provisiond.rpc import Router
+    from provisiond.runtime.app import App
     from provisiond.store import Store
 
 log = get_logger("provisiond.metrics")

@@ -34,12 +34,12 @@ from typing import Any, ClassVar, Final, Protocol
 from pydantic import BaseModel, ValidationError
 from structlog.typing import FilteringBoundLogger
 
-from provisiond.app import App
 from provisiond.config import Config
 from provisiond.errors import ConfigError, Unavailable
 from provisiond.logs import get_logger
 from provisiond.presence import PRESENCE
 from provisiond.rpc import Operation, Request, Router
+from provisiond.runtime.app import App
 from provisiond.wifi.service import GRANTS, GrantService
 
 log = get_logger("provisiond.plugins")

@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
-from provisiond.app import App
 from provisiond.clock import iso_utc_or_none
 from provisiond.config import Config, PresenceConfig
 from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
 from provisiond.mqtt import PublishRefused
 from provisiond.payloads import json_object
-from provisiond.services import ServiceKey
+from provisiond.runtime.app import App
+from provisiond.runtime.services import ServiceKey
 from provisiond.store import Migration
 from provisiond.transport import Delivery, NotConnected
 

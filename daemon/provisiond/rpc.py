@@ -20,7 +20,6 @@ import sqlite_utils
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from provisiond import auth, metrics, replay
-from provisiond.app import App
 from provisiond.config import Config
 from provisiond.errors import (
     BadRequest,
@@ -32,9 +31,10 @@ from provisiond.errors import (
     Unauthorized,
     Unavailable,
 )
-from provisiond.fairslots import FairSlots
 from provisiond.logs import get_logger
 from provisiond.payloads import NotJson, parse_json
+from provisiond.runtime.app import App
+from provisiond.runtime.fairslots import FairSlots
 from provisiond.transport import Delivery, NotConnected, PublishRefused
 
 log = get_logger("provisiond.rpc")

@@ -16,14 +16,14 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from provisiond import plugins as plugin_api
-from provisiond.app import App, ReloadHook
 from provisiond.clock import Clock
 from provisiond.config import Config, LogConfig, resolve_path
 from provisiond.errors import ConfigError, StoreUnavailable
-from provisiond.features import FEATURES, Feature, set_up
 from provisiond.logs import get_logger
 from provisiond.reload import changed_keys, keep_restart_only
 from provisiond.rpc import Router
+from provisiond.runtime.app import App, ReloadHook
+from provisiond.runtime.features import FEATURES, Feature, set_up
 from provisiond.schema import all_migrations
 from provisiond.store import Store
 from provisiond.transport import Subscription, Transport

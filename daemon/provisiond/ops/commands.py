@@ -9,12 +9,12 @@ from typing import Any
 import sqlite_utils
 
 from provisiond import devices, permissions
-from provisiond.app import App
 from provisiond.commands import RECONFIGURE, Commands, queue_command
 from provisiond.devices import DeviceId
 from provisiond.errors import Conflict
 from provisiond.presence import PRESENCE
 from provisiond.rpc import Body, Operation, Request, Router
+from provisiond.runtime.app import App
 
 
 class ReconfigureBody(Body):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from provisiond import __version__
-from provisiond.app import App
 from provisiond.rpc import EmptyBody, Operation, Request, Router
+from provisiond.runtime.app import App
 
 
 class DaemonStats:

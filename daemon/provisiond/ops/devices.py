@@ -13,10 +13,10 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from provisiond import permissions
-from provisiond.app import App
 from provisiond.devices import DeviceId, device_view, list_devices
 from provisiond.presence import PRESENCE
 from provisiond.rpc import Body, Operation, Request, Router
+from provisiond.runtime.app import App
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 500

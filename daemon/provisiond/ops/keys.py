@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from provisiond.app import App
 from provisiond.rpc import EmptyBody, Operation, Request, Router
+from provisiond.runtime.app import App
 
 
 async def whoami(request: Request, _body: EmptyBody) -> dict[str, Any]:

@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import AfterValidator, Field
 
 from provisiond import devices, permissions, tokens
-from provisiond.app import App
 from provisiond.devices import INT32_MAX, Device, DeviceId, OrgId, UserId
 from provisiond.errors import BadRequest, Conflict
 from provisiond.presence import PRESENCE
 from provisiond.rpc import Body, Operation, Request, Router
+from provisiond.runtime.app import App
 from provisiond.wifi.crypto import InvalidPeerKey, b64url_decode, x25519_shared
 from provisiond.wifi.service import GRANTS
 

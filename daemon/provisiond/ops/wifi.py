@@ -16,12 +16,12 @@ from typing import Annotated, Any, Final
 
 from pydantic import Field, field_validator
 
-from provisiond.app import App
 from provisiond.devices import DeviceIdOrDecimal, find_device
 from provisiond.logs import get_logger
 from provisiond.payloads import REASON_CODE, json_object
 from provisiond.presence import parse_device_id
 from provisiond.rpc import Body, EmptyBody, Operation, Request, Router
+from provisiond.runtime.app import App
 from provisiond.transport import Delivery
 from provisiond.wifi.crypto import b64url_decode
 from provisiond.wifi.service import GRANTS, GrantService

@@ -23,7 +23,6 @@ from typing import Any, Final, Literal, Required, TypedDict, Unpack
 import sqlite_utils
 
 from provisiond import permissions
-from provisiond.app import App
 from provisiond.auth import Principal
 from provisiond.clock import iso_utc
 from provisiond.config import Config, read_secret, resolve_path
@@ -37,7 +36,8 @@ from provisiond.errors import (
     Unavailable,
 )
 from provisiond.logs import get_logger
-from provisiond.services import ServiceKey
+from provisiond.runtime.app import App
+from provisiond.runtime.services import ServiceKey
 from provisiond.store import Migration
 from provisiond.wifi.crypto import MAX_GRANT_LIFETIME, b64url_encode
 from provisiond.wifi.signing import (

@@ -18,7 +18,7 @@ from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
 from provisiond.store import Store, data_version
 
-log = get_logger("provisiond.caches")
+log = get_logger("provisiond.runtime.caches")
 
 POLL_SECONDS = 0.2
 # A version no store reports: observing it clears every cache.

@@ -3,7 +3,7 @@
 A feature (provisioning, presence, a plugin...) gets an `App`, registers its
 RPC operations and topic handlers, and may add start/stop hooks. What it
 takes from another feature comes through `app.services`, under a typed key
-that the feature declares in `provisiond.features` (checked at start).
+that the feature declares in `provisiond.runtime.features` (checked at start).
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from provisiond.caches import StoreCaches
 from provisiond.clock import Clock
 from provisiond.config import Config
-from provisiond.dispatch import Dispatcher, TopicHandler
 from provisiond.logs import get_logger
-from provisiond.services import Services
+from provisiond.runtime.caches import StoreCaches
+from provisiond.runtime.dispatch import Dispatcher, TopicHandler
+from provisiond.runtime.services import Services
 from provisiond.store import Store
 from provisiond.transport import NotConnected, PublishRefused, Transport
 
-log = get_logger("provisiond.app")
+log = get_logger("provisiond.runtime.app")
 
 Hook = Callable[[], Awaitable[None]]
 # Called with the new config after SIGHUP swapped it in; raising refuses it (rolled back).

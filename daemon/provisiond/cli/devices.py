@@ -8,14 +8,13 @@ transaction). They print JSON, never a token or its hash.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
 import sqlite_utils
 
 from provisiond import tokens
-from provisiond.cli_ops import command_group
+from provisiond.cli.common import command_group, load_config, open_db, print_json
 from provisiond.devices import device_view, find_device, list_devices
 from provisiond.errors import NotFound
 from provisiond.store import transaction
@@ -24,14 +23,7 @@ EXIT_OK = 0
 
 
 def _open(args: argparse.Namespace) -> sqlite_utils.Database:
-    # Deferred: cli.py imports this module to register it.
-    from provisiond.cli import load_config, open_db
-
     return open_db(load_config(args))
-
-
-def _print(obj: object) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _require_device(db: sqlite_utils.Database, device_id: int) -> None:
@@ -42,7 +34,7 @@ def _require_device(db: sqlite_utils.Database, device_id: int) -> None:
 def cmd_devices_list(args: argparse.Namespace) -> int:
     db = _open(args)
     devices = list_devices(db, org_id=args.org, owner_id=args.owner)
-    _print([device_view(d) for d in devices if args.state is None or d.state == args.state])
+    print_json([device_view(d) for d in devices if args.state is None or d.state == args.state])
     return EXIT_OK
 
 
@@ -55,7 +47,7 @@ def cmd_devices_show(args: argparse.Namespace) -> int:
     view: dict[str, Any] = device_view(device)
     view["has_public_key"] = device.public_key is not None
     view["tokens"] = tokens.history(db, device.id, now=now)
-    _print(view)
+    print_json(view)
     return EXIT_OK
 
 

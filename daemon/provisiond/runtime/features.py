@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from provisiond import metrics, presence
-from provisiond.app import App
 from provisiond.ops import commands, daemon, devices, keys, provision, wifi
 from provisiond.presence import PRESENCE
 from provisiond.rpc import Router
-from provisiond.services import FeatureError, ServiceKey
+from provisiond.runtime.app import App
+from provisiond.runtime.services import FeatureError, ServiceKey
 from provisiond.wifi.service import GRANTS
 
 Setup = Callable[[App, Router], None]

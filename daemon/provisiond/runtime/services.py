@@ -4,7 +4,7 @@ A feature that offers something to others provides it under a `ServiceKey`
 (`services.provide(PRESENCE, presence)`); a feature that takes it asks for
 the same key and gets a value of the key's type, never an `Any` out of a
 string-keyed dict. Which feature provides and which needs what is declared
-in `provisiond.features` and checked before anything is set up.
+in `provisiond.runtime.features` and checked before anything is set up.
 """
 
 from __future__ import annotations

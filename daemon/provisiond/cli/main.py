@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
-import sqlite_utils
-
-from provisiond import __version__, auth, cli_call, cli_devices, cli_ops, logs, plugins
-from provisiond.config import EXIT_BAD_CONFIG, Config, config_path, load, resolve_path
+from provisiond import __version__, auth, logs, plugins
+from provisiond.cli import call as cli_call
+from provisiond.cli import devices as cli_devices
+from provisiond.cli import ops as cli_ops
+from provisiond.cli.common import load_config, open_db, print_json
+from provisiond.config import EXIT_BAD_CONFIG, config_path, load
 from provisiond.errors import ConfigError, RpcError
-from provisiond.schema import all_migrations
-from provisiond.store import connect, migrate
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -34,24 +33,6 @@ EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     cli_ops.add_commands,
     cli_call.add_commands,
 ]
-
-
-def load_config(args: argparse.Namespace) -> Config:
-    path = config_path(args.config)
-    return load(path)
-
-
-def open_db(config: Config) -> sqlite_utils.Database:
-    db = connect(resolve_path(config, config.store.path), synchronous=config.store.synchronous)
-    migrate(db, all_migrations())
-    return db
-
-
-def _print(obj: object) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
-
-
-# --- commands
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -118,7 +99,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    _print(auth.list_keys(open_db(load_config(args))))
+    print_json(auth.list_keys(open_db(load_config(args))))
     return EXIT_OK
 
 

@@ -20,8 +20,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from provisiond.cli.common import command_group, load_config
 from provisiond.clock import iso_utc
-from provisiond.config import ENV_KEY, Config, config_path, load, resolve_path
+from provisiond.config import ENV_KEY, Config, resolve_path
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -30,10 +31,6 @@ DEFAULT_STATUS_TIMEOUT = 5.0
 
 class OperatorError(Exception):
     """Something the operator must fix; printed as one line, exit 1."""
-
-
-def _config(args: argparse.Namespace) -> Config:
-    return load(config_path(args.config))
 
 
 def _fail(message: str) -> int:
@@ -48,7 +45,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     key = args.key or os.environ.get(ENV_KEY, "")
     if not key:
         return _fail(f"status needs an API key with scope daemon:read: --key or ${ENV_KEY}")
-    config = _config(args)
+    config = load_config(args)
     try:
         reply = asyncio.run(ask_stats(config, key, args.timeout))
     except OperatorError as exc:
@@ -178,7 +175,7 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_db_backup(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = load_config(args)
     source = resolve_path(config, config.store.path)
     try:
         pages = backup_database(source, Path(args.path), overwrite=args.force)
@@ -237,7 +234,7 @@ def backup_database(source: Path, target: Path, *, overwrite: bool = False) -> i
 
 
 def cmd_keys_rotate_signing(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = load_config(args)
     try:
         new_kid, retired = rotate_signing(config, time.time())
     except OperatorError as exc:
@@ -304,14 +301,6 @@ def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[
     raise LookupError(f"{parser.prog} has no subcommands")
 
 
-def command_group(
-    sub: Any, common: argparse.ArgumentParser, name: str, summary: str
-) -> argparse._SubParsersAction[Any]:
-    """A command such as `db` whose ACTIONs (`db backup`) the caller adds."""
-    group: argparse._SubParsersAction[Any] = sub.add_parser(
-        name, parents=[common], help=summary
-    ).add_subparsers(dest="action", required=True, metavar="ACTION")
-    return group
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from typing import Final
 from provisiond.logs import get_logger
 from provisiond.transport import Delivery, Subscription
 
-log = get_logger("provisiond.dispatch")
+log = get_logger("provisiond.runtime.dispatch")
 
 TopicHandler = Callable[[Delivery, list[str]], Awaitable[None] | None]
 Submit = Callable[[Delivery], Awaitable[None]]
