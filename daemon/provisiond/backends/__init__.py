@@ -1,0 +1,35 @@
+"""MQTT backends behind one boundary, chosen by `[mqtt] client` (like uvicorn's
+`--http h11|httptools`): a fast default and a well-known compatibility one.
+
+A backend is imported only when chosen, so the native one never loads paho
+and the aiomqtt one is optional.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from provisiond.backends.types import Backend
+
+# name -> "module:attribute" of a Backend
+BACKENDS = {
+    "native": "provisiond.backends.native:NativeBackend",
+    "aiomqtt": "provisiond.backends.aiomqtt_backend:AiomqttBackend",
+}
+
+
+class UnknownBackend(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown MQTT client {name!r}; choose one of {', '.join(BACKENDS)}")
+        self.name = name
+
+
+def load_backend(name: str) -> Backend:
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise UnknownBackend(name) from None
+    module_name, _, attribute = target.partition(":")
+    module = importlib.import_module(module_name)
+    backend: Backend = getattr(module, attribute)()
+    return backend
