@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -122,11 +123,21 @@ class Broker:
         self.proc = None
 
 
+# The daemon's MQTT backend for the whole run: `--mqtt-client aiomqtt` (or this
+# variable) runs the suites on the compatibility backend.
+MQTT_CLIENT_ENV = "PROVISIOND_TEST_MQTT_CLIENT"
+
+
+def mqtt_client() -> str:
+    return os.environ.get(MQTT_CLIENT_ENV) or "native"
+
+
 def make_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> Config:
     """A config for one test: its own store file, topic prefix and client id."""
     tag = uuid.uuid4().hex[:10]
     raw: dict[str, Any] = {
         "mqtt": {
+            "client": mqtt_client(),
             "host": "127.0.0.1",
             "port": broker.port,
             "topic_prefix": f"t{tag}",

@@ -147,6 +147,9 @@ class Transport:
         self._subscribed_filters: tuple[Subscription, ...] | None = None
         # Cleared when the broker refuses retained messages (Retain Available 0).
         self._retain = True
+        # Lowered when the broker refuses a QoS 1 will (0x9B): the next CONNACK
+        # then says what the broker allows, and that is what gets logged.
+        self._will_qos = 1
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config: the packet limit follows from the next connection on
@@ -171,7 +174,7 @@ class Transport:
             up_since: float | None = None
             options = await connect_options(
                 self._config,
-                will=Will(self.status_topic, b"offline", qos=1, retain=self._retain),
+                will=Will(self.status_topic, b"offline", qos=self._will_qos, retain=self._retain),
             )
             conn = self.backend.connection(options, self.connections + 1)
             try:
@@ -222,6 +225,10 @@ class Transport:
                         "mqtt.retain_unavailable",
                         effect="the daemon status and its will are published unretained",
                     )
+                    continue
+                if isinstance(exc, ConnectRefused) and exc.reason_code == 0x9B and self._will_qos:
+                    self._will_qos = 0
+                    retry_in = 0.0
                     continue
                 if isinstance(exc, ConnectRefused | SubscribeRefused | BrokerUnsuitable):
                     # One line per attempt, and attempts back off: a broker that says
