@@ -124,8 +124,9 @@ class Broker:
 
 
 # The daemon's MQTT backend for the whole run: `--mqtt-client aiomqtt` (or this
-# variable) runs the suites on the compatibility backend.
-MQTT_CLIENT_ENV = "PROVISIOND_TEST_MQTT_CLIENT"
+# variable) runs the suites on the compatibility backend. Not PROVISIOND_*: that
+# prefix is the daemon's own config override namespace.
+MQTT_CLIENT_ENV = "PVD_TEST_MQTT_CLIENT"
 
 
 def mqtt_client() -> str:
