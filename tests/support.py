@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import os
 import shutil
@@ -79,8 +80,18 @@ class Broker:
         directory.mkdir(parents=True, exist_ok=True)
         self.conf = directory / "mosquitto.conf"
         self.log = directory / "mosquitto.log"
+        self.db = directory / "mosquitto.db"
+
+    def persisted(self) -> bool:
+        """True if the broker wrote its database and never failed to (see `start`)."""
+        log = self.log.read_text() if self.log.exists() else ""
+        return self.db.exists() and self.db.stat().st_size > 0 and "Error saving" not in log
 
     def start(self) -> Broker:
+        # Started as root, mosquitto switches to the `mosquitto` user, who cannot
+        # write this test's directory: every save failed ("Permission denied")
+        # and a restart silently lost every session. Stay the user we are.
+        user = "" if "\nuser " in f"\n{self.extra}" else f"user {getpass.getuser()}\n"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
@@ -89,6 +100,7 @@ class Broker:
             f"persistence_location {self.directory}/\n"
             "max_queued_messages 200000\n"
             "max_inflight_messages 0\n"
+            f"{user}"
             f"{self.extra}\n"
         )
         self.proc = subprocess.Popen(
