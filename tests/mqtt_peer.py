@@ -26,7 +26,10 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 def connack(
-    *, session_present: bool = False, reason: int = 0, props: list[tuple[int, object]] = ()  # type: ignore[assignment]
+    *,
+    session_present: bool = False,
+    reason: int = 0,
+    props: list[tuple[int, object]] = (),  # type: ignore[assignment]
 ) -> bytes:
     body = bytes((int(session_present), reason)) + codec.encode_properties(props)
     return b"\x20" + codec.varint(len(body)) + body

@@ -528,3 +528,19 @@ async def test_a_refused_publish_carries_the_brokers_reason_string() -> None:
             await c.publish("t", b"x", qos=1)
     assert (refused.value.reason_code, refused.value.reason) == (0x97, "quota exceeded")
     assert refused.value.reason_string == "over quota"
+
+
+async def test_a_peer_that_hangs_up_at_connect_and_speaks_no_311_either_is_a_lost_connection() -> (
+    None
+):
+    """The 3.1.1 probe only names a broker that does answer 3.1.1."""
+    peer = await Peer(connack=lambda _n: None).start()
+    try:
+        with pytest.raises(mqtt.ConnectionLost) as lost:
+            await mqtt.Client("127.0.0.1", peer.port, client_id="me").connect()
+        assert not isinstance(lost.value, mqtt.BrokerNotMqtt5)
+        assert peer.connections == 2  # ours, then the probe
+        probe = peer.packets[1][2]
+        assert probe[:7] == b"\x00\x04MQTT\x04" and b"me-v311-probe" in probe
+    finally:
+        await peer.stop()

@@ -133,8 +133,9 @@ async def test_a_downgraded_suback_is_not_ready_and_names_the_filter(
         "granted": 0,
         "log_level": "error",
     }
-    assert "downgraded the subscription to p/devices/+/status" in (
-        events(logs, "mqtt.connect_refused")[0]["error"]
+    assert (
+        "downgraded the subscription to p/devices/+/status"
+        in (events(logs, "mqtt.connect_refused")[0]["error"])
     )
 
 

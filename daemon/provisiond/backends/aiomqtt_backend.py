@@ -82,7 +82,9 @@ class AiomqttConnection:
         paho.manual_ack_set(True)
         hook: Any = paho.on_connect
 
-        def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+        def on_connect(
+            client: Any, userdata: Any, flags: Any, reason: Any, props: Any = None
+        ) -> None:
             self.session = SessionInfo(
                 session_present=bool(getattr(flags, "session_present", False)),
                 session_expiry=_prop(props, "SessionExpiryInterval"),
@@ -116,7 +118,9 @@ class AiomqttConnection:
                 raise BrokerNotMqtt5(None) from None
             raise ConnectRefused(code, reason_string=str(exc)) from None
         except aiomqtt.MqttError as exc:
-            raise ConnectionLost(f"cannot connect to {self._options.host}:{self._options.port}: {exc}") from None
+            raise ConnectionLost(
+                f"cannot connect to {self._options.host}:{self._options.port}: {exc}"
+            ) from None
         self._connected = True
         return self.session
 

@@ -102,15 +102,20 @@ class BrokerNotMqtt5(ConnectRefused):
     not speak MQTT 5, which the daemon needs (response topics, correlation data,
     manual acks of a persistent session)."""
 
-    def __init__(self, return_code: int | None = None) -> None:
+    def __init__(self, return_code: int | None = None, *, hung_up: bool = False) -> None:
         super().__init__(0x84)
         self.return_code = return_code
-        answer = (
-            f"answered with an MQTT 3.1.1 CONNACK ({V311_RETURN_CODES.get(return_code, 'refused')}, "
-            f"return code {return_code})"
-            if return_code is not None
-            else "refused the protocol version (0x84)"
-        )
+        self.hung_up = hung_up
+        v311 = f"{V311_RETURN_CODES.get(return_code or 0, 'refused')}, return code {return_code}"
+        if return_code is None:
+            answer = "refused the protocol version (0x84)"
+        elif hung_up:
+            answer = (
+                "closed the connection at our MQTT 5 CONNECT without an answer, "
+                f"and answers MQTT 3.1.1 ({v311})"
+            )
+        else:
+            answer = f"answered with an MQTT 3.1.1 CONNACK ({v311})"
         self.args = (
             f"the broker does not speak MQTT 5: it {answer}; enable MQTT 5 on its listener "
             "or use a broker that supports it",
@@ -128,7 +133,9 @@ class SubscribeRefused(TransportError):
         if granted >= 0x80:
             text = f"broker refused the subscription to {topic}: {reason_name(granted)} (0x{granted:02x})"
         else:
-            text = f"broker downgraded the subscription to {topic} from QoS {asked} to QoS {granted}"
+            text = (
+                f"broker downgraded the subscription to {topic} from QoS {asked} to QoS {granted}"
+            )
         super().__init__(text)
 
 

@@ -60,6 +60,47 @@ MqttError = TransportError
 QOS2_LOG_LIMIT = 5
 
 
+async def probe_mqtt311(
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    username: str | None,
+    password: bytes | None,
+    client_id: str,
+    wait_seconds: float,
+) -> int | None:
+    """The CONNACK return code a broker gives an MQTT 3.1.1 CONNECT; None if it gives none.
+
+    A clean session under a client id of its own (never the caller's, which
+    would take its session over), disconnected at once.
+    """
+    probe_id = f"{client_id[:40]}-v311-probe" if client_id else ""
+    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    body = b"\x00\x04MQTT\x04" + bytes((flags,)) + b"\x00\x0a" + codec.string(probe_id)
+    if username is not None:
+        body += codec.string(username)
+    if password is not None:
+        body += codec.binary(password)
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(min(wait_seconds, 5.0)):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=tls, server_hostname=host if tls is not None else None
+            )
+            writer.write(b"\x10" + codec.varint(len(body)) + body)
+            answer = await reader.readexactly(4)
+            if answer[:2] != b"\x20\x02":
+                return None
+            if answer[3] == 0:
+                writer.write(codec.disconnect())
+            return answer[3]
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -183,6 +224,17 @@ class Client:
                     )
                 )
                 connack = await self._connack
+        except ConnectionLost as lost:
+            # Closed with no CONNACK at all. Some 3.1.1-only brokers (RabbitMQ 3.x)
+            # cannot parse an MQTT 5 CONNECT and just hang up: ask in 3.1.1 once,
+            # so the operator reads "no MQTT 5" instead of "connection closed".
+            code = await probe_mqtt311(
+                self._host, self._port, self._tls, self._username, self._password,
+                self._client_id, self._connect_timeout,
+            )  # fmt: skip
+            if code is not None:
+                raise BrokerNotMqtt5(code, hung_up=True) from None
+            raise lost from None
         except TimeoutError:
             self._fail_connect(ConnectionLost("timed out connecting to the broker"))
             raise ConnectionLost("timed out connecting to the broker") from None
@@ -196,9 +248,7 @@ class Client:
             # A 3.1.1 broker answers an MQTT 5 CONNECT with its own 2-byte CONNACK
             # (return code 1: unacceptable protocol version). Its codes 1-5 are
             # not MQTT 5 reason codes: read as such, they looked like success.
-            refused: ConnectRefused = BrokerNotMqtt5(
-                None if connack.mqtt5 else connack.reason_code
-            )
+            refused: ConnectRefused = BrokerNotMqtt5(None if connack.mqtt5 else connack.reason_code)
             self._fail_connect(refused)
             raise refused
         if connack.reason_code >= 0x80:

@@ -141,14 +141,14 @@ def read_varint(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tupl
     raise ProtocolError("variable byte integer longer than 4 bytes")
 
 
-def _string(value: str) -> bytes:
+def string(value: str) -> bytes:
     raw = value.encode()
     if len(raw) > 0xFFFF:
         raise ValueError("string longer than 65535 bytes")
     return _U16S.pack(len(raw)) + raw
 
 
-def _binary(value: bytes) -> bytes:
+def binary(value: bytes) -> bytes:
     if len(value) > 0xFFFF:
         raise ValueError("binary field longer than 65535 bytes")
     return _U16S.pack(len(value)) + value
@@ -174,12 +174,12 @@ def encode_properties(props: Sequence[tuple[int, object]]) -> bytes:
         elif kind == _VARINT:
             out += varint(int(value))  # type: ignore[call-overload]
         elif kind == _STR:
-            out += _string(str(value))
+            out += string(str(value))
         elif kind == _BIN:
-            out += _binary(bytes(value))  # type: ignore[call-overload]
+            out += binary(bytes(value))  # type: ignore[call-overload]
         else:
             pair: tuple[str, str] = value  # type: ignore[assignment]
-            out += _string(pair[0]) + _string(pair[1])
+            out += string(pair[0]) + string(pair[1])
     return varint(len(out)) + bytes(out)
 
 
@@ -265,13 +265,13 @@ def connect(
     body.append(flags)
     body += _U16S.pack(keepalive)
     body += encode_properties(props)
-    body += _string(client_id)
+    body += string(client_id)
     if will is not None:
-        body += encode_properties(()) + _string(will.topic) + _binary(will.payload)
+        body += encode_properties(()) + string(will.topic) + binary(will.payload)
     if username is not None:
-        body += _string(username)
+        body += string(username)
     if password is not None:
-        body += _binary(password)
+        body += binary(password)
     return _packet(CONNECT, bytes(body))
 
 
@@ -295,7 +295,7 @@ def publish(
     if correlation_data is not None:
         props.append((CORRELATION_DATA, correlation_data))
     props.extend((USER_PROPERTY, pair) for pair in user_properties)
-    head = _string(topic)
+    head = string(topic)
     if qos:
         head += _U16S.pack(mid)
     first = PUBLISH | (qos << 1) | (1 if retain else 0)
@@ -310,7 +310,7 @@ def subscribe(mid: int, filters: Sequence[tuple[str, int, int]]) -> bytes:
     """One SUBSCRIBE for every (filter, QoS, retain handling)."""
     body = bytearray(_U16S.pack(mid) + b"\x00")
     for topic, qos, retain_handling in filters:
-        body += _string(topic)
+        body += string(topic)
         body.append(qos | (retain_handling << 4))
     return _packet(SUBSCRIBE, bytes(body))
 
