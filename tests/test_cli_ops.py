@@ -83,6 +83,22 @@ async def test_status_failures_are_one_clear_line(
     assert "Traceback" not in err
 
 
+def test_status_needs_neither_aiomqtt_nor_paho() -> None:
+    """The core CLI talks to the broker through the daemon's own client."""
+    import subprocess
+
+    code = (
+        "import sys, provisiond.cli, provisiond.cli_ops, provisiond.transport, "
+        "provisiond.backends.native; "
+        "print(sorted(m for m in sys.modules if m.startswith(('aiomqtt', 'paho'))))"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'daemon'}"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
 # --- db backup
 
 
