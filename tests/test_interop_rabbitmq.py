@@ -27,7 +27,7 @@ from structlog.testing import LogCapture
 
 from provisiond import mqtt
 from provisiond.transport import Subscription, Transport
-from tests.support import Broker, free_port, make_config
+from tests.support import Broker, eventually, free_port, make_config
 from tests.test_transport import events, transport_running
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
@@ -96,17 +96,20 @@ async def test_the_native_client_says_rabbitmq_does_not_speak_mqtt5(rabbitmq: in
     assert "closed the connection at our MQTT 5 CONNECT" in str(refused.value)
 
 
+@pytest.mark.parametrize("client", ["native", "aiomqtt"])
 async def test_the_daemon_refuses_rabbitmq_by_name_and_backs_off(
-    tmp_path: Path, rabbitmq: int, logs: LogCapture
+    tmp_path: Path, rabbitmq: int, logs: LogCapture, client: str
 ) -> None:
     config: Any = make_config(
         tmp_path,
         Broker(tmp_path / "unused", port=rabbitmq),
-        mqtt={"client": "native", "reconnect_min_seconds": 0.2, "reconnect_max_seconds": 0.8},
+        mqtt={"client": client, "reconnect_min_seconds": 0.2, "reconnect_max_seconds": 0.8},
     )
     transport = Transport(config)
     async with transport_running(transport, [Subscription("p/rpc/#", 1)], []):
-        await asyncio.sleep(2.5)
+        # paho notices the hang-up only at its connect timeout (10 s by default).
+        await eventually(lambda: events(logs, "mqtt.connect_refused"), timeout=20)
+        await asyncio.sleep(1.0 if client == "native" else 0)
         assert not transport.subscribed.is_set()
     refused = events(logs, "mqtt.connect_refused")
     assert 1 <= len(refused) <= 8

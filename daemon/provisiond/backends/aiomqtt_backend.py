@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from provisiond.backends.probe import probe_mqtt311
 from provisiond.backends.types import (
     BrokerNotMqtt5,
     ConnectionLost,
@@ -118,9 +119,15 @@ class AiomqttConnection:
                 raise BrokerNotMqtt5(None) from None
             raise ConnectRefused(code, reason_string=str(exc)) from None
         except aiomqtt.MqttError as exc:
-            raise ConnectionLost(
-                f"cannot connect to {self._options.host}:{self._options.port}: {exc}"
-            ) from None
+            # paho reports a broker that hangs up at an MQTT 5 CONNECT (RabbitMQ
+            # 3.x) as a timeout: ask once in 3.1.1, as the native client does.
+            o = self._options
+            v311 = await probe_mqtt311(
+                o.host, o.port, o.tls, o.username, o.password, o.client_id, o.connect_timeout
+            )
+            if v311 is not None:
+                raise BrokerNotMqtt5(v311, hung_up=True) from None
+            raise ConnectionLost(f"cannot connect to {o.host}:{o.port}: {exc}") from None
         self._connected = True
         return self.session
 

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
+from provisiond.backends.probe import probe_mqtt311
 from provisiond.backends.types import (
     BrokerNotMqtt5,
     ConnectionLost,
@@ -58,47 +59,6 @@ MqttError = TransportError
 
 # At most this many QoS 2 refusals are logged per connection (all are counted).
 QOS2_LOG_LIMIT = 5
-
-
-async def probe_mqtt311(
-    host: str,
-    port: int,
-    tls: ssl.SSLContext | None,
-    username: str | None,
-    password: bytes | None,
-    client_id: str,
-    wait_seconds: float,
-) -> int | None:
-    """The CONNACK return code a broker gives an MQTT 3.1.1 CONNECT; None if it gives none.
-
-    A clean session under a client id of its own (never the caller's, which
-    would take its session over), disconnected at once.
-    """
-    probe_id = f"{client_id[:40]}-v311-probe" if client_id else ""
-    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    body = b"\x00\x04MQTT\x04" + bytes((flags,)) + b"\x00\x0a" + codec.string(probe_id)
-    if username is not None:
-        body += codec.string(username)
-    if password is not None:
-        body += codec.binary(password)
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout(min(wait_seconds, 5.0)):
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=tls, server_hostname=host if tls is not None else None
-            )
-            writer.write(b"\x10" + codec.varint(len(body)) + body)
-            answer = await reader.readexactly(4)
-            if answer[:2] != b"\x20\x02":
-                return None
-            if answer[3] == 0:
-                writer.write(codec.disconnect())
-            return answer[3]
-    except (OSError, TimeoutError, asyncio.IncompleteReadError):
-        return None
-    finally:
-        if writer is not None:
-            writer.close()
 
 
 class _Protocol(asyncio.Protocol):
