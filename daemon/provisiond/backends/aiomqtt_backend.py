@@ -26,6 +26,7 @@ from typing import Any
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from provisiond.backends.probe import probe_mqtt311
@@ -131,10 +132,14 @@ class AiomqttConnection:
         self._connected = True
         return self.session
 
-    async def disconnect(self) -> None:
+    async def disconnect(self, *, with_will: bool = False) -> None:
         if not self._connected:
             return
         self._connected = False
+        if with_will:
+            self._client._client.disconnect(
+                reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
+            )
         with contextlib.suppress(aiomqtt.MqttError):
             await self._client.__aexit__(None, None, None)
 

@@ -83,8 +83,8 @@ class NativeConnection:
         self.session = session_info(await self._client.connect())
         return self.session
 
-    async def disconnect(self) -> None:
-        await self._client.disconnect()
+    async def disconnect(self, *, with_will: bool = False) -> None:
+        await self._client.disconnect(0x04 if with_will else 0)
 
     async def subscribe(self, subscriptions: Sequence[Subscription]) -> list[int]:
         return await self._client.subscribe_many(

@@ -1,6 +1,6 @@
 """An asyncio MQTT 5 client built on `asyncio.Protocol`.
 
-Why not aiomqtt (which the tests, the CLI and the simulator use): under load
+Why not aiomqtt (which the tests and the bench load drivers use): under load
 the daemon's whole budget per request is about what aiomqtt + paho spend
 moving one request and its reply (several `recv` calls per packet, one
 `send` per packet, Python-level property objects). This client reads every
@@ -233,10 +233,11 @@ class Client:
             self._keepalive_task = asyncio.create_task(self._keep_alive())
         return connack
 
-    async def disconnect(self) -> None:
-        """Send DISCONNECT (the broker then drops our will) and close."""
+    async def disconnect(self, reason_code: int = 0) -> None:
+        """Send DISCONNECT (the broker then drops our will; 0x04 asks it to publish
+        the will all the same) and close."""
         if self._transport is not None and not self._transport.is_closing():
-            self._write(codec.disconnect())
+            self._write(codec.disconnect(reason_code))
             self._flush()
             self._transport.close()
         await self._wait_closed()
