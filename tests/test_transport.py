@@ -234,3 +234,15 @@ async def test_the_aiomqtt_backend_serves_rpc_through_the_same_boundary(
                 async for message in caller.messages():
                     assert (message.payload, message.correlation_data) == (b"answer", b"c1")
                     break
+
+
+def test_a_backend_whose_packages_are_missing_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from provisiond import backends
+
+    monkeypatch.setitem(backends.BACKENDS, "aiomqtt", "no_such_mqtt_package.backend:Backend")
+    with pytest.raises(backends.BackendUnavailable, match="pip install 'provisiond\\[aiomqtt\\]'"):
+        backends.load_backend("aiomqtt")
+    with pytest.raises(backends.UnknownBackend, match="choose one of native, aiomqtt"):
+        backends.load_backend("h11")

@@ -21,7 +21,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from provisiond.backends import BACKENDS, UnknownBackend, load_backend
+from provisiond.backends import BACKENDS, BackendUnavailable, UnknownBackend, load_backend
 from provisiond.backends.types import (
     SEND_RETAINED,
     SEND_RETAINED_IF_NEW,
@@ -50,6 +50,7 @@ __all__ = [
     "SEND_RETAINED",
     "SEND_RETAINED_IF_NEW",
     "Backend",
+    "BackendUnavailable",
     "BrokerNotMqtt5",
     "BrokerUnsuitable",
     "ConnectOptions",

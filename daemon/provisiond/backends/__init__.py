@@ -24,12 +24,29 @@ class UnknownBackend(ValueError):
         self.name = name
 
 
+class BackendUnavailable(RuntimeError):
+    """The chosen backend's packages are not installed."""
+
+    def __init__(self, name: str, missing: str) -> None:
+        super().__init__(
+            f"[mqtt] client = {name!r} needs {missing}, which is not installed "
+            f"(pip install 'provisiond[{name}]')"
+        )
+        self.name = name
+        self.missing = missing
+
+
 def load_backend(name: str) -> Backend:
     try:
         target = BACKENDS[name]
     except KeyError:
         raise UnknownBackend(name) from None
     module_name, _, attribute = target.partition(":")
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.startswith("provisiond"):
+            raise
+        raise BackendUnavailable(name, exc.name) from None
     backend: Backend = getattr(module, attribute)()
     return backend
