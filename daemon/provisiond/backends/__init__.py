@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 from provisiond.backends.types import Backend
+from provisiond.errors import ConfigError
 
 # name -> "module:attribute" of a Backend
 BACKENDS = {
@@ -18,14 +19,15 @@ BACKENDS = {
 }
 
 
-class UnknownBackend(ValueError):
+class UnknownBackend(ConfigError):
     def __init__(self, name: str) -> None:
         super().__init__(f"unknown MQTT client {name!r}; choose one of {', '.join(BACKENDS)}")
         self.name = name
 
 
-class BackendUnavailable(RuntimeError):
-    """The chosen backend's packages are not installed."""
+class BackendUnavailable(ConfigError):
+    """The chosen backend's packages are not installed (a config error: the CLI
+    prints it as one line and exits with the config-error status)."""
 
     def __init__(self, name: str, missing: str) -> None:
         super().__init__(
