@@ -88,12 +88,16 @@ def write_config(
     client_id: str = "provisiond-bench",
     extra: str = "",
     log_level: str = "warning",
+    client: str = "native",
+    filename: str = "provisiond.toml",
 ) -> Path:
     # log_level="info" keeps the one-line-per-request log a production daemon writes.
-    path = directory / "provisiond.toml"
+    # client: the daemon's MQTT backend ([mqtt] client).
+    path = directory / filename
     path.write_text(
         f'[log]\nlevel = "{log_level}"\nformat = "json"\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\ntopic_prefix = "{prefix}"\nclient_id = "{client_id}"\n'
+        f'[mqtt]\nclient = "{client}"\nhost = "127.0.0.1"\nport = {port}\n'
+        f'topic_prefix = "{prefix}"\nclient_id = "{client_id}"\n'
         f'[store]\npath = "{directory / "provisiond.db"}"\n{extra}'
     )
     return path

@@ -1,4 +1,6 @@
-"""WiFi grant RPC throughput and latency vs a bare aiomqtt echo responder.
+"""WiFi grant RPC throughput and latency vs a bare aiomqtt echo responder, on
+both MQTT backends of the daemon, and against the physical limit (a C echo
+driven by a C load driver on libmosquitto, bench/cmqtt.py).
 
     python -m bench grant [--quick]
     python -m bench.grant [--quick] [--n 10000] [--rounds 5] [--concurrency 32] [--log-level info]
@@ -14,18 +16,21 @@ a production daemon writes is part of the cost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.cmqtt import Unavailable, build, c_echo_process, c_load
 from bench.common import (
     ROOT,
     LoadResult,
     arg_parser,
     daemon_process,
     echo_process,
+    ratio,
     report,
     rpc_load,
     seeded_broker,
@@ -123,6 +128,7 @@ async def run(
     with seeded_broker(users=1) as (d, port, key):
         device_id = seed_wifi_device(d)
         grant = "bench/rpc/wifi-config/grant"
+        grant_aiomqtt = "bench-aiomqtt/rpc/wifi-config/grant"
         e2e_body = {"device_id": device_id, "app_public_key": app_public_key()}
         # name -> (topic, body); the echo gets the same request as the daemon
         # (body and authorization property), so the driver and the broker do
@@ -136,25 +142,54 @@ async def run(
             "whoami_floor": ("bench/rpc/keys/whoami", {}),
             "grant_server_generated": (grant, {"device_id": device_id}),
             "grant_e2e": (grant, e2e_body),
+            # The same daemon and store on the compatibility backend ([mqtt]
+            # client = "aiomqtt"), its own prefix and client id, same driver.
+            "grant_server_generated_aiomqtt": (grant_aiomqtt, {"device_id": device_id}),
+            "grant_e2e_aiomqtt": (grant_aiomqtt, e2e_body),
         }
+        # Driven by the C load driver: the physical limit (C echo) and the
+        # daemon's grant without the Python driver's own cost.
+        c_figures = {"c_limit": ("echo-c/rpc", e2e_body), "grant_e2e_c_driver": (grant, e2e_body)}
+        try:
+            build()
+        except Unavailable as exc:
+            results["c_limit"] = f"skipped: {exc}"
+            c_figures = {}
         config = write_config(d, port, log_level=log_level)
-        with (
-            echo_process(port, "echo/rpc") as echo_proc,
-            echo_process(port, "echo-own/rpc", client="provisiond") as own_proc,
-            daemon_process(config, d / "daemon.log") as daemon_proc,
-        ):
-            pids = {"echo": echo_proc.pid, "echo_own_client": own_proc.pid}
+        config_aiomqtt = write_config(
+            d, port, log_level=log_level, client="aiomqtt", prefix="bench-aiomqtt",
+            client_id="provisiond-bench-aiomqtt", filename="provisiond-aiomqtt.toml",
+        )  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            echo_proc = stack.enter_context(echo_process(port, "echo/rpc"))
+            own_proc = stack.enter_context(echo_process(port, "echo-own/rpc", client="provisiond"))
+            daemon_proc = stack.enter_context(daemon_process(config, d / "daemon.log"))
+            aiomqtt_proc = stack.enter_context(
+                daemon_process(config_aiomqtt, d / "daemon-aiomqtt.log")
+            )
+            pids = {
+                "echo": echo_proc.pid,
+                "echo_own_client": own_proc.pid,
+                "grant_server_generated_aiomqtt": aiomqtt_proc.pid,
+                "grant_e2e_aiomqtt": aiomqtt_proc.pid,
+            }
+            if c_figures:
+                pids["c_limit"] = stack.enter_context(c_echo_process(port, "echo-c/rpc")).pid
+                await wait_rpc_ready(port, "echo-c/rpc", key)
             await wait_rpc_ready(port, "echo/rpc", key)
             await wait_rpc_ready(port, "echo-own/rpc", key)
             await wait_rpc_ready(port, "bench/rpc/keys/whoami", key)
-            samples: dict[str, list[LoadResult]] = {name: [] for name in figures_to_run}
-            cpu: dict[str, float] = dict.fromkeys(figures_to_run, 0.0)
+            await wait_rpc_ready(port, "bench-aiomqtt/rpc/keys/whoami", key)
+            every = {**figures_to_run, **c_figures}
+            samples: dict[str, list[LoadResult]] = {name: [] for name in every}
+            cpu: dict[str, float] = dict.fromkeys(every, 0.0)
             for _ in range(rounds):
-                for name, (topic, body) in figures_to_run.items():
+                for name, (topic, body) in every.items():
                     pid = pids.get(name, daemon_proc.pid)
+                    drive = c_load if name in c_figures else rpc_load
                     before = cpu_seconds(pid)
                     samples[name].append(
-                        await rpc_load(
+                        await drive(
                             port, topic, body, key=key, n=per_round,
                             concurrency=concurrency, warmup=50,
                         )
@@ -166,9 +201,19 @@ async def run(
             # CPU per request includes each round's 50 warm-up requests.
             per_request = round(cpu[name] / (result.n + 50 * rounds) * 1e6)
             base = result.summary() if name == "echo" else figures(result, echo)
-            if name == "echo_own_client":
+            if name in ("echo_own_client", "c_limit", "grant_e2e_c_driver"):
                 del base["goal_met"]  # a reference, not a figure with a goal
+            if "c_limit" in merged and name != "c_limit":
+                limit = merged["c_limit"]
+                base["throughput_vs_c_limit"] = ratio(result.throughput, limit.throughput)
+                base["p99_vs_c_limit"] = ratio(result.pct(0.99), limit.pct(0.99))
             results[name] = {**base, "cpu_us_per_request": per_request}
+        if "grant_e2e_aiomqtt" in merged:
+            native, compat = merged["grant_e2e"], merged["grant_e2e_aiomqtt"]
+            results["native_vs_aiomqtt_backend_e2e"] = {
+                "throughput": ratio(native.throughput, compat.throughput),
+                "p99": ratio(native.pct(0.99), compat.pct(0.99)),
+            }
     return report("grant", results)
 
 

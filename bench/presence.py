@@ -255,7 +255,6 @@ async def settled(presence: Any) -> None:
 
 async def memory_per_device(config: Any, n: int) -> dict[str, float]:
     """Bytes held by presence.py per active device: loaded, then each heartbeated once."""
-    from provisiond import mqtt
     from provisiond import presence as presence_mod
     from provisiond.clock import Clock
     from provisiond.runtime.app import App
@@ -290,7 +289,7 @@ async def memory_per_device(config: Any, n: int) -> dict[str, float]:
         # what server.py's dispatcher does for a QoS 0 heartbeat.
         app.route("devices/+/heartbeat", presence.on_heartbeat, qos=0)
         deliveries = [
-            Delivery(mqtt.Message(f"{PREFIX}/devices/{i}/heartbeat", payload, 0, False, 0), 1)
+            Delivery(f"{PREFIX}/devices/{i}/heartbeat", payload, 0, False, 1)
             for i in range(1, n + 1)
         ]
         started = time.perf_counter()

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Install what provisiond needs on a Debian machine: mosquitto (broker and
 # clients) from apt when missing, and a virtualenv with the project in it.
+# For the tests and benches also: RabbitMQ (the interop test starts its own
+# throwaway node; its MQTT plugin ships with it) and a C compiler with
+# libmosquitto-dev (the benches' C echo and load driver).
 # Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +15,9 @@ missing=()
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || missing+=(mosquitto)
 command -v mosquitto_rr >/dev/null || missing+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+[ -f /usr/include/mosquitto.h ] || missing+=(libmosquitto-dev)
+command -v cc >/dev/null || missing+=(gcc libc6-dev)
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then missing+=(python3-venv); fi
 # firmware/ (the C device library) and its tests: compiler, CMake, mbedTLS, libmosquitto.
 command -v cc >/dev/null && command -v make >/dev/null || missing+=(build-essential)
@@ -20,8 +26,9 @@ command -v cmake >/dev/null || missing+=(cmake)
 [ -f /usr/include/mosquitto.h ] || missing+=(libmosquitto-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]} with apt-get" >&2
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    $SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
+        --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

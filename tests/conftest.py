@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -9,13 +10,29 @@ from structlog.testing import LogCapture
 
 from provisiond.config import Config
 from provisiond.server import Server
-from support import Broker, RpcClient, log_sink, make_config, running
+from support import MQTT_CLIENT_ENV, Broker, RpcClient, log_sink, make_config, running
 
 pytest_plugins = ["leakcheck"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--heavy", action="store_true", help="run the heavy load/fault variants")
+    parser.addoption(
+        "--mqtt-client",
+        choices=("native", "aiomqtt"),
+        default=None,
+        help=f"the daemon's MQTT backend in every test daemon (or ${MQTT_CLIENT_ENV})",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    chosen = config.getoption("--mqtt-client")
+    if chosen:
+        os.environ[MQTT_CLIENT_ENV] = chosen
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"provisiond MQTT backend: {os.environ.get(MQTT_CLIENT_ENV) or 'native'}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

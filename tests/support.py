@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
+import os
 import shutil
 import socket
 import sqlite3
@@ -86,8 +88,18 @@ class Broker:
         directory.mkdir(parents=True, exist_ok=True)
         self.conf = directory / "mosquitto.conf"
         self.log = directory / "mosquitto.log"
+        self.db = directory / "mosquitto.db"
+
+    def persisted(self) -> bool:
+        """True if the broker wrote its database and never failed to (see `start`)."""
+        log = self.log.read_text() if self.log.exists() else ""
+        return self.db.exists() and self.db.stat().st_size > 0 and "Error saving" not in log
 
     def start(self) -> Broker:
+        # Started as root, mosquitto switches to the `mosquitto` user, who cannot
+        # write this test's directory: every save failed ("Permission denied")
+        # and a restart silently lost every session. Stay the user we are.
+        user = "" if "\nuser " in f"\n{self.extra}" else f"user {getpass.getuser()}\n"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
@@ -96,6 +108,7 @@ class Broker:
             f"persistence_location {self.directory}/\n"
             "max_queued_messages 200000\n"
             "max_inflight_messages 0\n"
+            f"{user}"
             f"{self.extra}\n"
         )
         self.proc = subprocess.Popen(
@@ -130,11 +143,22 @@ class Broker:
         self.proc = None
 
 
+# The daemon's MQTT backend for the whole run: `--mqtt-client aiomqtt` (or this
+# variable) runs the suites on the compatibility backend. Not PROVISIOND_*: that
+# prefix is the daemon's own config override namespace.
+MQTT_CLIENT_ENV = "PVD_TEST_MQTT_CLIENT"
+
+
+def mqtt_client() -> str:
+    return os.environ.get(MQTT_CLIENT_ENV) or "native"
+
+
 def make_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> Config:
     """A config for one test: its own store file, topic prefix and client id."""
     tag = uuid.uuid4().hex[:10]
     raw: dict[str, Any] = {
         "mqtt": {
+            "client": mqtt_client(),
             "host": "127.0.0.1",
             "port": broker.port,
             "topic_prefix": f"t{tag}",

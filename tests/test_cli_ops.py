@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from provisiond.config import Config
 from provisiond.server import Server
 from provisiond.wifi.signing import KeyRing
 from support import RpcClient, free_port, seed_key
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # --- status
 
@@ -64,6 +69,20 @@ async def test_status_failures_are_one_clear_line(
     code, _out, err = await provisiond("status", "-c", str(closed), PROVISIOND_KEY=secret)
     assert code == 1 and "cannot talk to the broker at 127.0.0.1:" in err
     assert "Traceback" not in err
+
+
+def test_status_needs_neither_aiomqtt_nor_paho() -> None:
+    """The core CLI talks to the broker through the daemon's own client."""
+    code = (
+        "import sys, provisiond.cli.main, provisiond.cli.ops, provisiond.transport, "
+        "provisiond.backends.native; "
+        "print(sorted(m for m in sys.modules if m.startswith(('aiomqtt', 'paho'))))"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'daemon'}"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
 
 
 # --- db backup

@@ -157,7 +157,7 @@ def _daemon(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
 def _write_config(config: Config, path: Path) -> None:
     m, s = config.mqtt, config.store
     path.write_text(
-        f'[log]\nformat = "json"\n[mqtt]\nhost = "127.0.0.1"\nport = {m.port}\n'
+        f'[log]\nformat = "json"\n[mqtt]\nclient = "{m.client}"\nhost = "127.0.0.1"\nport = {m.port}\n'
         f'topic_prefix = "{m.topic_prefix}"\nclient_id = "{m.client_id}"\n'
         f"reconnect_min_seconds = 0.1\nreconnect_max_seconds = 1.0\n"
         f'[store]\npath = "{s.path}"\n'

@@ -366,3 +366,30 @@ async def test_a_reply_the_acl_refuses_is_logged_and_the_request_acknowledged(
         await asyncio.sleep(1)  # an unacknowledged request would be redelivered meanwhile
         assert server.app is not None and server.app.transport.connections == 1
         assert len([e for e in logs.entries if e["event"] == "rpc"]) == 2
+
+
+async def test_status_over_tls_with_the_daemons_own_broker_settings(
+    example_broker: ExampleBroker, tmp_path: Path
+) -> None:
+    """`provisiond status` with `[mqtt.tls] enabled = true` died with a TypeError
+    (`tls` passed to aiomqtt); it now goes through the daemon's transport boundary."""
+    from daemon_proc import write_toml
+    from test_cli_ops import provisiond
+
+    tls = {"enabled": True, "ca_file": str(example_broker.directory / "certs" / "ca.crt")}
+    config = daemon_config(
+        example_broker, tmp_path, host="localhost", port=example_broker.tls_port, tls=tls
+    )
+    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    config_file = write_toml(config, tmp_path / "p.toml")
+    async with running(config):
+        code, out, err = await provisiond("status", "-c", str(config_file), PROVISIOND_KEY=secret)
+    assert code == 0, err
+    assert "broker connected" in out
+    assert PASSWORDS["provisiond"] not in out + err
+    # Without the daemon: a clear line, no traceback, no password.
+    code, _out, err = await provisiond(
+        "status", "--timeout", "1", "-c", str(config_file), PROVISIOND_KEY=secret
+    )
+    assert code == 1 and "no reply from the daemon within 1s" in err, err
+    assert "Traceback" not in err and PASSWORDS["provisiond"] not in err

@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 
 from provisiond import mqtt
 from provisiond.mqtt import codec
+from tests.mqtt_peer import Peer, connack
 from tests.support import Broker
 
 
@@ -302,7 +303,8 @@ async def test_bad_utf8_from_another_client_does_not_drop_the_connection() -> No
     [
         ("unknown property", b"\x30\x07\x00\x01t\x02\x7f\x00\x00"),
         ("five-byte length", b"\x30\xff\xff\xff\xff\x01"),
-        ("QoS 2", b"\x34\x06\x00\x01t\x00\x01\x00"),
+        ("QoS 2 without a packet id", b"\x34\x06\x00\x01t\x00\x00\x00"),
+        ("QoS 3", b"\x36\x06\x00\x01t\x00\x01\x00"),
         ("truncated field", b"\x30\x02\x00\x09"),
         ("unexpected packet type", b"\x50\x02\x00\x01"),
         ("QoS 1 without a packet id", b"\x32\x03\x00\x01t"),
@@ -418,3 +420,131 @@ async def test_a_publish_that_cannot_be_encoded_costs_no_packet_id(broker: Broke
         assert not c._pending
         await c.publish(t, b"fine", qos=1)
         assert (await next_message(c)).payload == b"fine"
+
+
+# --------------------------------------------------------------------- broker quirks
+
+
+@pytest.mark.parametrize("return_code", [0, 1, 2, 3, 4, 5])
+async def test_a_311_connack_is_refused_as_a_broker_without_mqtt5(return_code: int) -> None:
+    """A 3.1.1 broker answers our MQTT 5 CONNECT with a 2-byte CONNACK; its return
+    codes 1-5 are not MQTT 5 reason codes (all < 0x80) and used to read as success."""
+    peer = await Peer(connack=lambda _n: bytes((0x20, 2, 0, return_code))).start()
+    try:
+        with pytest.raises(mqtt.BrokerNotMqtt5, match="does not speak MQTT 5") as refused:
+            await mqtt.Client("127.0.0.1", peer.port).connect()
+        assert refused.value.return_code == return_code
+        assert "3.1.1" in str(refused.value)
+    finally:
+        await peer.stop()
+
+
+@pytest.mark.parametrize(
+    ("code", "name"),
+    [(0x97, "quota exceeded"), (0x9B, "QoS not supported"), (0x9F, "connection rate exceeded"),
+     (0x9C, "use another server")],
+)  # fmt: skip
+async def test_a_refusing_connack_names_its_reason_and_carries_the_brokers_words(
+    code: int, name: str
+) -> None:
+    props = [(codec.REASON_STRING, "slow down"), (codec.SERVER_REFERENCE, "other:1883")]
+    peer = await Peer(connack=lambda _n: connack(reason=code, props=props)).start()
+    try:
+        with pytest.raises(mqtt.ConnectRefused) as refused:
+            await mqtt.Client("127.0.0.1", peer.port).connect()
+        assert refused.value.reason_code == code
+        assert refused.value.reason == name
+        assert refused.value.reason_string == "slow down"
+        assert refused.value.server_reference == "other:1883"
+        assert f"{name} (0x{code:02x}): slow down; it points to other:1883" in str(refused.value)
+    finally:
+        await peer.stop()
+
+
+async def test_publishes_beyond_maximum_qos_or_retain_available_are_refused_unsent() -> None:
+    """The broker would disconnect us (0x9B, 0x9A), losing everything in flight."""
+    props = [(codec.MAXIMUM_QOS, 0), (codec.RETAIN_AVAILABLE, 0)]
+    peer = await Peer(connack=lambda _n: connack(props=props)).start()
+    try:
+        async with mqtt.Client("127.0.0.1", peer.port) as c:
+            assert (c.maximum_qos, c.retain_available) == (0, False)
+            with pytest.raises(mqtt.PublishRefused, match="QoS not supported") as qos:
+                await c.publish("a", b"x", qos=1)
+            assert qos.value.reason_code == 0x9B
+            with pytest.raises(mqtt.PublishRefused, match="retain not supported"):
+                await c.publish("a", b"x", retain=True)
+            await c.publish("a", b"fine")
+            await asyncio.sleep(0.1)
+            assert c.is_connected
+        assert [b[:3] for b in peer.kind(codec.PUBLISH)] == [b"\x00\x01a"]
+    finally:
+        await peer.stop()
+
+
+async def test_a_qos2_delivery_is_refused_with_a_pubrec_and_the_connection_stays(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dropping the connection would loop: the broker redelivers QoS 2 to the session."""
+    qos2 = codec.publish("odd", b"two", qos=1, mid=9)
+    qos2 = bytes((qos2[0] ^ 0x02 | 0x04,)) + qos2[1:]  # the same packet at QoS 2
+    after = qos2 + b"\x62\x02\x00\x09" + codec.publish("next", b"one", qos=0)
+    peer = await Peer(after_connect=after).start()
+    try:
+        async with mqtt.Client("127.0.0.1", peer.port) as c:
+            message = await next_message(c)
+            assert (message.topic, message.payload) == ("next", b"one")
+            assert c.qos2_refused == 1
+            await asyncio.sleep(0.1)
+            assert c.is_connected
+        assert peer.kind(codec.PUBREC) == [b"\x00\x09\x83"]  # refused: the exchange ends
+        assert peer.kind(codec.PUBCOMP) == [b"\x00\x09\x92"]  # nothing to release
+    finally:
+        await peer.stop()
+
+
+async def test_all_filters_go_in_one_subscribe_with_their_retain_handling() -> None:
+    peer = await Peer(grant=lambda t, qos: 0x87 if t == "no" else qos).start()
+    try:
+        async with mqtt.Client("127.0.0.1", peer.port) as c:
+            codes = await c.subscribe_many([("a/#", 1, 1), ("b/+/s", 0, 2), ("no", 1, 0)])
+        assert codes == [1, 0, 0x87]
+        (subscribe,) = peer.kind(codec.SUBSCRIBE & 0xF0)
+        from tests.mqtt_peer import suback_filters
+
+        assert suback_filters(subscribe) == [("a/#", 0x11), ("b/+/s", 0x20), ("no", 0x01)]
+    finally:
+        await peer.stop()
+
+
+async def test_a_refused_publish_carries_the_brokers_reason_string() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_packet(reader)
+        writer.write(connack())
+        _first, body = await read_packet(reader)
+        mid = body[3:5]
+        props = codec.encode_properties([(codec.REASON_STRING, "over quota")])
+        writer.write(b"\x40" + codec.varint(3 + len(props)) + mid + b"\x97" + props)
+        await reader.read()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server, mqtt.Client("127.0.0.1", server.sockets[0].getsockname()[1]) as c:
+        with pytest.raises(mqtt.PublishRefused) as refused:
+            await c.publish("t", b"x", qos=1)
+    assert (refused.value.reason_code, refused.value.reason) == (0x97, "quota exceeded")
+    assert refused.value.reason_string == "over quota"
+
+
+async def test_a_peer_that_hangs_up_at_connect_and_speaks_no_311_either_is_a_lost_connection() -> (
+    None
+):
+    """The 3.1.1 probe only names a broker that does answer 3.1.1."""
+    peer = await Peer(connack=lambda _n: None).start()
+    try:
+        with pytest.raises(mqtt.ConnectionLost) as lost:
+            await mqtt.Client("127.0.0.1", peer.port, client_id="me").connect()
+        assert not isinstance(lost.value, mqtt.BrokerNotMqtt5)
+        assert peer.connections == 2  # ours, then the probe
+        probe = peer.packets[1][2]
+        assert probe[:7] == b"\x00\x04MQTT\x04" and b"me-v311-probe" in probe
+    finally:
+        await peer.stop()

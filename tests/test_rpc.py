@@ -175,6 +175,9 @@ async def test_reconnects_after_broker_restart(tmp_path, own_broker, logs: LogCa
     _, secret = seed_key(config)
     async with running(config) as server:
         own_broker.stop()
+        # The broker saved the daemon's session on the way down, so the restart
+        # below tests a resumed session, not a new one.
+        assert own_broker.persisted(), own_broker.log.read_text()[-1000:]
         await asyncio.sleep(0.5)
         own_broker.start()
         loop = asyncio.get_running_loop()
@@ -186,6 +189,9 @@ async def test_reconnects_after_broker_restart(tmp_path, own_broker, logs: LogCa
             reply = await rpc.call("keys/whoami", {}, key=secret)
         assert reply["status"] == 200
         assert server.app.transport.connections == 2  # type: ignore[union-attr]
+    connected = [e for e in logs.entries if e["event"] == "mqtt.connected"]
+    assert [e["session_present"] for e in connected] == [False, True]
+    assert [e["resubscribed"] for e in connected] == [True, False]
 
 
 async def test_no_api_key_in_any_log_line(config: Config, rpc: RpcClient, logs: LogCapture) -> None:

@@ -184,18 +184,17 @@ async def test_watchdog_cadence_over_abstract_socket(config: Config, tmp_path: P
 
 
 def test_a_refused_subscription_is_not_ready() -> None:
-    """READY=1 follows SUBACKs; a SUBACK that refuses counts as a failed connection attempt."""
-    from provisiond.mqtt import MqttError
-    from provisiond.transport import Subscription, _check_granted
+    """READY=1 follows SUBACKs; a SUBACK that refuses, or grants less QoS than asked,
+    counts as a failed connection attempt."""
+    from provisiond.transport import SubscribeRefused, Subscription, check_granted
 
     sub = Subscription("p/rpc/#", 1)
-    _check_granted(sub, [1])  # granted QoS 1
-    _check_granted(sub, (0,))  # granted, downgraded to QoS 0
+    check_granted([sub], [1])  # granted QoS 1
     with (
         structlog.testing.capture_logs() as logged,
-        pytest.raises(MqttError, match="refused the subscription to p/rpc/#"),
+        pytest.raises(SubscribeRefused, match="refused the subscription to p/rpc/#"),
     ):
-        _check_granted(sub, [0x87])
+        check_granted([sub], [0x87])
     assert logged == [
         {
             "event": "mqtt.subscribe_refused",
@@ -204,5 +203,10 @@ def test_a_refused_subscription_is_not_ready() -> None:
             "log_level": "error",
         }
     ]
-    with structlog.testing.capture_logs(), pytest.raises(MqttError):
-        _check_granted(sub, (0x80,))
+    with structlog.testing.capture_logs(), pytest.raises(SubscribeRefused):
+        check_granted([sub], (0x80,))
+    # Downgraded to QoS 0 (mosquitto `max_qos 0`, an ACL): requests would be lost.
+    with structlog.testing.capture_logs() as logged, pytest.raises(SubscribeRefused) as refused:
+        check_granted([Subscription("p/x", 0), sub], (0, 0))
+    assert (refused.value.topic, refused.value.asked, refused.value.granted) == ("p/rpc/#", 1, 0)
+    assert [e["event"] for e in logged] == ["mqtt.subscribe_downgraded"]

@@ -26,12 +26,11 @@ import sqlite_utils
 from provisiond.clock import iso_utc
 from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
-from provisiond.mqtt import PublishRefused
 from provisiond.payloads import json_object
 from provisiond.presence import Presence, parse_device_id
 from provisiond.runtime.app import App
 from provisiond.store import Migration
-from provisiond.transport import Delivery, NotConnected
+from provisiond.transport import Delivery, NotConnected, PublishRefused
 
 log = get_logger("provisiond.commands")
 

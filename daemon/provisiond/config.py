@@ -54,6 +54,9 @@ class TlsConfig(Section):
 
 
 class MqttConfig(Section):
+    # The MQTT backend (see provisiond.backends): the daemon's own client, or
+    # aiomqtt/paho for compatibility (slower; cannot see broker refusals).
+    client: Literal["native", "aiomqtt"] = "native"
     host: str = "localhost"
     port: int = Field(default=1883, ge=1, le=65535)
     topic_prefix: str = Field(default="provisiond", min_length=1, max_length=64)

@@ -34,12 +34,11 @@ from provisiond.clock import iso_utc_or_none
 from provisiond.config import Config, PresenceConfig
 from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
-from provisiond.mqtt import PublishRefused
 from provisiond.payloads import json_object
 from provisiond.runtime.app import App
 from provisiond.runtime.services import ServiceKey
 from provisiond.store import Migration
-from provisiond.transport import Delivery, NotConnected
+from provisiond.transport import Delivery, NotConnected, PublishRefused
 
 log = get_logger("provisiond.presence")
 
@@ -263,7 +262,7 @@ class Presence:
             self._debug("presence.status_malformed", device=values[0][:24])
             return
         online = payload == b"online"
-        if online and delivery.message.retain:
+        if online and delivery.retain:
             # A retained `online` was true when published, perhaps long ago; only
             # fresh messages prove a device is there. A retained `offline` (the
             # will) is still the latest word, so it is applied.

@@ -256,7 +256,7 @@ class Router:
 
     def _parse(self, delivery: Delivery, fields: dict[str, Any]) -> tuple[ReplyPath | None, Any]:
         """Find the reply path and the body; errors are returned as the body."""
-        message = delivery.message
+        message = delivery
         payload = message.payload
         path: ReplyPath | None = None
         user_auth: str | None = None

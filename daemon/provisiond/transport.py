@@ -1,4 +1,11 @@
-"""The broker connection: MQTT v5 (`provisiond.mqtt`), reconnecting with capped backoff.
+"""The broker connection: one typed boundary over an MQTT 5 backend, reconnecting
+with capped backoff.
+
+Feature modules import MQTT types from here only: `Delivery` (a received
+message), `Subscription`, `ConnectOptions`, `SessionInfo` and the refusals
+(`PublishRefused`, `NotConnected`, `ConnectRefused`, `BrokerNotMqtt5`,
+`SubscribeRefused`). The backend (`[mqtt] client`, see `provisiond.backends`)
+is the daemon's own client by default, or aiomqtt for compatibility.
 
 The session is persistent (clean start off) and QoS 1 messages are
 acknowledged by hand, only after they were handled: a request the broker
@@ -13,12 +20,59 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
-from provisiond import mqtt
+from provisiond.backends import BACKENDS, BackendUnavailable, UnknownBackend, load_backend
+from provisiond.backends.types import (
+    SEND_RETAINED,
+    SEND_RETAINED_IF_NEW,
+    Backend,
+    BrokerNotMqtt5,
+    BrokerUnsuitable,
+    Connection,
+    ConnectionLost,
+    ConnectOptions,
+    ConnectRefused,
+    Delivery,
+    NotConnected,
+    PublishRefused,
+    SessionInfo,
+    SubscribeRefused,
+    Subscription,
+    TransportError,
+    Will,
+    reason_name,
+)
 from provisiond.config import Config, read_secret, resolve_path, secret_path
 from provisiond.logs import get_logger
-from provisiond.mqtt import PublishRefused
+
+__all__ = [
+    "BACKENDS",
+    "SEND_RETAINED",
+    "SEND_RETAINED_IF_NEW",
+    "Backend",
+    "BackendUnavailable",
+    "BrokerNotMqtt5",
+    "BrokerUnsuitable",
+    "ConnectOptions",
+    "ConnectRefused",
+    "Connection",
+    "ConnectionLost",
+    "Delivery",
+    "MessageHandler",
+    "NotConnected",
+    "PublishRefused",
+    "SessionInfo",
+    "SubscribeRefused",
+    "Subscription",
+    "Transport",
+    "TransportError",
+    "UnknownBackend",
+    "Will",
+    "check_granted",
+    "connect_options",
+    "load_backend",
+    "max_packet_size",
+]
 
 # Features take the broker's refusals from here, never from provisiond.mqtt.
 __all__ = ["Delivery", "NotConnected", "PublishRefused", "Subscription", "Transport"]
@@ -28,46 +82,78 @@ log = get_logger("provisiond.transport")
 # A connection that lasted this long resets the reconnect backoff.
 STABLE_SECONDS = 10.0
 
-
-@dataclass(frozen=True)
-class Delivery:
-    """A received message and the connection it came on (acks go to that one only)."""
-
-    message: mqtt.Message
-    connection: int
-
-    @property
-    def topic(self) -> str:
-        return self.message.topic
-
-    @property
-    def payload(self) -> bytes:
-        return self.message.payload
-
-
 MessageHandler = Callable[[Delivery], Awaitable[None]]
 
 
-class NotConnected(Exception):
-    """Publishing failed because the broker connection is down."""
+async def connect_options(
+    config: Config,
+    *,
+    client_id: str | None = None,
+    clean_start: bool = False,
+    will: Will | None = None,
+    connect_timeout: float = 10.0,
+) -> ConnectOptions:
+    """The daemon's broker settings as one connection's options: credentials and
+    TLS read the same way for the daemon and for a CLI command beside it."""
+    cfg = config.mqtt
+    password: bytes | None = None
+    if cfg.username and cfg.password_file:
+        password = await asyncio.to_thread(
+            read_secret, config, cfg.password_file, key="mqtt.password_file"
+        )
+    tls = await asyncio.to_thread(tls_context, config) if cfg.tls.enabled else None
+    return ConnectOptions(
+        host=cfg.host,
+        port=cfg.port,
+        client_id=cfg.client_id if client_id is None else client_id,
+        clean_start=clean_start,
+        keepalive=cfg.keepalive_seconds,
+        session_expiry=0 if clean_start else cfg.session_expiry_seconds,
+        receive_maximum=cfg.receive_maximum,
+        maximum_packet_size=max_packet_size(config),
+        will=will,
+        username=cfg.username or None,
+        password=password,
+        tls=tls,
+        connect_timeout=connect_timeout,
+    )
 
 
-@dataclass(frozen=True)
-class Subscription:
-    topic: str
-    qos: int = 1
+def tls_context(config: Config) -> ssl.SSLContext:
+    tls = config.mqtt.tls
+    ctx = ssl.create_default_context(
+        cafile=str(resolve_path(config, tls.ca_file)) if tls.ca_file else None
+    )
+    if tls.cert_file:
+        ctx.load_cert_chain(
+            str(resolve_path(config, tls.cert_file)),
+            str(secret_path(config, tls.key_file)) if tls.key_file else None,
+        )
+    if tls.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 class Transport:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, backend: Backend | None = None) -> None:
         self._config = config
-        self._client: mqtt.Client | None = None
+        self.backend = backend if backend is not None else load_backend(config.mqtt.client)
+        self._conn: Connection | None = None
         self.connected = asyncio.Event()
         self.subscribed = asyncio.Event()
         self._stopping = False
         self.connections = 0
         self._dropped_earlier = 0
         self.status_topic = f"{config.mqtt.topic_prefix}/daemon/status"
+        self.session: SessionInfo | None = None
+        # The filters the broker's session holds for us, once a SUBACK granted them.
+        self._subscribed_filters: tuple[Subscription, ...] | None = None
+        # Cleared when the broker refuses retained messages (Retain Available 0).
+        self._retain = True
+        # Lowered when the broker refuses a QoS 1 will (0x9B): the next CONNACK
+        # then says what the broker allows, and that is what gets logged.
+        self._will_qos = 1
 
     def reconfigure(self, config: Config) -> None:
         """A reloaded config: the packet limit follows from the next connection on
@@ -76,35 +162,7 @@ class Transport:
 
     @property
     def is_connected(self) -> bool:
-        return self._client is not None and self.connected.is_set()
-
-    async def _client_kwargs(self) -> dict[str, object]:
-        cfg = self._config.mqtt
-        kwargs: dict[str, object] = {}
-        if cfg.username:
-            kwargs["username"] = cfg.username
-            if cfg.password_file:
-                kwargs["password"] = await asyncio.to_thread(
-                    read_secret, self._config, cfg.password_file, key="mqtt.password_file"
-                )
-        if cfg.tls.enabled:
-            kwargs["tls"] = await asyncio.to_thread(self._tls_context)
-        return kwargs
-
-    def _tls_context(self) -> ssl.SSLContext:
-        tls = self._config.mqtt.tls
-        ctx = ssl.create_default_context(
-            cafile=str(resolve_path(self._config, tls.ca_file)) if tls.ca_file else None
-        )
-        if tls.cert_file:
-            ctx.load_cert_chain(
-                str(resolve_path(self._config, tls.cert_file)),
-                str(secret_path(self._config, tls.key_file)) if tls.key_file else None,
-            )
-        if tls.insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+        return self._conn is not None and self.connected.is_set()
 
     async def run(
         self,
@@ -114,43 +172,46 @@ class Transport:
         """Connect, subscribe and feed messages to `on_message` until `stop()`."""
         cfg = self._config.mqtt
         delay = cfg.reconnect_min_seconds
-        kwargs = await self._client_kwargs()
+        subs = tuple(subscriptions)
         while not self._stopping:
             retry_in = 0.0
             up_since: float | None = None
-            client = mqtt.Client(
-                cfg.host,
-                cfg.port,
-                client_id=cfg.client_id,
-                clean_start=False,
-                keepalive=cfg.keepalive_seconds,
-                session_expiry=cfg.session_expiry_seconds,
-                receive_maximum=cfg.receive_maximum,
-                maximum_packet_size=max_packet_size(self._config),
-                will=mqtt.Will(self.status_topic, b"offline", qos=1, retain=True),
-                **kwargs,  # type: ignore[arg-type]
+            options = await connect_options(
+                self._config,
+                will=Will(self.status_topic, b"offline", qos=self._will_qos, retain=self._retain),
             )
+            conn = self.backend.connection(options, self.connections + 1)
             try:
-                async with client:
-                    self._client = client
-                    self.connections += 1
-                    up_since = time.monotonic()
-                    for sub in subscriptions:
-                        granted = await client.subscribe(sub.topic, qos=sub.qos)
-                        _check_granted(sub, granted)
-                    await client.publish(self.status_topic, b"online", qos=1, retain=True)
-                    self.connected.set()
-                    self.subscribed.set()
-                    log.info(
-                        "mqtt.connected",
-                        host=cfg.host,
-                        port=cfg.port,
-                        subscriptions=len(subscriptions),
-                    )
-                    connection = self.connections
-                    async for message in client.messages():
-                        await on_message(Delivery(message, connection))
-            except mqtt.MqttError as exc:
+                session = await conn.connect()
+                self._conn = conn
+                self.connections += 1
+                up_since = time.monotonic()
+                self.session = session
+                self._check_session(session, subs)
+                # A resumed session still holds the subscriptions: a SUBSCRIBE
+                # would only cost a round trip (and, without Retain Handling,
+                # every retained message again).
+                resubscribe = not (session.session_present and self._subscribed_filters == subs)
+                if resubscribe and subs:
+                    self._subscribed_filters = None
+                    granted = await conn.subscribe(subs)
+                    check_granted(subs, granted)
+                    self._subscribed_filters = subs
+                await conn.publish(self.status_topic, b"online", qos=1, retain=self._retain)
+                self.connected.set()
+                self.subscribed.set()
+                log.info(
+                    "mqtt.connected",
+                    host=cfg.host,
+                    port=cfg.port,
+                    client=self.backend.name,
+                    subscriptions=len(subs),
+                    session_present=session.session_present,
+                    resubscribed=resubscribe,
+                )
+                async for delivery in conn.deliveries():
+                    await on_message(delivery)
+            except TransportError as exc:
                 if self._stopping:
                     break
                 # Backoff starts over only after a connection that held: one that
@@ -159,24 +220,85 @@ class Transport:
                 if up_since is not None and time.monotonic() - up_since >= STABLE_SECONDS:
                     delay = cfg.reconnect_min_seconds
                 retry_in = delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter only
-                log.warning("mqtt.disconnected", error=str(exc), retry_in=round(retry_in, 2))
                 delay = min(delay * 2, cfg.reconnect_max_seconds)
+                if isinstance(exc, ConnectRefused) and exc.reason_code == 0x9A and self._retain:
+                    # Retain not supported: our retained will was the cause.
+                    self._retain = False
+                    retry_in = 0.0
+                    log.warning(
+                        "mqtt.retain_unavailable",
+                        effect="the daemon status and its will are published unretained",
+                    )
+                    continue
+                if isinstance(exc, ConnectRefused) and exc.reason_code == 0x9B and self._will_qos:
+                    self._will_qos = 0
+                    retry_in = 0.0
+                    continue
+                if isinstance(exc, ConnectRefused | SubscribeRefused | BrokerUnsuitable):
+                    # One line per attempt, and attempts back off: a broker that says
+                    # no the same way every time costs a line every 30 s at most.
+                    log.error("mqtt.connect_refused", error=str(exc), retry_in=round(retry_in, 2))
+                else:
+                    log.warning("mqtt.disconnected", error=str(exc), retry_in=round(retry_in, 2))
             finally:
                 self.connected.clear()
-                self._client = None
-                self._dropped_earlier += client.dropped
+                self._conn = None
+                self._dropped_earlier += conn.dropped
+                if up_since is not None:
+                    with contextlib.suppress(TransportError):
+                        await conn.disconnect()
             await asyncio.sleep(retry_in)
+
+    def _check_session(self, session: SessionInfo, subs: Sequence[Subscription]) -> None:
+        """Honour what the CONNACK announced, or say what it costs."""
+        asked = self._config.mqtt.session_expiry_seconds
+        if session.reason_string:
+            log.info("mqtt.connack_reason", reason=session.reason_string)
+        if session.maximum_qos is not None and session.maximum_qos < max(
+            (s.qos for s in subs), default=1
+        ):
+            log.error(
+                "mqtt.maximum_qos_too_low",
+                maximum_qos=session.maximum_qos,
+                needed=1,
+                effect="requests could be lost unacknowledged; not serving",
+            )
+            raise BrokerUnsuitable(
+                f"the broker allows at most QoS {session.maximum_qos}; the daemon needs QoS 1"
+            )
+        if session.retain_available is False and self._retain:
+            self._retain = False
+            log.warning(
+                "mqtt.retain_unavailable",
+                effect="the daemon status and its will are published unretained",
+            )
+        if session.session_expiry is not None and session.session_expiry < asked:
+            log.warning(
+                "mqtt.session_expiry_capped",
+                asked=asked,
+                granted=session.session_expiry,
+                effect="requests queued for the daemon are kept only this long while it is away",
+            )
+        if session.session_present is False and asked > 0:
+            if self.connections > 1:
+                log.warning(
+                    "mqtt.session_lost",
+                    effect="requests and messages queued while the daemon was disconnected "
+                    "may be gone; subscribing again",
+                )
+            else:
+                log.info("mqtt.session_new")
 
     async def stop(self) -> None:
         """Disconnect cleanly: the broker drops our will instead of publishing it."""
         self._stopping = True
-        client = self._client
-        if client is not None:
-            with contextlib.suppress(mqtt.MqttError, TimeoutError):
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(TransportError, TimeoutError):
                 async with asyncio.timeout(2):
-                    await client.publish(self.status_topic, b"offline", qos=1, retain=True)
+                    await conn.publish(self.status_topic, b"offline", qos=1, retain=self._retain)
             # A normal DISCONNECT makes the run loop's `async for` end.
-            await client.disconnect()
+            await conn.disconnect()
 
     async def publish(
         self,
@@ -186,39 +308,51 @@ class Transport:
         qos: int = 1,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        response_topic: str | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
+        message_expiry: int | None = None,
         ack: Delivery | None = None,
     ) -> None:
-        """Publish; `ack`: a delivery to acknowledge together with it (see mqtt.Client.publish)."""
-        client = self._client
-        if client is None:
+        """Publish; `ack`: a delivery to acknowledge together with it (see mqtt.Client.publish).
+
+        Raises `PublishRefused` when the broker says no (not worth a retry) and
+        `NotConnected` when the link is down or goes down before the PUBACK. A
+        QoS 1 publish cut off that way is not sent again by the transport (see
+        docs/architecture.md, "What a disconnect loses", for each kind).
+        """
+        conn = self._conn
+        if conn is None:
             raise NotConnected(topic)
         if ack is not None and ack.connection != self.connections:
             ack = None  # came on an earlier connection: the broker redelivers it instead
         try:
-            await client.publish(
+            await conn.publish(
                 topic,
                 payload,
                 qos=qos,
                 retain=retain,
                 correlation_data=correlation_data,
-                ack=None if ack is None else ack.message,
+                response_topic=response_topic,
+                user_properties=user_properties,
+                message_expiry=message_expiry,
+                ack=ack,
             )
-        except PublishRefused:
-            raise  # the broker said no: not a lost connection, and not worth a retry
-        except mqtt.MqttError as exc:
+        except (PublishRefused, NotConnected):
+            raise
+        except TransportError as exc:
             raise NotConnected(str(exc)) from exc
 
     @property
     def dropped(self) -> int:
         """QoS 0 messages dropped because the daemon fell behind, since start."""
-        client = self._client
-        return self._dropped_earlier + (0 if client is None else client.dropped)
+        conn = self._conn
+        return self._dropped_earlier + (0 if conn is None else conn.dropped)
 
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge a QoS 1 message; after a reconnect the broker redelivers it instead."""
-        client = self._client
-        if client is not None and delivery.connection == self.connections:
-            client.ack(delivery.message)
+        conn = self._conn
+        if conn is not None and delivery.connection == self.connections:
+            conn.ack(delivery)
 
 
 def max_packet_size(config: Config) -> int:
@@ -232,21 +366,23 @@ def max_packet_size(config: Config) -> int:
     return max(4 * 1024 * 1024, 4 * config.daemon.max_payload_bytes)
 
 
-SUBACK_REASONS = {
-    0x80: "unspecified error", 0x83: "implementation specific error",
-    0x87: "not authorized", 0x8F: "topic filter invalid", 0x97: "quota exceeded",
-    0x9E: "shared subscriptions not supported", 0xA2: "wildcard subscriptions not supported",
-}  # fmt: skip
+def check_granted(subscriptions: Sequence[Subscription], granted: Sequence[int]) -> None:
+    """A SUBACK can refuse a filter (ACL, shared subscriptions unsupported) or grant
+    less QoS than asked (`max_qos 0`): then we are not ready.
 
-
-def _check_granted(sub: Subscription, granted: Sequence[int]) -> None:
-    """A SUBACK can refuse (ACL, shared subscriptions unsupported): then we are not ready.
-
-    Raised as an MqttError, the run loop retries with backoff and READY=1 is
-    not sent, instead of serving while deaf to a topic.
+    Every such filter is logged, then the first raises `SubscribeRefused`: the
+    run loop retries with backoff and READY=1 is not sent, instead of serving
+    while deaf to a topic (or taking requests at QoS 0, lost on any hiccup).
     """
-    for code in granted:
+    failed: SubscribeRefused | None = None
+    for sub, code in zip(subscriptions, granted, strict=True):
         if code >= 0x80:
-            reason = f"{SUBACK_REASONS.get(code, 'refused')} (0x{code:02x})"
+            reason = f"{reason_name(code)} (0x{code:02x})"
             log.error("mqtt.subscribe_refused", topic=sub.topic, reason=reason)
-            raise mqtt.MqttError(f"broker refused the subscription to {sub.topic}: {reason}")
+        elif code < sub.qos:
+            log.error("mqtt.subscribe_downgraded", topic=sub.topic, asked=sub.qos, granted=code)
+        else:
+            continue
+        failed = failed or SubscribeRefused(sub.topic, sub.qos, code)
+    if failed is not None:
+        raise failed

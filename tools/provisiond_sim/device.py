@@ -2,7 +2,9 @@
 
 Each device holds its own MQTT connection (its last will is its own
 `P/devices/N/status` = `offline`, retained), the way real devices do, so the
-daemon's presence logic sees exactly what a fleet would send.
+daemon's presence logic sees exactly what a fleet would send. Connections go
+through the daemon's transport boundary (`provisiond.transport`), on the
+native client.
 """
 
 from __future__ import annotations
@@ -10,19 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from provisiond.logs import get_logger
+from provisiond.transport import (
+    Connection,
+    ConnectOptions,
+    Subscription,
+    TransportError,
+    Will,
+    load_backend,
+)
 from provisiond.wifi.crypto import CAP_WIFI_UPLOAD, b64url_encode
 from provisiond_sim.reference import ReferenceDevice
 
@@ -43,15 +48,10 @@ class Broker:
     port: int = 1883
     prefix: str = "provisiond"
 
-    def client(self, client_id: str, **kwargs: Any) -> aiomqtt.Client:
-        return aiomqtt.Client(
-            self.host,
-            self.port,
-            identifier=client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            **kwargs,
-        )
+    def connection(self, client_id: str, *, will: Will | None = None) -> Connection:
+        """A clean-session connection (not yet connected) as a device has one."""
+        options = ConnectOptions(self.host, self.port, client_id=client_id, will=will)
+        return load_backend("native").connection(options, 1)
 
 
 async def rpc_call(
@@ -65,26 +65,30 @@ async def rpc_call(
 ) -> dict[str, Any]:
     """One MQTT v5 request/response; returns the reply body or raises RpcFailed."""
     correlation = uuid.uuid4().bytes
-    async with broker.client(f"sim-rpc-{uuid.uuid4().hex[:10]}") as client:
-        await client.subscribe(reply_topic, qos=1)
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = reply_topic
-        props.CorrelationData = correlation
-        if api_key is not None:
-            props.UserProperty = [("authorization", f"Bearer {api_key}")]
-        await client.publish(
-            f"{broker.prefix}/rpc/{operation}", json.dumps(body).encode(), qos=1, properties=props
+    conn = broker.connection(f"sim-rpc-{uuid.uuid4().hex[:10]}")
+    await conn.connect()
+    try:
+        await conn.subscribe([Subscription(reply_topic, 1)])
+        await conn.publish(
+            f"{broker.prefix}/rpc/{operation}",
+            json.dumps(body).encode(),
+            qos=1,
+            response_topic=reply_topic,
+            correlation_data=correlation,
+            user_properties=() if api_key is None else [("authorization", f"Bearer {api_key}")],
         )
         async with asyncio.timeout(wait_seconds):
-            async for message in client.messages:
-                corr = getattr(message.properties, "CorrelationData", None)
-                if corr is None or bytes(corr) != correlation:
+            async for delivery in conn.deliveries():
+                conn.ack(delivery)
+                if delivery.correlation_data != correlation:
                     continue
-                reply: dict[str, Any] = json.loads(bytes(message.payload))
+                reply: dict[str, Any] = json.loads(delivery.payload)
                 if reply.get("status") != 200:
                     raise RpcFailed(operation, reply)
                 result: dict[str, Any] = reply["body"]
                 return result
+    finally:
+        await conn.disconnect()
     raise RpcFailed(operation, {"status": None})  # pragma: no cover - the loop only ends by timeout
 
 
@@ -164,7 +168,7 @@ class SimDevice:
         self.commands: list[dict[str, Any]] = []
         self.wifi_reports: list[dict[str, Any]] = []
         self.connected = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
+        self._conn: Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
 
@@ -178,51 +182,56 @@ class SimDevice:
     async def stop(self, *, graceful: bool = True) -> None:
         """Disconnect; `graceful=False` makes the broker publish the last will, as
         when a device loses power (MQTT v5 reason 0x04, "disconnect with will")."""
-        if self._client is not None and graceful:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await self._client.publish(self.topic("status"), b"offline", qos=1, retain=True)
-        elif self._client is not None:
-            self._client._client.disconnect(
-                reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message")
-            )
+        conn = self._conn
+        if conn is not None and graceful:
+            with contextlib.suppress(TransportError):
+                await conn.publish(self.topic("status"), b"offline", qos=1, retain=True)
+        elif conn is not None:
+            await conn.disconnect(with_will=True)
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            with contextlib.suppress(asyncio.CancelledError, TransportError):
                 await self._task
         self.connected.clear()
 
     async def _run(self) -> None:
-        will = aiomqtt.Will(self.topic("status"), b"offline", qos=1, retain=True)
-        async with self.broker.client(
+        will = Will(self.topic("status"), b"offline", qos=1, retain=True)
+        conn = self.broker.connection(
             f"sim-device-{self.device_id}-{uuid.uuid4().hex[:6]}", will=will
-        ) as client:
-            self._client = client
-            await client.subscribe(self.topic("commands", "reconfigure"), qos=1)
-            await client.publish(self.topic("status"), b"online", qos=1, retain=True)
-            await self._heartbeat(client)
+        )
+        await conn.connect()
+        beat: asyncio.Task[None] | None = None
+        try:
+            self._conn = conn
+            await conn.subscribe([Subscription(self.topic("commands", "reconfigure"), 1)])
+            await conn.publish(self.topic("status"), b"online", qos=1, retain=True)
+            await self._heartbeat(conn)
             self.connected.set()
-            beat = asyncio.get_running_loop().create_task(self._beat_forever(client))
-            try:
-                async for message in client.messages:
-                    await self._on_command(client, bytes(message.payload))
-            finally:
+            beat = asyncio.get_running_loop().create_task(self._beat_forever(conn))
+            async for delivery in conn.deliveries():
+                await self._on_command(conn, delivery.payload)
+                conn.ack(delivery)
+        finally:
+            if beat is not None:
                 beat.cancel()
-                self._client = None
+            self._conn = None
+            # A clean DISCONNECT (no will), unless stop() already sent one with it.
+            await conn.disconnect()
 
-    async def _heartbeat(self, client: aiomqtt.Client) -> None:
+    async def _heartbeat(self, client: Connection) -> None:
         body = {
             "interval": self.heartbeat_interval,
             "uptime": round(time.monotonic() - self._started),
         }
         await client.publish(self.topic("heartbeat"), json.dumps(body).encode(), qos=0)
 
-    async def _beat_forever(self, client: aiomqtt.Client) -> None:
+    async def _beat_forever(self, client: Connection) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            with contextlib.suppress(aiomqtt.MqttError):
+            with contextlib.suppress(TransportError):
                 await self._heartbeat(client)
 
-    async def _on_command(self, client: aiomqtt.Client, payload: bytes) -> None:
+    async def _on_command(self, client: Connection, payload: bytes) -> None:
         try:
             command = json.loads(payload)
         except ValueError:
@@ -241,7 +250,7 @@ class SimDevice:
             "state": report["state"],
             "reason": report.get("reason"),
         }
-        if self._client is None:
+        if self._conn is None:
             log.warning("sim.wifi_report_dropped", device=self.device_id)
             return
-        await self._client.publish(self.topic("wifi", "status"), json.dumps(doc).encode(), qos=1)
+        await self._conn.publish(self.topic("wifi", "status"), json.dumps(doc).encode(), qos=1)

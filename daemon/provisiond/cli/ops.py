@@ -65,14 +65,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def ask_stats(config: Config, key: str, wait_seconds: float) -> dict[str, Any]:
-    """One `daemon/stats` request as a short-lived MQTT v5 client; the reply envelope."""
-    # Imported here: only this command needs aiomqtt, and `provisiond run` must
-    # work on an install without it.
-    import aiomqtt
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
+    """One `daemon/stats` request as a short-lived MQTT v5 client; the reply envelope.
 
-    from provisiond.transport import Transport
+    Through the daemon's own transport boundary and native client: the same
+    credentials and TLS settings as the daemon, read the same way, and no
+    aiomqtt or paho needed.
+    """
+    from provisiond.transport import Subscription, TransportError, connect_options, load_backend
 
     timeout = wait_seconds
     mqtt = config.mqtt
@@ -80,45 +79,47 @@ async def ask_stats(config: Config, key: str, wait_seconds: float) -> dict[str, 
     tag = uuid.uuid4().hex[:12]
     reply_topic = f"{prefix}/replies/status-{tag}"
     correlation = uuid.uuid4().bytes
-    # Same credentials and TLS settings as the daemon, read the same way.
-    client_kwargs = await Transport(config)._client_kwargs()
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    props.ResponseTopic = reply_topic
-    props.CorrelationData = correlation
-    props.UserProperty = [("authorization", f"Bearer {key}")]
-    # If the daemon is down, its persistent session would keep the request;
-    # let the broker drop it once nobody waits for the answer.
-    props.MessageExpiryInterval = max(1, math.ceil(timeout))
     where = f"{mqtt.host}:{mqtt.port}"
+    options = await connect_options(
+        config,
+        # Never the daemon's own client id: the broker would disconnect the daemon.
+        client_id=f"{mqtt.client_id}-status-{tag}",
+        clean_start=True,
+        connect_timeout=timeout,
+    )
+    conn = load_backend("native").connection(options, 1)
     try:
-        async with aiomqtt.Client(
-            mqtt.host,
-            mqtt.port,
-            # Never the daemon's own client id: the broker would disconnect the daemon.
-            identifier=f"{mqtt.client_id}-status-{tag}",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=True,
-            timeout=timeout,
-            **client_kwargs,  # type: ignore[arg-type]
-        ) as client:
-            await client.subscribe(reply_topic, qos=1)
-            await client.publish(f"{prefix}/rpc/daemon/stats", b"{}", qos=1, properties=props)
-            try:
-                async with asyncio.timeout(timeout):
-                    async for message in client.messages:
-                        got = getattr(message.properties, "CorrelationData", None)
-                        if got is not None and bytes(got) == correlation:
-                            payload = message.payload
-                            data = payload if isinstance(payload, bytes | bytearray) else b""
-                            result: dict[str, Any] = json.loads(data)
-                            return result
-            except TimeoutError:
-                raise OperatorError(
-                    f"no reply from the daemon within {timeout:g}s on {prefix}/rpc/daemon/stats "
-                    f"via {where}; is it running (systemctl status provisiond)?"
-                ) from None
-    except aiomqtt.MqttError as exc:
+        await conn.connect()
+    except TransportError as exc:
         raise OperatorError(f"cannot talk to the broker at {where}: {exc}") from None
+    try:
+        await conn.subscribe([Subscription(reply_topic, 1)])
+        await conn.publish(
+            f"{prefix}/rpc/daemon/stats",
+            b"{}",
+            qos=1,
+            response_topic=reply_topic,
+            correlation_data=correlation,
+            user_properties=[("authorization", f"Bearer {key}")],
+            # If the daemon is down, its persistent session would keep the request;
+            # let the broker drop it once nobody waits for the answer.
+            message_expiry=max(1, math.ceil(timeout)),
+        )
+        async with asyncio.timeout(timeout):
+            async for delivery in conn.deliveries():
+                conn.ack(delivery)
+                if delivery.correlation_data == correlation:
+                    result: dict[str, Any] = json.loads(delivery.payload)
+                    return result
+    except TimeoutError:
+        raise OperatorError(
+            f"no reply from the daemon within {timeout:g}s on {prefix}/rpc/daemon/stats "
+            f"via {where}; is it running (systemctl status provisiond)?"
+        ) from None
+    except TransportError as exc:
+        raise OperatorError(f"cannot talk to the broker at {where}: {exc}") from None
+    finally:
+        await conn.disconnect()
     raise OperatorError(f"the connection to {where} closed before the daemon replied")
 
 

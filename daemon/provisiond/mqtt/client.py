@@ -1,6 +1,6 @@
 """An asyncio MQTT 5 client built on `asyncio.Protocol`.
 
-Why not aiomqtt (which the tests, the CLI and the simulator use): under load
+Why not aiomqtt (which the tests and the bench load drivers use): under load
 the daemon's whole budget per request is about what aiomqtt + paho spend
 moving one request and its reply (several `recv` calls per packet, one
 `send` per packet, Python-level property objects). This client reads every
@@ -8,10 +8,14 @@ packet that arrived in one `data_received`, writes everything queued during
 one loop iteration in one `send`, and keeps properties as plain fields.
 
 What it does: connect (clean start or a persistent session, will, user name
-and password, TLS), subscribe, publish at QoS 0 and 1 within the broker's
-Receive Maximum, manual PUBACK of received QoS 1 messages, keep-alive, and
-a clean DISCONNECT. One instance is one connection: reconnecting is the
-caller's loop (see `provisiond.transport`).
+and password, TLS), subscribe (several filters in one SUBSCRIBE, with Retain
+Handling), publish at QoS 0 and 1 within the broker's Receive Maximum,
+Maximum QoS and Retain Available, manual PUBACK of received QoS 1 messages,
+keep-alive, and a clean DISCONNECT. A broker that answers in MQTT 3.1.1 is
+refused by name (`BrokerNotMqtt5`); a QoS 2 message a broker sends although
+nothing asked for QoS 2 is refused with a PUBREC, without dropping the
+connection. One instance is one connection: reconnecting is the caller's
+loop (see `provisiond.transport`).
 """
 
 from __future__ import annotations
@@ -25,8 +29,20 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
+from provisiond.backends.probe import probe_mqtt311
+from provisiond.backends.types import (
+    BrokerNotMqtt5,
+    ConnectionLost,
+    ConnectRefused,
+    PublishRefused,
+    TransportError,
+    reason_name,
+)
+from provisiond.logs import get_logger
 from provisiond.mqtt import codec
 from provisiond.mqtt.codec import ConnAck, Message, ProtocolError, Will
+
+log = get_logger("provisiond.mqtt")
 
 # QoS 0 messages beyond this many (or bytes) waiting for the consumer are
 # dropped and counted in `dropped`. QoS 1 messages are never dropped: the
@@ -36,34 +52,13 @@ from provisiond.mqtt.codec import ConnAck, Message, ProtocolError, Will
 MAX_QUEUED_QOS0 = 50_000
 MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
-CONNECT_REASONS = {
-    0x80: "unspecified error", 0x84: "unsupported protocol version",
-    0x85: "client identifier not valid", 0x86: "bad user name or password",
-    0x87: "not authorized", 0x88: "server unavailable", 0x89: "server busy",
-    0x8A: "banned", 0x8C: "bad authentication method",
-}  # fmt: skip
+# The client raises the boundary's own errors (`provisiond.backends.types`), so
+# the transport passes them through and the features catch one class whatever
+# the backend. `MqttError` is every error this client raises.
+MqttError = TransportError
 
-
-class MqttError(Exception):
-    """Any failure of the connection or of a request on it."""
-
-
-class ConnectionLost(MqttError):
-    """The connection closed (or was never established)."""
-
-
-class ConnectRefused(MqttError):
-    def __init__(self, reason_code: int) -> None:
-        name = CONNECT_REASONS.get(reason_code, "refused")
-        super().__init__(f"broker refused the connection: {name} (0x{reason_code:02x})")
-        self.reason_code = reason_code
-
-
-class PublishRefused(MqttError):
-    def __init__(self, topic: str, reason_code: int) -> None:
-        super().__init__(f"broker refused the publish to {topic!r} (0x{reason_code:02x})")
-        self.topic = topic
-        self.reason_code = reason_code
+# At most this many QoS 2 refusals are logged per connection (all are counted).
+QOS2_LOG_LIMIT = 5
 
 
 class _Protocol(asyncio.Protocol):
@@ -143,6 +138,10 @@ class Client:
         self._last_received = time.monotonic()
         self._keepalive_task: asyncio.Task[None] | None = None
         self.connack: ConnAck | None = None
+        # From the CONNACK: publishing beyond them makes the broker disconnect us.
+        self.maximum_qos = 2
+        self.retain_available = True
+        self.qos2_refused = 0  # QoS 2 messages refused on this connection
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -185,6 +184,17 @@ class Client:
                     )
                 )
                 connack = await self._connack
+        except ConnectionLost as lost:
+            # Closed with no CONNACK at all. Some 3.1.1-only brokers (RabbitMQ 3.x)
+            # cannot parse an MQTT 5 CONNECT and just hang up: ask in 3.1.1 once,
+            # so the operator reads "no MQTT 5" instead of "connection closed".
+            code = await probe_mqtt311(
+                self._host, self._port, self._tls, self._username, self._password,
+                self._client_id, self._connect_timeout,
+            )  # fmt: skip
+            if code is not None:
+                raise BrokerNotMqtt5(code, hung_up=True) from None
+            raise lost from None
         except TimeoutError:
             self._fail_connect(ConnectionLost("timed out connecting to the broker"))
             raise ConnectionLost("timed out connecting to the broker") from None
@@ -194,10 +204,26 @@ class Client:
         except asyncio.CancelledError:
             self._fail_connect(ConnectionLost("connect cancelled"))
             raise
+        if not connack.mqtt5 or connack.reason_code == 0x84:
+            # A 3.1.1 broker answers an MQTT 5 CONNECT with its own 2-byte CONNACK
+            # (return code 1: unacceptable protocol version). Its codes 1-5 are
+            # not MQTT 5 reason codes: read as such, they looked like success.
+            refused: ConnectRefused = BrokerNotMqtt5(None if connack.mqtt5 else connack.reason_code)
+            self._fail_connect(refused)
+            raise refused
         if connack.reason_code >= 0x80:
-            self._fail_connect(ConnectRefused(connack.reason_code))
-            raise ConnectRefused(connack.reason_code)
+            props = connack.properties
+            why, where = props.get(codec.REASON_STRING), props.get(codec.SERVER_REFERENCE)
+            refused = ConnectRefused(
+                connack.reason_code,
+                reason_string=why if isinstance(why, str) else None,
+                server_reference=where if isinstance(where, str) else None,
+            )
+            self._fail_connect(refused)
+            raise refused
         self.connack = connack
+        self.maximum_qos = int(connack.properties.get(codec.MAXIMUM_QOS, 2))  # type: ignore[call-overload]
+        self.retain_available = bool(connack.properties.get(codec.RETAIN_AVAILABLE, 1))
         self._server_max_packet = int(connack.properties.get(codec.MAXIMUM_PACKET_SIZE, 0))  # type: ignore[call-overload]
         receive_max = connack.properties.get(codec.RECEIVE_MAXIMUM, 65535)
         self._inflight = asyncio.Semaphore(int(receive_max))  # type: ignore[call-overload]
@@ -207,10 +233,11 @@ class Client:
             self._keepalive_task = asyncio.create_task(self._keep_alive())
         return connack
 
-    async def disconnect(self) -> None:
-        """Send DISCONNECT (the broker then drops our will) and close."""
+    async def disconnect(self, reason_code: int = 0) -> None:
+        """Send DISCONNECT (the broker then drops our will; 0x04 asks it to publish
+        the will all the same) and close."""
         if self._transport is not None and not self._transport.is_closing():
-            self._write(codec.disconnect())
+            self._write(codec.disconnect(reason_code))
             self._flush()
             self._transport.close()
         await self._wait_closed()
@@ -234,11 +261,24 @@ class Client:
 
     # ----------------------------------------------------------------- requests
 
-    async def subscribe(self, topic: str, qos: int = 1) -> list[int]:
+    async def subscribe(self, topic: str, qos: int = 1, retain_handling: int = 0) -> list[int]:
         """Subscribe to one filter; the broker's reason codes (>= 0x80 = refused)."""
-        mid, future = self._register(topic, holds_slot=False)
-        self._write(codec.subscribe(mid, topic, qos))
-        return await future  # type: ignore[return-value]
+        return await self.subscribe_many([(topic, qos, retain_handling)])
+
+    async def subscribe_many(self, filters: Sequence[tuple[str, int, int]]) -> list[int]:
+        """(filter, QoS, retain handling) in one SUBSCRIBE; one reason code each."""
+        mid, future = self._register(filters[0][0], holds_slot=False)
+        try:
+            packet = codec.subscribe(mid, filters)
+        except BaseException:
+            self._resolve(mid, None)
+            raise
+        self._write(packet)
+        codes: list[int] = await future  # type: ignore[assignment]
+        if len(codes) != len(filters):
+            self._abort(ConnectionLost("protocol error from the broker: SUBACK code count"))
+            raise self._error or ConnectionLost("SUBACK code count")
+        return codes
 
     async def publish(
         self,
@@ -250,6 +290,7 @@ class Client:
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
         user_properties: Sequence[tuple[str, str]] = (),
+        message_expiry: int | None = None,
         ack: Message | None = None,
     ) -> None:
         """Publish; at QoS 1, return once the broker acknowledged it.
@@ -261,6 +302,12 @@ class Client:
         for the reply's own PUBACK first.
         """
         self._check()
+        # The broker would answer either with a DISCONNECT (0x9B / 0x9A), dropping
+        # every other message in flight: refuse this one alone instead.
+        if qos > self.maximum_qos:
+            raise PublishRefused(topic, 0x9B)
+        if retain and not self.retain_available:
+            raise PublishRefused(topic, 0x9A)
         if not self._writable.is_set():
             await self._writable.wait()  # the socket's buffer is full: wait for it to drain
             self._check()
@@ -275,6 +322,7 @@ class Client:
                 correlation_data=correlation_data,
                 response_topic=response_topic,
                 user_properties=user_properties,
+                message_expiry=message_expiry,
             )
 
         if qos == 0:
@@ -307,8 +355,8 @@ class Client:
         if ack is not None:
             self.ack(ack)
         reason = await future
-        if isinstance(reason, int) and reason >= 0x80:
-            raise PublishRefused(topic, reason)
+        if isinstance(reason, tuple):  # (reason code, reason string) of a refusal
+            raise PublishRefused(topic, reason[0], reason[1])
 
     def ack(self, message: Message) -> None:
         """PUBACK a QoS 1 message received on this connection."""
@@ -404,6 +452,9 @@ class Client:
         kind = first & 0xF0
         if kind == codec.PUBLISH:
             message = codec.decode_publish(first, body)
+            if message.qos == 2:
+                self._refuse_qos2(message)
+                return
             size = len(message.payload)
             if message.qos == 0 and (
                 len(self._messages) >= MAX_QUEUED_QOS0
@@ -416,7 +467,14 @@ class Client:
             self._message_ready.set()
         elif kind == codec.PUBACK:
             mid, reason = codec.decode_ack(body)
-            self._resolve(mid, reason)
+            if reason >= 0x80:
+                self._resolve(mid, (reason, codec.ack_reason_string(body)))
+            else:
+                self._resolve(mid, reason)
+        elif first == codec.PUBREL:
+            # Only after a PUBREC of ours, which always refuses: nothing to release.
+            mid, _reason = codec.decode_ack(body)
+            self._write(codec.pubcomp(mid, 0x92))  # packet identifier not found
         elif kind == codec.SUBACK:
             mid, codes = codec.decode_suback(body)
             self._resolve(mid, codes)
@@ -428,10 +486,31 @@ class Client:
             pass
         elif kind == codec.DISCONNECT:
             code, why = codec.decode_disconnect(body)
-            text = f"broker disconnected us (0x{code:02x}{': ' + why if why else ''})"
+            name = reason_name(code)
+            text = f"broker disconnected us: {name} (0x{code:02x}{': ' + why if why else ''})"
             self._abort(ConnectionLost(text))
         else:
             raise ProtocolError(f"unexpected packet type 0x{first:02x}")
+
+    def _refuse_qos2(self, message: Message) -> None:
+        """A QoS 2 PUBLISH, though every subscription asked for at most QoS 1.
+
+        Dropping the connection over it would be a loop: the broker redelivers
+        it to the session after each reconnect. A PUBREC with a reason code
+        >= 0x80 ends the exchange for the broker instead (MQTT 5, 4.3.3), and
+        the message is not handed to the daemon, which could not ack it.
+        """
+        if message.mid == 0:
+            raise ProtocolError("QoS 2 PUBLISH without a packet identifier")
+        self.qos2_refused += 1
+        if self.qos2_refused <= QOS2_LOG_LIMIT:
+            log.warning(
+                "mqtt.qos2_refused",
+                topic=message.topic[:200],
+                refused=self.qos2_refused,
+                why="the broker sent QoS 2 although every subscription asked for at most QoS 1",
+            )
+        self._write(codec.pubrec(message.mid, 0x83))  # implementation specific error
 
     def _resolve(self, mid: int, result: object) -> None:
         entry = self._pending.pop(mid, None)

@@ -2,8 +2,9 @@
 
 CONNECT, PUBLISH (QoS 0/1), PUBACK, SUBSCRIBE, PINGREQ and DISCONNECT are
 written; CONNACK, PUBLISH, PUBACK, SUBACK, PINGRESP and DISCONNECT are read.
-QoS 2 is never requested (subscriptions ask for at most QoS 1), so its
-packets are a protocol error here.
+QoS 2 is never requested (subscriptions ask for at most QoS 1): a QoS 2
+PUBLISH a broker sends anyway is decoded so the client can refuse it with a
+PUBREC (and a PUBREL with a PUBCOMP); PUBREC and PUBCOMP to us are errors.
 
 Strings that arrive inside a PUBLISH are decoded leniently: the broker
 forwards what another client sent, and one malformed message must not tear
@@ -20,6 +21,9 @@ CONNECT = 0x10
 CONNACK = 0x20
 PUBLISH = 0x30
 PUBACK = 0x40
+PUBREC = 0x50
+PUBREL = 0x62
+PUBCOMP = 0x70
 SUBSCRIBE = 0x82
 SUBACK = 0x90
 PINGREQ = 0xC0
@@ -39,11 +43,16 @@ SUBSCRIPTION_ID = 0x0B
 SESSION_EXPIRY = 0x11
 ASSIGNED_CLIENT_ID = 0x12
 SERVER_KEEP_ALIVE = 0x13
+SERVER_REFERENCE = 0x1C
 REASON_STRING = 0x1F
 RECEIVE_MAXIMUM = 0x21
 TOPIC_ALIAS = 0x23
+MAXIMUM_QOS = 0x24
+RETAIN_AVAILABLE = 0x25
 USER_PROPERTY = 0x26
 MAXIMUM_PACKET_SIZE = 0x27
+WILDCARD_AVAILABLE = 0x28
+SHARED_AVAILABLE = 0x2A
 
 _BYTE, _U16, _U32, _VARINT, _STR, _BIN, _PAIR = range(7)
 _TYPES = {
@@ -94,6 +103,10 @@ class ConnAck:
     session_present: bool
     reason_code: int
     properties: dict[int, object]
+    # False: a 2-byte CONNACK, which only MQTT 3.1.1 and older send (an MQTT 5
+    # one always carries a property length); `reason_code` is then the old
+    # return code (0-5), not an MQTT 5 reason code.
+    mqtt5: bool = True
 
 
 # --------------------------------------------------------------------- primitives
@@ -128,14 +141,14 @@ def read_varint(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tupl
     raise ProtocolError("variable byte integer longer than 4 bytes")
 
 
-def _string(value: str) -> bytes:
+def string(value: str) -> bytes:
     raw = value.encode()
     if len(raw) > 0xFFFF:
         raise ValueError("string longer than 65535 bytes")
     return _U16S.pack(len(raw)) + raw
 
 
-def _binary(value: bytes) -> bytes:
+def binary(value: bytes) -> bytes:
     if len(value) > 0xFFFF:
         raise ValueError("binary field longer than 65535 bytes")
     return _U16S.pack(len(value)) + value
@@ -161,12 +174,12 @@ def encode_properties(props: Sequence[tuple[int, object]]) -> bytes:
         elif kind == _VARINT:
             out += varint(int(value))  # type: ignore[call-overload]
         elif kind == _STR:
-            out += _string(str(value))
+            out += string(str(value))
         elif kind == _BIN:
-            out += _binary(bytes(value))  # type: ignore[call-overload]
+            out += binary(bytes(value))  # type: ignore[call-overload]
         else:
             pair: tuple[str, str] = value  # type: ignore[assignment]
-            out += _string(pair[0]) + _string(pair[1])
+            out += string(pair[0]) + string(pair[1])
     return varint(len(out)) + bytes(out)
 
 
@@ -252,13 +265,13 @@ def connect(
     body.append(flags)
     body += _U16S.pack(keepalive)
     body += encode_properties(props)
-    body += _string(client_id)
+    body += string(client_id)
     if will is not None:
-        body += encode_properties(()) + _string(will.topic) + _binary(will.payload)
+        body += encode_properties(()) + string(will.topic) + binary(will.payload)
     if username is not None:
-        body += _string(username)
+        body += string(username)
     if password is not None:
-        body += _binary(password)
+        body += binary(password)
     return _packet(CONNECT, bytes(body))
 
 
@@ -272,14 +285,17 @@ def publish(
     correlation_data: bytes | None = None,
     response_topic: str | None = None,
     user_properties: Sequence[tuple[str, str]] = (),
+    message_expiry: int | None = None,
 ) -> bytes:
     props: list[tuple[int, object]] = []
+    if message_expiry is not None:
+        props.append((MESSAGE_EXPIRY, message_expiry))
     if response_topic is not None:
         props.append((RESPONSE_TOPIC, response_topic))
     if correlation_data is not None:
         props.append((CORRELATION_DATA, correlation_data))
     props.extend((USER_PROPERTY, pair) for pair in user_properties)
-    head = _string(topic)
+    head = string(topic)
     if qos:
         head += _U16S.pack(mid)
     first = PUBLISH | (qos << 1) | (1 if retain else 0)
@@ -290,8 +306,21 @@ def puback(mid: int) -> bytes:
     return b"\x40\x02" + _U16S.pack(mid)
 
 
-def subscribe(mid: int, topic: str, qos: int) -> bytes:
-    return _packet(SUBSCRIBE, _U16S.pack(mid) + b"\x00" + _string(topic) + bytes((qos,)))
+def subscribe(mid: int, filters: Sequence[tuple[str, int, int]]) -> bytes:
+    """One SUBSCRIBE for every (filter, QoS, retain handling)."""
+    body = bytearray(_U16S.pack(mid) + b"\x00")
+    for topic, qos, retain_handling in filters:
+        body += string(topic)
+        body.append(qos | (retain_handling << 4))
+    return _packet(SUBSCRIBE, bytes(body))
+
+
+def pubrec(mid: int, reason_code: int) -> bytes:
+    return b"\x50\x03" + _U16S.pack(mid) + bytes((reason_code,))
+
+
+def pubcomp(mid: int, reason_code: int) -> bytes:
+    return b"\x70\x03" + _U16S.pack(mid) + bytes((reason_code,))
 
 
 def disconnect(reason_code: int = 0) -> bytes:
@@ -317,8 +346,8 @@ def split_packet(buf: bytearray, pos: int) -> tuple[int, int, int] | None:
 
 def decode_publish(first: int, body: bytes) -> Message:
     qos = (first >> 1) & 0x03
-    if qos > 1:
-        raise ProtocolError("QoS 2 PUBLISH (never subscribed at QoS 2)")
+    if qos == 3:
+        raise ProtocolError("PUBLISH with QoS 3")
     size = _U16S.unpack_from(body, 0)[0]
     topic = body[2 : 2 + size].decode(errors="replace")
     pos = 2 + size
@@ -350,17 +379,26 @@ def decode_publish(first: int, body: bytes) -> Message:
 def decode_connack(body: bytes) -> ConnAck:
     if len(body) < 2:
         raise ProtocolError("short CONNACK")
-    props: dict[int, object] = {}
-    if len(body) > 2:
-        props, _users, _end = decode_properties(body, 2)
+    if len(body) == 2:
+        return ConnAck(bool(body[0] & 1), body[1], {}, mqtt5=False)
+    props, _users, _end = decode_properties(body, 2)
     return ConnAck(bool(body[0] & 1), body[1], props)
 
 
 def decode_ack(body: bytes) -> tuple[int, int]:
-    """(packet id, reason code) of a PUBACK."""
+    """(packet id, reason code) of a PUBACK (or PUBREL)."""
     if len(body) < 2:
         raise ProtocolError("short PUBACK")
     return _U16S.unpack_from(body, 0)[0], body[2] if len(body) > 2 else 0
+
+
+def ack_reason_string(body: bytes) -> str | None:
+    """The Reason String of a PUBACK, if it has one (only refusals are looked at)."""
+    if len(body) <= 3:
+        return None
+    props, _users, _end = decode_properties(body, 3)
+    found = props.get(REASON_STRING)
+    return found if isinstance(found, str) else None
 
 
 def decode_suback(body: bytes) -> tuple[int, list[int]]:
@@ -368,7 +406,10 @@ def decode_suback(body: bytes) -> tuple[int, list[int]]:
         raise ProtocolError("short SUBACK")
     mid = _U16S.unpack_from(body, 0)[0]
     _props, _users, pos = decode_properties(body, 2)
-    return mid, list(body[pos:])
+    codes = list(body[pos:])
+    if not codes:
+        raise ProtocolError("SUBACK without a reason code")
+    return mid, codes
 
 
 def decode_disconnect(body: bytes) -> tuple[int, str | None]:

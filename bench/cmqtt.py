@@ -1,0 +1,89 @@
+"""The physical limit: an echo responder and a load driver in C on libmosquitto.
+
+`bench/c/mqtt_echo.c` and `bench/c/mqtt_load.c` are built here on first use
+(`cc`, Debian `libmosquitto-dev`) into `bench/c/build/`. The driver does
+what `common.rpc_load` does (closed loop, same request shape), so "C driver
+-> C echo" is the most this machine and broker can carry, and "C driver ->
+daemon" is the daemon measured without the Python driver's own cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import LoadResult
+
+SOURCES = Path(__file__).resolve().parent / "c"
+BUILD = SOURCES / "build"
+PROGRAMS = ("mqtt_echo", "mqtt_load")
+
+
+class Unavailable(RuntimeError):
+    """No C compiler or no libmosquitto headers: the C figures are skipped."""
+
+
+def build() -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise Unavailable("no C compiler (cc)")
+    if not Path("/usr/include/mosquitto.h").exists():
+        raise Unavailable("libmosquitto-dev is not installed")
+    BUILD.mkdir(exist_ok=True)
+    for name in PROGRAMS:
+        source, binary = SOURCES / f"{name}.c", BUILD / name
+        if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+            continue
+        subprocess.run(
+            [cc, "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source), "-lmosquitto"],
+            check=True,
+        )
+    return BUILD
+
+
+@contextlib.contextmanager
+def c_echo_process(port: int, topic: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [str(build() / "mqtt_echo"), str(port), topic],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def c_load(
+    port: int,
+    topic: str,
+    body: dict[str, Any] | bytes,
+    *,
+    key: str | None,
+    n: int,
+    concurrency: int = 32,
+    warmup: int = 200,
+    timeout: float = 120,
+) -> LoadResult:
+    payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        f.write(payload)
+        f.flush()
+        proc = await asyncio.create_subprocess_exec(
+            str(build() / "mqtt_load"), str(port), topic, f.name, key or "-", str(n),
+            str(concurrency), str(warmup), str(int(timeout)),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"mqtt_load failed ({proc.returncode}): {err.decode().strip()}")
+    data = json.loads(out)
+    statuses = {int(k): v for k, v in data["statuses"].items()}
+    return LoadResult(data["n"], data["seconds"], data["latencies_ms"], statuses)
