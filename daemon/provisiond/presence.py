@@ -229,6 +229,17 @@ class Presence:
         self._negative.pop(device_id, None)
         self._devices.setdefault(device_id, _Dev())
 
+    def device_removed(self, device_id: int) -> None:
+        """A decommissioned device: no longer tracked, published or saved (its row is deleted)."""
+        dev = self._devices.pop(device_id, None)
+        if dev is not None and (dev.mqtt or device_id in self._extra):
+            self._online -= 1
+        self._extra.pop(device_id, None)
+        self._outbox.pop(device_id, None)
+        self._dirty.discard(device_id)
+        self._pending.pop(device_id, None)
+        # Its heap entry finds no record when it pops, and is skipped.
+
     # --- topic handlers (sync fast path)
 
     def on_heartbeat(self, delivery: Delivery, values: list[str]) -> None:

@@ -7,6 +7,7 @@ A feature appends its own named steps; names are recorded in
 from __future__ import annotations
 
 from provisiond import commands, devices, presence
+from provisiond.broker_accounts import store as broker_accounts_store
 from provisiond.store import Migration
 from provisiond.wifi import service as wifi_service
 
@@ -58,4 +59,5 @@ def all_migrations() -> list[Migration]:
         *wifi_service.MIGRATIONS,
         *presence.MIGRATIONS,
         *commands.MIGRATIONS,
+        *broker_accounts_store.MIGRATIONS,
     ]

@@ -23,6 +23,9 @@ from pydantic import AfterValidator, Field
 
 from provisiond import permissions, tokens
 from provisiond.app import App
+from provisiond.broker_accounts import MqttCredentials
+from provisiond.broker_accounts import store as account_store
+from provisiond.broker_accounts.feature import accounts_of, provision_with_account
 from provisiond.devices import Device, find_device
 from provisiond.errors import BadRequest, Conflict, Unavailable
 from provisiond.ops.devices import INT32_MAX, DeviceId, OrgId, UserId
@@ -105,6 +108,29 @@ def setup(app: App, router: Router) -> None:
             token = tokens.issue(db, device_id, now=now, lifetime=lifetime)
             return {"token": token, "deviceId": device_id}
 
+        # broker_accounts: the device's own account is made before its row is
+        # committed; see broker_accounts/feature.py for the ordering.
+        accounts = accounts_of(app)
+        if accounts is not None:
+
+            def check(db: sqlite_utils.Database) -> None:
+                permissions.check_owner_in_org(db, org_id=body.orgId, owner_id=body.ownerId)
+
+            def commit(
+                db: sqlite_utils.Database, device_id: int, creds: MqttCredentials
+            ) -> dict[str, Any]:
+                account_store.insert_reserved_device(
+                    db, device_id=device_id, org_id=body.orgId, owner_id=body.ownerId, now=now
+                )
+                token = tokens.issue(db, device_id, now=now, lifetime=lifetime)
+                return {"token": token, "deviceId": device_id, "mqtt": creds.reply()}
+
+            result = await provision_with_account(
+                app, accounts, request.write, check=check, commit=commit
+            )
+            request.log_fields["device"] = result["deviceId"]
+            return result
+
         result = await request.write(tx)
         request.log_fields["device"] = result["deviceId"]
         return result
@@ -116,6 +142,15 @@ def setup(app: App, router: Router) -> None:
         now = app.clock.now()
         lifetime = app.config.tokens.lifetime_seconds
         seen: list[Device] = []
+        accounts = accounts_of(app)
+        creds: MqttCredentials | None = None
+        if accounts is not None:
+            # Refusals (403/404) before the broker is touched; the new password
+            # (the old one dies now: see broker_accounts/feature.py) before the commit.
+            await app.store.call(
+                lambda db: permissions.provisionable_device(db, principal, body.deviceId)
+            )
+            creds = await accounts.rotate(body.deviceId)
 
         def tx(db: sqlite_utils.Database) -> dict[str, Any]:
             # Revoke and issue in one BEGIN IMMEDIATE transaction on the single
@@ -124,8 +159,16 @@ def setup(app: App, router: Router) -> None:
             device = permissions.provisionable_device(db, principal, body.deviceId)
             token = tokens.issue(db, device.id, now=now, lifetime=lifetime)
             db.execute("UPDATE devices SET reprovisioned_at = ? WHERE id = ?", [now, device.id])
+            # A decommissioned device comes back as a new, pending one.
+            db.execute(
+                "UPDATE devices SET state = 'pending' WHERE id = ? AND state = 'decommissioned'",
+                [device.id],
+            )
             seen.append(device)
-            return {"token": token, "deviceId": device.id}
+            reply: dict[str, Any] = {"token": token, "deviceId": device.id}
+            if creds is not None:
+                reply["mqtt"] = creds.reply()
+            return reply
 
         try:
             result = await request.write(tx)
@@ -153,6 +196,11 @@ def setup(app: App, router: Router) -> None:
         await asyncio.to_thread(_refuse_low_order, public_key)
         grant_keys: GrantKeys | None = app.services.get("grant_keys")
         jwks = list(grant_keys(device_id)) if grant_keys is not None else []
+        accounts = accounts_of(app)
+        if accounts is not None:
+            # Before the token is spent: a broker that is down fails activation
+            # with the token intact, to be tried again.
+            await accounts.activate(device_id)
         seen: list[Device] = []
 
         def tx(db: sqlite_utils.Database) -> dict[str, Any]:

@@ -1,0 +1,425 @@
+"""The `mosquitto-dynsec` backend: device accounts in mosquitto 2's dynamic-security plugin.
+
+Commands are JSON on `$CONTROL/dynamic-security/v1`, answered on
+`.../response`; each command carries a `correlationData` the plugin echoes,
+so many requests can share one connection.
+
+**The connection.** A dedicated connection (client id `<mqtt.client_id>-accounts`,
+clean session) on the daemon's own account, which holds the plugin's admin
+role. Not the daemon's main connection: that one is a persistent session
+whose subscriptions are the RPC router's (every message on it is routed by
+topic under `mqtt.topic_prefix`, and `$CONTROL/...` is outside it); a reply
+queued in that session across a restart would answer a command nobody waits
+for any more; and the CLI (`broker-accounts sync`, `devices decommission`)
+needs the very same code without a running daemon. It connects on first use
+and again after a loss, so a broker that is down costs a request a fast 503,
+not a hang.
+
+**One role per device.** mosquitto 2.0's dynamic-security ACLs match topics
+literally: there is no `%u`/`%c` substitution (it came with the `acl_file`
+`pattern` lines only; `tests/test_broker_accounts.py` checks that a `%u` ACL
+grants nothing on 2.0.11). So each device gets its own role, named like its
+account, holding its own topics. Measured in `bench/README.md`.
+
+**Role switches without a disconnect.** `addClientRole`/`removeClientRole`
+and `addRoleACL` make mosquitto disconnect the client; `modifyRole` (the
+whole ACL list at once) does not. Activation therefore rewrites the device's
+own role from pending to active while the device stays connected.
+`setClientPassword` and `deleteClient` do disconnect it: that is what a
+re-provision and a decommission want.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import uuid
+from typing import Any
+
+from provisiond import mqtt
+from provisiond.broker_accounts import (
+    AccountList,
+    BrokerAccountsUnavailable,
+    BrokerRefused,
+    MqttCredentials,
+    SyncPlan,
+    new_password,
+)
+from provisiond.config import Config, read_secret, resolve_path, secret_path
+from provisiond.logs import get_logger
+
+log = get_logger("provisiond.broker_accounts")
+
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
+# Commands per message when syncing many accounts: mosquitto saves its JSON
+# file once per command, so batching saves round trips, not file writes.
+BATCH = 200
+
+NOT_FOUND = ("Client not found", "Role not found")
+EXISTS = ("Client already exists", "Role already exists")
+
+
+def _acl(acltype: str, topic: str, *, allow: bool = True, priority: int = 0) -> dict[str, Any]:
+    return {"acltype": acltype, "topic": topic, "priority": priority, "allow": allow}
+
+
+def _no_shared_subscriptions() -> list[dict[str, Any]]:
+    # Joining the daemon's share group without read access would make mosquitto
+    # silently drop that member's share of the requests; refuse it outright,
+    # whatever a broader grant might say later.
+    return [_acl("subscribePattern", "$share/#", allow=False, priority=100)]
+
+
+def pending_acls(prefix: str, device_id: int) -> list[dict[str, Any]]:
+    """Before activation: call `device/activate`, hear its own replies. Nothing else."""
+    replies = f"{prefix}/devices/{device_id}/replies/#"
+    return [
+        _acl("publishClientSend", f"{prefix}/rpc/device/activate"),
+        _acl("subscribePattern", replies),
+        _acl("publishClientReceive", replies),
+        *_no_shared_subscriptions(),
+    ]
+
+
+def active_acls(prefix: str, device_id: int) -> list[dict[str, Any]]:
+    """After activation: send its own heartbeat, status (also its last will), command
+    acks and WiFi status; hear its own commands and replies."""
+    own = f"{prefix}/devices/{device_id}"
+    acls = [
+        _acl("publishClientSend", f"{own}/{leaf}")
+        for leaf in ("heartbeat", "status", "commands/ack", "wifi/status")
+    ]
+    for topic in (f"{own}/commands/#", f"{own}/replies/#"):
+        acls += [_acl("subscribePattern", topic), _acl("publishClientReceive", topic)]
+    return [*acls, *_no_shared_subscriptions()]
+
+
+def client_kwargs(config: Config) -> dict[str, Any]:
+    """The daemon's broker credentials and TLS, as for its main connection (blocking: file reads)."""
+    cfg = config.mqtt
+    kwargs: dict[str, Any] = {}
+    if cfg.username:
+        kwargs["username"] = cfg.username
+        if cfg.password_file:
+            kwargs["password"] = read_secret(config, cfg.password_file, key="mqtt.password_file")
+    if cfg.tls.enabled:
+        tls = cfg.tls
+        ctx = ssl.create_default_context(
+            cafile=str(resolve_path(config, tls.ca_file)) if tls.ca_file else None
+        )
+        if tls.cert_file:
+            ctx.load_cert_chain(
+                str(resolve_path(config, tls.cert_file)),
+                str(secret_path(config, tls.key_file)) if tls.key_file else None,
+            )
+        if tls.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        kwargs["tls"] = ctx
+    return kwargs
+
+
+class DynsecClient:
+    """Sends dynsec commands and waits for their answers, over one lazily made connection."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._timeout = config.broker_accounts.timeout_seconds
+        self._client: mqtt.Client | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connecting = asyncio.Lock()
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    async def _connection(self, operation: str) -> mqtt.Client:
+        client = self._client
+        if client is not None and client.is_connected:
+            return client
+        async with self._connecting:
+            client = self._client
+            if client is not None and client.is_connected:
+                return client
+            cfg = self._config.mqtt
+            kwargs = await asyncio.to_thread(client_kwargs, self._config)
+            client = mqtt.Client(
+                cfg.host,
+                cfg.port,
+                client_id=f"{cfg.client_id}-accounts",
+                clean_start=True,
+                keepalive=cfg.keepalive_seconds,
+                connect_timeout=self._timeout,
+                **kwargs,
+            )
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await client.connect()
+                    granted = await client.subscribe(RESPONSE_TOPIC, qos=1)
+            except (mqtt.MqttError, OSError, TimeoutError) as exc:
+                with contextlib.suppress(mqtt.MqttError, OSError):
+                    await client.disconnect()
+                reason = str(exc) or type(exc).__name__
+                raise BrokerAccountsUnavailable(
+                    f"broker unreachable while {operation}: {reason}",
+                    operation=operation,
+                    reason=reason,
+                ) from None
+            if any(code >= 0x80 for code in granted):
+                await client.disconnect()
+                raise BrokerRefused(
+                    operation=operation,
+                    command="subscribe",
+                    error=f"may not read {RESPONSE_TOPIC} (no dynamic-security admin role?)",
+                )
+            self._client = client
+            self._reader = asyncio.get_running_loop().create_task(self._read(client))
+            return client
+
+    async def _read(self, client: mqtt.Client) -> None:
+        try:
+            async for message in client.messages():
+                client.ack(message)
+                try:
+                    doc = json.loads(message.payload)
+                except ValueError:
+                    continue
+                for response in doc.get("responses", []) if isinstance(doc, dict) else []:
+                    corr = response.get("correlationData") if isinstance(response, dict) else None
+                    future = self._waiting.pop(corr, None) if isinstance(corr, str) else None
+                    if future is not None and not future.done():
+                        future.set_result(response)
+        except mqtt.MqttError:
+            pass
+        finally:
+            # Whoever still waits learns now, not at their timeout.
+            for corr, future in list(self._waiting.items()):
+                if not future.done():
+                    future.set_exception(mqtt.ConnectionLost("broker connection lost"))
+                self._waiting.pop(corr, None)
+
+    async def call(self, operation: str, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send commands in one message; their responses in order (each may hold "error")."""
+        client = await self._connection(operation)
+        loop = asyncio.get_running_loop()
+        sent: list[dict[str, Any]] = []
+        futures: list[asyncio.Future[dict[str, Any]]] = []
+        for command in commands:
+            corr = uuid.uuid4().hex
+            future: asyncio.Future[dict[str, Any]] = loop.create_future()
+            self._waiting[corr] = future
+            futures.append(future)
+            sent.append({**command, "correlationData": corr})
+        try:
+            async with asyncio.timeout(self._timeout):
+                await client.publish(CONTROL_TOPIC, json.dumps({"commands": sent}).encode(), qos=1)
+                return [await future for future in futures]
+        except mqtt.PublishRefused as exc:
+            raise BrokerRefused(
+                operation=operation,
+                command=commands[0]["command"] if commands else "?",
+                error=f"publish on {CONTROL_TOPIC} refused (0x{exc.reason_code:02x})",
+            ) from None
+        except TimeoutError:
+            raise BrokerAccountsUnavailable(
+                f"no answer from the dynamic-security plugin within {self._timeout}s"
+                f" while {operation}",
+                operation=operation,
+                reason="timeout",
+            ) from None
+        except mqtt.MqttError as exc:
+            raise BrokerAccountsUnavailable(
+                f"broker connection lost while {operation}: {exc}",
+                operation=operation,
+                reason=str(exc),
+            ) from None
+        finally:
+            for command in sent:
+                self._waiting.pop(command["correlationData"], None)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(mqtt.MqttError, OSError):
+                await client.disconnect()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+
+
+def _check(
+    operation: str,
+    commands: list[dict[str, Any]],
+    responses: list[dict[str, Any]],
+    *,
+    tolerate: tuple[str, ...] = (),
+) -> list[str | None]:
+    """The error of each response (None: done); raises on any error not tolerated."""
+    errors: list[str | None] = []
+    for command, response in zip(commands, responses, strict=True):
+        error = response.get("error")
+        if error is not None and str(error) not in tolerate:
+            raise BrokerRefused(operation=operation, command=command["command"], error=str(error))
+        errors.append(None if error is None else str(error))
+    return errors
+
+
+class MosquittoDynsec:
+    """`BrokerAccounts` on mosquitto's dynamic-security plugin."""
+
+    enabled = True
+
+    def __init__(self, config: Config, client: DynsecClient | None = None) -> None:
+        ba = config.broker_accounts
+        self._prefix = ba.username_prefix
+        self._topics = config.mqtt.topic_prefix
+        self._host = ba.host or config.mqtt.host
+        self._port = ba.port
+        self._tls_port = ba.tls_port
+        self.client = client or DynsecClient(config)
+
+    def username(self, device_id: int) -> str:
+        return f"{self._prefix}{device_id}"
+
+    def _credentials(self, device_id: int, password: str) -> MqttCredentials:
+        return MqttCredentials(
+            self.username(device_id), password, self._host, self._port, self._tls_port
+        )
+
+    async def _run(
+        self, operation: str, commands: list[dict[str, Any]], *, tolerate: tuple[str, ...] = ()
+    ) -> list[str | None]:
+        responses = await self.client.call(operation, commands)
+        return _check(operation, commands, responses, tolerate=tolerate)
+
+    async def create(self, device_id: int) -> MqttCredentials:
+        name = self.username(device_id)
+        password = new_password()
+        operation = f"creating the account of device {device_id}"
+        commands: list[dict[str, Any]] = [
+            {
+                "command": "createRole",
+                "rolename": name,
+                "acls": pending_acls(self._topics, device_id),
+            },
+            {
+                "command": "createClient",
+                "username": name,
+                "password": password,
+                "roles": [{"rolename": name}],
+            },
+        ]
+        responses = await self.client.call(operation, commands)
+        try:
+            _check(operation, commands, responses)
+        except BrokerRefused:
+            # Undo only what this call made: a role or account that already
+            # existed (hand-made, say) is not ours to delete.
+            if responses[0].get("error") is None:
+                with contextlib.suppress(BrokerAccountsUnavailable):
+                    await self._run(
+                        operation, [{"command": "deleteRole", "rolename": name}], tolerate=NOT_FOUND
+                    )
+            raise
+        log.info("broker_accounts.created", device=device_id, username=name)
+        return self._credentials(device_id, password)
+
+    async def rotate(self, device_id: int) -> MqttCredentials:
+        name = self.username(device_id)
+        password = new_password()
+        operation = f"re-provisioning the account of device {device_id}"
+        # Role first: the disconnect that setClientPassword causes must find
+        # the device already limited to activation when it comes back.
+        commands: list[dict[str, Any]] = [
+            {
+                "command": "modifyRole",
+                "rolename": name,
+                "acls": pending_acls(self._topics, device_id),
+            },
+            {"command": "setClientPassword", "username": name, "password": password},
+        ]
+        errors = await self._run(operation, commands, tolerate=NOT_FOUND)
+        if any(errors):
+            # Decommissioned (or never made, or half-deleted): start afresh.
+            await self._run(
+                operation,
+                [
+                    {"command": "deleteClient", "username": name},
+                    {"command": "deleteRole", "rolename": name},
+                ],
+                tolerate=NOT_FOUND,
+            )
+            return await self.create(device_id)
+        log.info("broker_accounts.rotated", device=device_id, username=name)
+        return self._credentials(device_id, password)
+
+    async def activate(self, device_id: int) -> None:
+        name = self.username(device_id)
+        command = {
+            "command": "modifyRole",
+            "rolename": name,
+            "acls": active_acls(self._topics, device_id),
+        }
+        errors = await self._run(
+            f"activating the account of device {device_id}", [command], tolerate=NOT_FOUND
+        )
+        if errors[0] is not None:
+            # Provisioned before this backend was on: its account, if any, is
+            # managed elsewhere. Activation itself does not depend on it.
+            log.warning("broker_accounts.no_role", device=device_id, username=name)
+
+    async def delete(self, device_id: int) -> None:
+        name = self.username(device_id)
+        await self._run(
+            f"deleting the account of device {device_id}",
+            [
+                {"command": "deleteClient", "username": name},
+                {"command": "deleteRole", "rolename": name},
+            ],
+            tolerate=NOT_FOUND,
+        )
+        log.info("broker_accounts.deleted", device=device_id, username=name)
+
+    async def list_accounts(self) -> AccountList:
+        operation = "listing accounts"
+        commands: list[dict[str, Any]] = [
+            {"command": "listClients", "verbose": False, "count": -1, "offset": 0},
+            {"command": "listRoles", "verbose": False, "count": -1, "offset": 0},
+        ]
+        responses = await self.client.call(operation, commands)
+        _check(operation, commands, responses)
+        clients = responses[0].get("data", {}).get("clients", [])
+        roles = responses[1].get("data", {}).get("roles", [])
+        return AccountList(
+            frozenset(str(c) for c in clients if isinstance(c, str)),
+            frozenset(str(r) for r in roles if isinstance(r, str)),
+        )
+
+    async def apply(self, plan: SyncPlan) -> None:
+        commands: list[dict[str, Any]] = [
+            {"command": "deleteClient", "username": name} for name in plan.delete_clients
+        ]
+        commands += [{"command": "deleteRole", "rolename": name} for name in plan.delete_roles]
+        for repair in plan.repairs:
+            name = self.username(repair.device_id)
+            acls = (active_acls if repair.active else pending_acls)(self._topics, repair.device_id)
+            if repair.create_role:
+                commands.append({"command": "createRole", "rolename": name, "acls": acls})
+            if repair.create_client:
+                # No password: nobody could know one. The device connects
+                # again once a re-provision gives it credentials.
+                commands.append(
+                    {"command": "createClient", "username": name, "roles": [{"rolename": name}]}
+                )
+            elif repair.create_role:
+                commands.append({"command": "addClientRole", "username": name, "rolename": name})
+        for start in range(0, len(commands), BATCH):
+            # Tolerant: a device provisioned or decommissioned meanwhile has
+            # already done what this step would.
+            await self._run(
+                "syncing accounts", commands[start : start + BATCH], tolerate=NOT_FOUND + EXISTS
+            )
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,128 @@
+"""Wiring of broker accounts into the running daemon, and the provisioning steps that use them.
+
+`setup` puts the backend at `app.services["broker_accounts"]`, closes it at
+stop, and runs `sync` in the background at start. The ordering rules the
+provisioning operations follow:
+
+- `provision_with_account`: reserve the id → make the account → commit the
+  device, token and reply (replay record) in one transaction. The broker
+  refusing or unreachable is a 503 with no row and no token; a failed commit
+  deletes the account again; a crash in between leaves an account of a
+  reserved id, which `sync` deletes once the reservation is stale.
+- re-provision (`accounts.rotate`): new password and the pending role *before* the
+  new token is committed. The old password stops working right then (and a
+  connected device is disconnected): re-provisioning is what an operator does
+  when a device is reset, handed over or suspected compromised, and its old
+  credentials must not outlive its old token, which is revoked at the same
+  moment. If the commit then fails, the device holds neither; the 503 says
+  so, and a retry issues both.
+- activation (`accounts.activate`): the role switch to active happens before the token is
+  spent, so a broker that is down fails activation with the token intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import sqlite_utils
+
+from provisiond.app import App
+from provisiond.broker_accounts import (
+    BrokerAccounts,
+    BrokerAccountsUnavailable,
+    MqttCredentials,
+    make_backend,
+)
+from provisiond.broker_accounts import store as account_store
+from provisiond.broker_accounts.sync import sync
+from provisiond.logs import get_logger
+from provisiond.rpc import Router
+
+log = get_logger("provisiond.broker_accounts")
+
+SERVICE = "broker_accounts"
+
+Write = Callable[[Callable[[sqlite_utils.Database], dict[str, Any]]], Awaitable[dict[str, Any]]]
+
+
+def accounts_of(app: App) -> BrokerAccounts | None:
+    """The backend when accounts are managed here; None for `none` (or not set up)."""
+    accounts: BrokerAccounts | None = app.services.get(SERVICE)
+    return accounts if accounts is not None and accounts.enabled else None
+
+
+async def _undo(accounts: BrokerAccounts, device_id: int) -> None:
+    # Shielded: a cancelled request must still not leave an account behind.
+    # If the broker is gone too, sync removes it later (the reservation stays).
+    try:
+        await asyncio.shield(accounts.delete(device_id))
+    except (BrokerAccountsUnavailable, asyncio.CancelledError) as exc:
+        log.warning("broker_accounts.undo_failed", device=device_id, error=str(exc))
+
+
+async def provision_with_account(
+    app: App,
+    accounts: BrokerAccounts,
+    write: Write,
+    *,
+    check: Callable[[sqlite_utils.Database], None],
+    commit: Callable[[sqlite_utils.Database, int, MqttCredentials], dict[str, Any]],
+) -> dict[str, Any]:
+    """`check(db)` refuses before anything is made; `commit(db, device_id, creds)`
+    inserts the device row (`store.insert_reserved_device`) and returns the reply."""
+    now = app.clock.now()
+
+    def reserve(db: sqlite_utils.Database) -> int:
+        check(db)
+        return account_store.reserve_device_id(db, now=now)
+
+    device_id = await app.store.write(reserve)
+    try:
+        creds = await accounts.create(device_id)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await app.store.write(lambda db: account_store.release(db, device_id))
+        raise
+    try:
+        return await write(lambda db: commit(db, device_id, creds))
+    except BaseException:
+        await _undo(accounts, device_id)
+        with contextlib.suppress(Exception):
+            await app.store.write(lambda db: account_store.release(db, device_id))
+        raise
+
+
+def setup(app: App, _router: Router) -> None:
+    accounts = make_backend(app.config)
+    app.services[SERVICE] = accounts
+
+    async def start() -> None:
+        if accounts.enabled and app.config.broker_accounts.sync_at_start:
+            app.spawn(_sync_at_start(app, accounts), name="broker-accounts-sync")
+
+    app.on_start.append(start)
+    app.on_stop.append(accounts.close)
+
+
+async def _sync_at_start(app: App, accounts: BrokerAccounts) -> None:
+    # The daemon's own connection comes up first; a sync that finds the broker
+    # unreachable tries again a few times, then leaves it to the operator.
+    for attempt in range(5):
+        try:
+            result = await sync(
+                accounts,
+                app.store.call,
+                prefix=app.config.broker_accounts.username_prefix,
+                now=app.clock.now(),
+                apply=True,
+            )
+        except BrokerAccountsUnavailable as exc:
+            log.warning("broker_accounts.sync_failed", error=exc.message, attempt=attempt + 1)
+            await asyncio.sleep(2.0 * (attempt + 1))
+            continue
+        if result.plan.empty:
+            log.info("broker_accounts.in_sync")
+        return
