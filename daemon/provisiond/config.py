@@ -168,7 +168,7 @@ class Config(Section):
         # own account must be the one holding its admin role.
         if self.broker_accounts.backend == "mosquitto-dynsec" and not self.mqtt.username:
             raise ValueError(
-                "broker_accounts.backend = \"mosquitto-dynsec\" needs mqtt.username"
+                'broker_accounts.backend = "mosquitto-dynsec" needs mqtt.username'
                 " (an account holding the dynamic-security admin role)"
             )
         return self
