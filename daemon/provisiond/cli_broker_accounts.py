@@ -1,0 +1,195 @@
+"""`provisiond devices decommission ID` and `provisiond broker-accounts sync [--apply]`.
+
+`devices decommission` asks the running daemon (`P/rpc/device/decommission`)
+with an operator API key, like `status`: only the daemon can drop the device
+from its in-memory presence and command delivery, so the shell does not go
+around it. `broker-accounts sync` needs no daemon: it reads the store file and
+talks to the broker's dynamic-security plugin on the daemon's own account.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import uuid
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from provisiond.broker_accounts import BrokerAccountsUnavailable, make_backend
+from provisiond.broker_accounts.dynsec import client_kwargs
+from provisiond.broker_accounts.sync import sync
+from provisiond.config import ENV_KEY, Config, config_path, load
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+DEFAULT_TIMEOUT = 10.0
+
+
+class OperatorError(Exception):
+    """Something the operator must fix; printed as one line, exit 1."""
+
+
+def _fail(message: str) -> int:
+    print(f"provisiond: {message}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+async def ask(
+    config: Config, key: str, operation: str, body: dict[str, Any], wait_seconds: float
+) -> dict[str, Any]:
+    """One request to the running daemon as a short-lived MQTT v5 client; the reply envelope."""
+    timeout = wait_seconds
+    mqtt = config.mqtt
+    prefix = mqtt.topic_prefix
+    tag = uuid.uuid4().hex[:12]
+    reply_topic = f"{prefix}/replies/cli-{tag}"
+    correlation = uuid.uuid4().bytes
+    kwargs = await asyncio.to_thread(client_kwargs, config)
+    if "password" in kwargs:
+        kwargs["password"] = kwargs["password"].decode()
+    if "tls" in kwargs:
+        kwargs["tls_context"] = kwargs.pop("tls")
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.ResponseTopic = reply_topic
+    props.CorrelationData = correlation
+    props.UserProperty = [("authorization", f"Bearer {key}")]
+    # A daemon that is down must not act on it later, when nobody waits.
+    props.MessageExpiryInterval = max(1, math.ceil(timeout))
+    where = f"{mqtt.host}:{mqtt.port}"
+    try:
+        async with aiomqtt.Client(
+            mqtt.host,
+            mqtt.port,
+            identifier=f"{mqtt.client_id}-cli-{tag}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=True,
+            timeout=timeout,
+            **kwargs,
+        ) as client:
+            await client.subscribe(reply_topic, qos=1)
+            await client.publish(
+                f"{prefix}/rpc/{operation}", json.dumps(body).encode(), qos=1, properties=props
+            )
+            try:
+                async with asyncio.timeout(timeout):
+                    async for message in client.messages:
+                        got = getattr(message.properties, "CorrelationData", None)
+                        if got is not None and bytes(got) == correlation:
+                            payload = message.payload
+                            data = payload if isinstance(payload, bytes | bytearray) else b""
+                            result: dict[str, Any] = json.loads(data)
+                            return result
+            except TimeoutError:
+                raise OperatorError(
+                    f"no reply from the daemon within {timeout:g}s on {prefix}/rpc/{operation}"
+                    f" via {where}; is it running?"
+                ) from None
+    except aiomqtt.MqttError as exc:
+        raise OperatorError(f"cannot talk to the broker at {where}: {exc}") from None
+    raise OperatorError(f"the connection to {where} closed before the daemon replied")
+
+
+def cmd_devices_decommission(args: argparse.Namespace) -> int:
+    key = args.key or os.environ.get(ENV_KEY, "")
+    if not key:
+        return _fail(
+            f"decommission needs an API key with scope provision:write: --key or ${ENV_KEY}"
+        )
+    config = load(config_path(args.config))
+    try:
+        reply = asyncio.run(
+            ask(config, key, "device/decommission", {"deviceId": args.id}, args.timeout)
+        )
+    except OperatorError as exc:
+        return _fail(str(exc))
+    if reply.get("status") != 200:
+        error = reply.get("error") or {}
+        return _fail(
+            f"the daemon answered {reply.get('status')} {error.get('code', '')}: "
+            f"{error.get('message', '')}"
+        )
+    print(f"device {args.id} decommissioned")
+    return EXIT_OK
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from provisiond.cli import open_db  # deferred: cli.py imports this module
+    from provisiond.clock import Clock
+
+    config = load(config_path(args.config))
+    if config.broker_accounts.backend == "none":
+        return _fail('broker_accounts.backend is "none": accounts are managed elsewhere')
+    db = open_db(config)
+
+    async def store_call(fn: Any) -> Any:
+        # The CLI's own connection; one short read and at most one short write.
+        return fn(db)
+
+    async def run() -> dict[str, Any]:
+        accounts = make_backend(config)
+        try:
+            result = await sync(
+                accounts,
+                store_call,
+                prefix=config.broker_accounts.username_prefix,
+                now=Clock().now(),
+                apply=args.apply,
+            )
+        finally:
+            await accounts.close()
+        return result.summary()
+
+    try:
+        summary = asyncio.run(run())
+    except BrokerAccountsUnavailable as exc:
+        return _fail(exc.message)
+    finally:
+        db.conn.close()
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    if not args.apply and (
+        summary["delete_clients"] or summary["delete_roles"] or summary["create"]
+    ):
+        print("dry run: nothing changed; run again with --apply to fix", file=sys.stderr)
+    return EXIT_OK
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    devices = next(
+        action
+        for action in sub.choices["devices"]._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    p = devices.add_parser(
+        "decommission",
+        parents=[common],
+        help="take a device out of service (asks the running daemon; needs provision:write)",
+    )
+    p.add_argument("id", type=_positive_int, metavar="ID")
+    p.add_argument("--key", help=f"API key with scope provision:write (default ${ENV_KEY})")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    p.set_defaults(fn=cmd_devices_decommission)
+
+    accounts = sub.add_parser(
+        "broker-accounts", parents=[common], help="devices' broker accounts"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = accounts.add_parser(
+        "sync",
+        parents=[common],
+        help="compare the broker's device accounts with the store; fix with --apply",
+    )
+    p.add_argument("--apply", action="store_true", help="make the changes (default: dry run)")
+    p.set_defaults(fn=cmd_sync)
