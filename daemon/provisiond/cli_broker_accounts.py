@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -160,6 +161,26 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_init_dynsec(args: argparse.Namespace) -> int:
+    from provisiond.broker_accounts.bootstrap import BootstrapError, init_dynsec
+
+    passwords: dict[str, str] = {}
+    for item in args.password or ():
+        username, sep, path = item.partition("=")
+        if not sep or not username or not path:
+            return _fail(f"--password wants USERNAME=FILE, not {item!r}")
+        try:
+            passwords[username] = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            return _fail(f"cannot read the password file of {username}: {exc.strerror}")
+    try:
+        names = init_dynsec(Path(args.template), Path(args.out), passwords)
+    except (BootstrapError, OSError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"{args.out} written; passwords set for: {', '.join(names) or '(none)'}")
+    return EXIT_OK
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -193,3 +214,17 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--apply", action="store_true", help="make the changes (default: dry run)")
     p.set_defaults(fn=cmd_sync)
+    p = accounts.add_parser(
+        "init-dynsec",
+        parents=[common],
+        help="write mosquitto's first dynamic-security file from the shipped template",
+    )
+    p.add_argument("template", help="config/mosquitto/dynamic-security.json")
+    p.add_argument("out", help="the plugin's plugin_opt_config_file (written 0600)")
+    p.add_argument(
+        "--password",
+        action="append",
+        metavar="USERNAME=FILE",
+        help="set this account's password from the file (repeatable)",
+    )
+    p.set_defaults(fn=cmd_init_dynsec)
