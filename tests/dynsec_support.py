@@ -233,13 +233,18 @@ class Admin:
         self.client = client
 
     async def __call__(self, *commands: dict[str, Any]) -> list[dict[str, Any]]:
+        # Every admin reads every answer (the daemon's too): keep only ours.
+        corr = uuid.uuid4().hex
+        sent = [{**c, "correlationData": f"{corr}-{i}"} for i, c in enumerate(commands)]
         await self.client.publish(
-            "$CONTROL/dynamic-security/v1", json.dumps({"commands": list(commands)}).encode(), qos=1
+            "$CONTROL/dynamic-security/v1", json.dumps({"commands": sent}).encode(), qos=1
         )
         async with asyncio.timeout(5):
             async for message in self.client.messages():
+                self.client.ack(message)
                 result: list[dict[str, Any]] = json.loads(message.payload)["responses"]
-                return result
+                if result and str(result[0].get("correlationData", "")).startswith(corr):
+                    return result
         raise AssertionError("no response")
 
     async def clients(self) -> set[str]:

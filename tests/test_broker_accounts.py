@@ -489,7 +489,7 @@ backend = "mosquitto-dynsec"
 
         async def sync(*extra: str) -> int:
             return await asyncio.to_thread(
-                cli.main, ["-c", str(config_file), "broker-accounts", "sync", *extra]
+                cli.main, ["broker-accounts", "sync", "-c", str(config_file), *extra]
             )
 
         assert await sync() == 0

@@ -58,7 +58,8 @@ RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
 # file once per command, so batching saves round trips, not file writes.
 BATCH = 200
 
-NOT_FOUND = ("Client not found", "Role not found")
+# mosquitto 2.0 words "not found" both ways, depending on the command.
+NOT_FOUND = ("Client not found", "Role not found", "Role does not exist")
 EXISTS = ("Client already exists", "Role already exists")
 
 
