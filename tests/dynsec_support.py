@@ -33,21 +33,21 @@ from cryptography.x509.oid import NameOID
 from provisiond import mqtt
 from provisiond.broker_accounts.bootstrap import init_dynsec
 from provisiond.config import Config
-from support import MOSQUITTO, RpcClient, free_port, make_config, remember_secret
+from support import (
+    BROKER_PASSWORDS,
+    MOSQUITTO,
+    RpcClient,
+    free_port,
+    make_config,
+    remember_password,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "config" / "mosquitto"
 PREFIX = "provisiond"  # the shipped roles are written for the default prefix
 PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 
-# Every broker password a test learns, for the store-file and retained-message checks.
-BROKER_PASSWORDS: set[str] = set()
-
-
-def remember_password(value: str) -> str:
-    BROKER_PASSWORDS.add(value)
-    return remember_secret(value)
-
+__all__ = ["BROKER_PASSWORDS", "remember_password"]
 
 PASSWORDS = {
     "provisiond": remember_password("daemon-pw-" + uuid.uuid4().hex[:12]),

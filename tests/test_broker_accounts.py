@@ -9,6 +9,7 @@ refuses everything their role does not allow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -542,27 +543,37 @@ async def test_dynsec_acls_have_no_username_patterns(dynsec: DynsecBroker) -> No
             await refused_publish(client, "x/patterned/hb")
 
 
-# --- no password anywhere it must not be
+# --- no password anywhere it must not be (see also leakcheck.py: logs, events, store files)
 
 
-def test_no_broker_password_in_store_files_or_broker_state(tmp_path: Path) -> None:
-    """Runs last in this module (pytest keeps file order): every password the
-    tests above were issued is looked for in every store file they wrote."""
-    from dynsec_support import BROKER_PASSWORDS
-
-    issued = {
-        p
-        for p in BROKER_PASSWORDS
-        if not p.startswith(("daemon-pw", "backend-pw", "admin-pw", "patterned"))
-    }
-    base = tmp_path.parent
-    files = [
-        p
-        for p in base.rglob("*")
-        if p.is_file() and p.suffix in (".db", ".db-wal", ".json", ".log")
-    ]
-    files += [p for p in base.rglob("*-wal") if p.is_file()]
-    leaks = [
-        str(path) for path in files for password in issued if password.encode() in path.read_bytes()
-    ]
-    assert not leaks, leaks
+async def test_no_device_password_in_retained_messages_or_the_brokers_file(
+    dynsec: DynsecBroker, tmp_path: Path
+) -> None:
+    config = dynsec.config(tmp_path)
+    key = org_key(config)
+    async with running(config), ServiceRpc(config) as rpc:
+        body, device = await activated_device(dynsec, rpc, key)
+        await device.publish(f"{PREFIX}/devices/{body['deviceId']}/heartbeat", b"{}", qos=1)
+        await device.disconnect()
+        password = body["mqtt"]["password"].encode()
+        await asyncio.sleep(0.3)
+        # Everything retained under the prefix, read as the daemon's own account.
+        reader = mqtt.Client(
+            "127.0.0.1",
+            dynsec.local_port,
+            username="provisiond",
+            password=PASSWORDS["provisiond"].encode(),
+            client_id="retained-reader",
+        )
+        retained: list[bytes] = []
+        async with reader:
+            await reader.subscribe(f"{PREFIX}/#", qos=1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    async for message in reader.messages():
+                        reader.ack(message)
+                        if message.retain:
+                            retained.append(message.topic.encode() + b" " + message.payload)
+        assert retained  # at least the daemon status and the device's presence
+        assert not [r for r in retained if password in r]
+        assert password not in dynsec.state.read_bytes()
