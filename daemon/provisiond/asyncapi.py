@@ -303,7 +303,7 @@ def build(app: App, router: Router) -> dict[str, Any]:
         if "{event}" in address:
             params["event"] = {
                 "description": "`presence`, `command`, `device/activated`, "
-                "`device/reprovisioned`, `wifi/configured`, `wifi/failed`, ..."
+                "`device/reprovisioned`, `device/decommissioned`, `wifi/configured`, `wifi/failed`, ..."
             }
         messages[key] = {"name": key, "summary": summary, "payload": payload}
         channels[key] = {
