@@ -26,9 +26,8 @@ import sqlite_utils
 from provisiond import permissions, tokens
 from provisiond.app import App
 from provisiond.broker_accounts import BrokerAccounts
-from provisiond.broker_accounts.feature import accounts_of
-from provisiond.devices import Device, find_device
-from provisiond.errors import NotFound
+from provisiond.broker_accounts.feature import accounts_of, device_lock
+from provisiond.devices import Device
 from provisiond.logs import get_logger
 from provisiond.mqtt import PublishRefused
 from provisiond.ops.devices import DeviceId
@@ -69,7 +68,6 @@ def setup(app: App, router: Router) -> None:
         request.log_fields["device"] = device_id
         # Refusals (403/404) before the broker is touched.
         await app.store.call(lambda db: permissions.provisionable_device(db, principal, device_id))
-        await delete_account(accounts_of(app), device_id)
         now = app.clock.now()
         seen: list[tuple[Device, int]] = []
 
@@ -80,7 +78,9 @@ def setup(app: App, router: Router) -> None:
             return {"deviceId": device_id, "state": DECOMMISSIONED}
 
         try:
-            result = await request.write(tx)
+            async with device_lock(app, device_id):
+                await delete_account(accounts_of(app), device_id)
+                result = await request.write(tx)
         finally:
             app.devices.forget(device_id)
         device, dropped = seen[0]
@@ -112,10 +112,3 @@ async def forget_presence(app: App, device_id: int) -> None:
         # The row is gone, so a restart publishes nothing for it either; only
         # the broker's retained copy outlives this until cleared by hand.
         log.warning("decommission.presence_not_cleared", device=device_id, error=str(exc))
-
-
-def require_device(db: sqlite_utils.Database, device_id: int) -> Device:
-    device = find_device(db, device_id)
-    if device is None:
-        raise NotFound(f"no device with id {device_id}", code="device_not_found")
-    return device

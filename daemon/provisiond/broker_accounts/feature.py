@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import sqlite_utils
@@ -46,6 +46,37 @@ log = get_logger("provisiond.broker_accounts")
 SERVICE = "broker_accounts"
 
 Write = Callable[[Callable[[sqlite_utils.Database], dict[str, Any]]], Awaitable[dict[str, Any]]]
+
+
+class DeviceLocks:
+    """One account change per device at a time in this process.
+
+    Two re-provisions of one device racing could otherwise commit the token
+    of one and leave the broker with the password of the other.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._users: dict[int, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, device_id: int) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(device_id, asyncio.Lock())
+        self._users[device_id] = self._users.get(device_id, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[device_id] -= 1
+            if not self._users[device_id]:
+                del self._users[device_id]
+                del self._locks[device_id]
+
+
+def device_lock(app: App, device_id: int) -> contextlib.AbstractAsyncContextManager[None]:
+    """Held around a device's broker step and store commit (re-provision, decommission)."""
+    locks: DeviceLocks = app.services.setdefault("broker_account_locks", DeviceLocks())
+    return locks.hold(device_id)
 
 
 def accounts_of(app: App) -> BrokerAccounts | None:

@@ -97,8 +97,11 @@ async def sync(
 ) -> SyncResult:
     """Compare (and with `apply`, fix). `store_call` runs a function on the store
     (the daemon's `Store.call`, or a direct call in the CLI)."""
-    states, in_flight, stale = await store_call(lambda db: account_store.snapshot(db, now=now))
+    # The broker first: every account it lists was made after its id was
+    # reserved, so the store read next knows that id (reserved or committed),
+    # and an account being made right now is never taken for a stray one.
     listed = await accounts.list_accounts()
+    states, in_flight, stale = await store_call(lambda db: account_store.snapshot(db, now=now))
     plan = make_plan(prefix, states, in_flight, listed.clients, listed.roles)
     if apply:
         if not plan.empty:

@@ -25,7 +25,7 @@ from provisiond import permissions, tokens
 from provisiond.app import App
 from provisiond.broker_accounts import MqttCredentials
 from provisiond.broker_accounts import store as account_store
-from provisiond.broker_accounts.feature import accounts_of, provision_with_account
+from provisiond.broker_accounts.feature import accounts_of, device_lock, provision_with_account
 from provisiond.devices import Device, find_device
 from provisiond.errors import BadRequest, Conflict, Unavailable
 from provisiond.ops.devices import INT32_MAX, DeviceId, OrgId, UserId
@@ -143,14 +143,7 @@ def setup(app: App, router: Router) -> None:
         lifetime = app.config.tokens.lifetime_seconds
         seen: list[Device] = []
         accounts = accounts_of(app)
-        creds: MqttCredentials | None = None
-        if accounts is not None:
-            # Refusals (403/404) before the broker is touched; the new password
-            # (the old one dies now: see broker_accounts/feature.py) before the commit.
-            await app.store.call(
-                lambda db: permissions.provisionable_device(db, principal, body.deviceId)
-            )
-            creds = await accounts.rotate(body.deviceId)
+        creds: list[MqttCredentials] = []
 
         def tx(db: sqlite_utils.Database) -> dict[str, Any]:
             # Revoke and issue in one BEGIN IMMEDIATE transaction on the single
@@ -166,12 +159,22 @@ def setup(app: App, router: Router) -> None:
             )
             seen.append(device)
             reply: dict[str, Any] = {"token": token, "deviceId": device.id}
-            if creds is not None:
-                reply["mqtt"] = creds.reply()
+            if creds:
+                reply["mqtt"] = creds[0].reply()
             return reply
 
         try:
-            result = await request.write(tx)
+            # broker_accounts: the password and the token change together.
+            async with device_lock(app, body.deviceId):
+                if accounts is not None:
+                    # Refusals (403/404) before the broker is touched; the new
+                    # password (the old one dies now: see broker_accounts/feature.py)
+                    # before the commit.
+                    await app.store.call(
+                        lambda db: permissions.provisionable_device(db, principal, body.deviceId)
+                    )
+                    creds.append(await accounts.rotate(body.deviceId))
+                result = await request.write(tx)
         finally:
             # Even if this task is cancelled mid-write: the commit may still land.
             app.devices.forget(body.deviceId)
