@@ -577,3 +577,37 @@ async def test_no_device_password_in_retained_messages_or_the_brokers_file(
         assert retained  # at least the daemon status and the device's presence
         assert not [r for r in retained if password in r]
         assert password not in dynsec.state.read_bytes()
+
+
+async def test_cli_decommission_asks_the_running_daemon(
+    dynsec: DynsecBroker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from provisiond import cli
+
+    config = dynsec.config(tmp_path)
+    key = org_key(config)
+    config_file = tmp_path / "provisiond.toml"
+    config_file.write_text(
+        f"""
+[mqtt]
+port = {dynsec.local_port}
+topic_prefix = "{PREFIX}"
+username = "provisiond"
+password_file = "{tmp_path / "mqtt-password"}"
+[store]
+path = "{config.store.path}"
+[broker_accounts]
+backend = "mosquitto-dynsec"
+"""
+    )
+    async with running(config), ServiceRpc(config) as rpc:
+        body, device = await activated_device(dynsec, rpc, key)
+        argv = ["devices", "decommission", str(body["deviceId"]), "-c", str(config_file)]
+        assert await asyncio.to_thread(cli.main, [*argv, "--key", key]) == 0
+        assert "decommissioned" in capsys.readouterr().out
+        await eventually(lambda: not device.is_connected, timeout=1)
+        got = await rpc.call("device/get", {"deviceId": body["deviceId"]}, key=key)
+        assert got["body"]["state"] == "decommissioned"
+        # Without a key it says what it needs, and changes nothing.
+        assert await asyncio.to_thread(cli.main, argv) == 1
+        assert "provision:write" in capsys.readouterr().err
