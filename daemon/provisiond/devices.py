@@ -65,7 +65,7 @@ class Device:
     id: int
     org_id: int
     owner_id: int
-    state: str  # pending (token issued, never activated) | active
+    state: str  # pending (token issued, never activated) | active | decommissioned
     capabilities: int
     public_key: bytes | None
     firmware_version: str | None
