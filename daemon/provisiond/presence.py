@@ -506,6 +506,11 @@ class Presence:
                 await self._publish(device_id)
             except NotConnected:
                 outbox.setdefault(device_id, None)  # again once reconnected
+                # A lost connection can fail publish before any await, while
+                # `connected` is still set: without yielding here, the transport
+                # never runs to clear it and this loop spins (seen when the
+                # broker was killed under the demo: 100% CPU, memory growing).
+                await asyncio.sleep(0.05)
             except PublishRefused as exc:
                 # Not retried: the broker's ACL would refuse it again at once.
                 log.error("presence.publish_refused", device=device_id, reason=str(exc))

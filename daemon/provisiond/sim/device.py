@@ -42,8 +42,18 @@ class Broker:
     host: str = "127.0.0.1"
     port: int = 1883
     prefix: str = "provisiond"
+    # The service account that asks for provision tokens (None: anonymous).
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
-    def client(self, client_id: str, **kwargs: Any) -> aiomqtt.Client:
+    def client(
+        self, client_id: str, *, credentials: Credentials | None = None, **kwargs: Any
+    ) -> aiomqtt.Client:
+        """A connection as `credentials` (a device's own), else as the service account."""
+        if credentials is not None:
+            kwargs.update(username=credentials.username, password=credentials.password)
+        elif self.username is not None:
+            kwargs.update(username=self.username, password=self.password)
         return aiomqtt.Client(
             self.host,
             self.port,
@@ -54,6 +64,14 @@ class Broker:
         )
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """A device's own broker account, from its provision reply's `mqtt`."""
+
+    username: str
+    password: str = field(repr=False)
+
+
 async def rpc_call(
     broker: Broker,
     operation: str,
@@ -62,10 +80,11 @@ async def rpc_call(
     reply_topic: str,
     api_key: str | None = None,
     wait_seconds: float = 10.0,
+    credentials: Credentials | None = None,
 ) -> dict[str, Any]:
     """One MQTT v5 request/response; returns the reply body or raises RpcFailed."""
     correlation = uuid.uuid4().bytes
-    async with broker.client(f"sim-rpc-{uuid.uuid4().hex[:10]}") as client:
+    async with broker.client(f"sim-rpc-{uuid.uuid4().hex[:10]}", credentials=credentials) as client:
         await client.subscribe(reply_topic, qos=1)
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.ResponseTopic = reply_topic
@@ -97,6 +116,8 @@ class Identity:
     pinned_keys: list[dict[str, Any]]
     heartbeat_interval: float
     capabilities: int = CAP_WIFI_UPLOAD
+    # Its own broker account, when the daemon issues them (broker_accounts).
+    credentials: Credentials | None = None
 
 
 async def provision(
@@ -113,10 +134,17 @@ async def provision(
         broker,
         "provision/token",
         {"orgId": org_id, "ownerId": owner_id},
-        reply_topic=f"{broker.prefix}/replies/sim-{uuid.uuid4().hex}",
+        # Under the service's own replies/<username>/, which its broker role reads.
+        reply_topic=f"{broker.prefix}/replies/{broker.username or 'sim'}/{uuid.uuid4().hex}",
         api_key=api_key,
     )
     device_id = int(issued["deviceId"])
+    mqtt = issued.get("mqtt")
+    credentials = (
+        Credentials(str(mqtt["username"]), str(mqtt["password"]))
+        if isinstance(mqtt, dict)
+        else None
+    )
     private = X25519PrivateKey.generate()
     activated = await rpc_call(
         broker,
@@ -129,6 +157,7 @@ async def provision(
         },
         # Inside the device's own subtree, which its broker ACL allows.
         reply_topic=f"{broker.prefix}/devices/{device_id}/replies/activate",
+        credentials=credentials,
     )
     return Identity(
         device_id=device_id,
@@ -136,6 +165,7 @@ async def provision(
         pinned_keys=list(activated["grant_verification_keys"]),
         heartbeat_interval=float(activated["heartbeat_interval"]),
         capabilities=capabilities,
+        credentials=credentials,
     )
 
 
@@ -194,7 +224,9 @@ class SimDevice:
     async def _run(self) -> None:
         will = aiomqtt.Will(self.topic("status"), b"offline", qos=1, retain=True)
         async with self.broker.client(
-            f"sim-device-{self.device_id}-{uuid.uuid4().hex[:6]}", will=will
+            f"sim-device-{self.device_id}-{uuid.uuid4().hex[:6]}",
+            credentials=self.identity.credentials,
+            will=will,
         ) as client:
             self._client = client
             await client.subscribe(self.topic("commands", "reconfigure"), qos=1)
