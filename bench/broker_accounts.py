@@ -92,7 +92,13 @@ def write_state(path: Path, n: int, *, per_device_roles: bool) -> None:
     for i in range(1, n + 1):
         name = f"device-{i}"
         role = name if per_device_roles else "devices"
-        clients.append({"username": name, "roles": [{"rolename": role}], **device_hash})
+        clients.append(
+            {
+                "username": name,
+                "roles": [{"rolename": role}, {"rolename": "provisiond-device"}],
+                **device_hash,
+            }
+        )
         if per_device_roles:
             roles.append({"rolename": name, "acls": active_acls(PREFIX, i)})
     template["clients"] = clients
@@ -248,7 +254,7 @@ async def one_more_account(port: int, n: int, *, per_device_role: bool, count: i
                         "command": "createClient",
                         "username": name,
                         "password": "p" * 32,
-                        "roles": [{"rolename": name}],
+                        "roles": [{"rolename": name}, {"rolename": "provisiond-device"}],
                     },
                 ]
             )
@@ -259,7 +265,7 @@ async def one_more_account(port: int, n: int, *, per_device_role: bool, count: i
                         "command": "createClient",
                         "username": name,
                         "password": "p" * 32,
-                        "roles": [{"rolename": "devices"}],
+                        "roles": [{"rolename": "devices"}, {"rolename": "provisiond-device"}],
                     }
                 ]
             )

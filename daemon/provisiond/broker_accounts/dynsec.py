@@ -71,21 +71,25 @@ def _acl(acltype: str, topic: str, *, allow: bool = True, priority: int = 0) -> 
     return {"acltype": acltype, "topic": topic, "priority": priority, "allow": allow}
 
 
-def _no_shared_subscriptions() -> list[dict[str, Any]]:
-    # Joining the daemon's share group without read access would make mosquitto
-    # silently drop that member's share of the requests; refuse it outright,
-    # whatever a broader grant might say later.
-    return [_acl("subscribePattern", "$share/#", allow=False, priority=100)]
+# Every device account also holds this shared role (shipped in
+# config/mosquitto/dynamic-security.json): it refuses `$share/...` outright.
+# A member that joins the daemon's share group without read access makes
+# mosquitto silently drop that member's share of the requests. Kept out of
+# the per-device roles because the plugin rewrites its whole file on every
+# change: every byte per device is paid on every provisioning (bench/README.md).
+DEVICE_ROLE = "provisiond-device"
 
 
 def pending_acls(prefix: str, device_id: int) -> list[dict[str, Any]]:
-    """Before activation: call `device/activate`, hear its own replies. Nothing else."""
-    replies = f"{prefix}/devices/{device_id}/replies/#"
+    """Before activation: call `device/activate`, hear its own replies. Nothing else.
+
+    Only subscriptions are listed, not receipt: the shipped default lets a
+    client receive what it may subscribe to, and subscribing is denied
+    unless a role allows it.
+    """
     return [
         _acl("publishClientSend", f"{prefix}/rpc/device/activate"),
-        _acl("subscribePattern", replies),
-        _acl("publishClientReceive", replies),
-        *_no_shared_subscriptions(),
+        _acl("subscribePattern", f"{prefix}/devices/{device_id}/replies/#"),
     ]
 
 
@@ -93,13 +97,18 @@ def active_acls(prefix: str, device_id: int) -> list[dict[str, Any]]:
     """After activation: send its own heartbeat, status (also its last will), command
     acks and WiFi status; hear its own commands and replies."""
     own = f"{prefix}/devices/{device_id}"
-    acls = [
-        _acl("publishClientSend", f"{own}/{leaf}")
-        for leaf in ("heartbeat", "status", "commands/ack", "wifi/status")
+    return [
+        *(
+            _acl("publishClientSend", f"{own}/{leaf}")
+            for leaf in ("heartbeat", "status", "commands/ack", "wifi/status")
+        ),
+        _acl("subscribePattern", f"{own}/commands/#"),
+        _acl("subscribePattern", f"{own}/replies/#"),
     ]
-    for topic in (f"{own}/commands/#", f"{own}/replies/#"):
-        acls += [_acl("subscribePattern", topic), _acl("publishClientReceive", topic)]
-    return [*acls, *_no_shared_subscriptions()]
+
+
+def _roles(name: str) -> list[dict[str, Any]]:
+    return [{"rolename": name}, {"rolename": DEVICE_ROLE}]
 
 
 def client_kwargs(config: Config) -> dict[str, Any]:
@@ -228,8 +237,7 @@ class DynsecClient:
             ) from None
         except TimeoutError:
             raise BrokerAccountsUnavailable(
-                f"no answer from the dynamic-security plugin within {timeout:g}s"
-                f" while {operation}",
+                f"no answer from the dynamic-security plugin within {timeout:g}s while {operation}",
                 operation=operation,
                 reason="timeout",
             ) from None
@@ -313,7 +321,7 @@ class MosquittoDynsec:
                 "command": "createClient",
                 "username": name,
                 "password": password,
-                "roles": [{"rolename": name}],
+                "roles": _roles(name),
             },
         ]
         responses = await self.client.call(operation, commands)
@@ -416,7 +424,7 @@ class MosquittoDynsec:
                 # No password: nobody could know one. The device connects
                 # again once a re-provision gives it credentials.
                 commands.append(
-                    {"command": "createClient", "username": name, "roles": [{"rolename": name}]}
+                    {"command": "createClient", "username": name, "roles": _roles(name)}
                 )
             elif repair.create_role:
                 commands.append({"command": "addClientRole", "username": name, "rolename": name})
