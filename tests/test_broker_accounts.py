@@ -611,3 +611,46 @@ backend = "mosquitto-dynsec"
         # Without a key it says what it needs, and changes nothing.
         assert await asyncio.to_thread(cli.main, argv) == 1
         assert "provision:write" in capsys.readouterr().err
+
+
+async def test_a_crash_between_account_and_commit_leaves_only_what_sync_removes(
+    dynsec: DynsecBroker, tmp_path: Path
+) -> None:
+    """The id reserved and the account made, then the process dies before the
+    commit: no device row, no token; sync spares the account while the
+    reservation is young (a request in flight) and removes it once stale."""
+    from provisiond.broker_accounts import store as account_store
+    from provisiond.broker_accounts.sync import sync
+    from provisiond.schema import all_migrations
+    from provisiond.store import connect, migrate, transaction
+
+    config = dynsec.config(tmp_path)
+    db = connect(config.store.path)
+    migrate(db, all_migrations())
+    with transaction(db):
+        device_id = account_store.reserve_device_id(db, now=1000.0)
+    accounts = MosquittoDynsec(config, DynsecClient(config))
+
+    async def store_call(fn: Any) -> Any:
+        return fn(db)
+
+    try:
+        creds = await accounts.create(device_id)
+        remember_password(creds.password)
+        # ... and here the daemon is killed.
+        assert count(config, "devices") == 0 and count(config, "provision_tokens") == 0
+        young = await sync(accounts, store_call, prefix="device-", now=1010.0, apply=True)
+        assert young.plan.empty
+        assert creds.username in (await accounts.list_accounts()).clients
+        stale = await sync(accounts, store_call, prefix="device-", now=2000.0, apply=True)
+        assert stale.plan.delete_clients == [creds.username]
+        assert stale.plan.delete_roles == [creds.username]
+        listed = await accounts.list_accounts()
+        assert creds.username not in listed.clients and creds.username not in listed.roles
+        assert count(config, "device_id_reservations") == 0
+        # The id is never handed out again.
+        with transaction(db):
+            assert account_store.reserve_device_id(db, now=2001.0) == device_id + 1
+    finally:
+        await accounts.close()
+        db.conn.close()
