@@ -213,7 +213,7 @@ async def sync_figures(directory: Path, port: int, n: int) -> dict[str, Any]:
     async def store_call(fn: Any) -> Any:
         return fn(db)
 
-    accounts = make_backend(config)
+    accounts = make_backend(config, name="accounts-bench")
     try:
         started = time.perf_counter()
         dry = await sync(accounts, store_call, prefix="device-", now=time.time(), apply=False)

@@ -134,7 +134,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         return fn(db)
 
     async def run() -> dict[str, Any]:
-        accounts = make_backend(config)
+        accounts = make_backend(config, name=f"accounts-cli-{uuid.uuid4().hex[:8]}")
         try:
             result = await sync(
                 accounts,

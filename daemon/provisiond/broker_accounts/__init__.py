@@ -186,9 +186,10 @@ class NoAccounts:
         return None
 
 
-def make_backend(config: Config) -> BrokerAccounts:
+def make_backend(config: Config, *, name: str = "accounts") -> BrokerAccounts:
+    """`name`: what the broker connection is called (`<mqtt.client_id>-<name>`)."""
     if config.broker_accounts.backend == "mosquitto-dynsec":
         from provisiond.broker_accounts.dynsec import MosquittoDynsec
 
-        return MosquittoDynsec(config)
+        return MosquittoDynsec(config, name=name)
     return NoAccounts(config)

@@ -4,8 +4,8 @@ Commands are JSON on `$CONTROL/dynamic-security/v1`, answered on
 `.../response`; each command carries a `correlationData` the plugin echoes,
 so many requests can share one connection.
 
-**The connection.** A dedicated connection (client id `<mqtt.client_id>-accounts`,
-clean session) on the daemon's own account, which holds the plugin's admin
+**The connection.** A dedicated connection (client id `<mqtt.client_id>-accounts`;
+the CLI's `-accounts-cli-<random>`; clean session) on the daemon's own account, which holds the plugin's admin
 role. Not the daemon's main connection: that one is a persistent session
 whose subscriptions are the RPC router's (every message on it is routed by
 topic under `mqtt.topic_prefix`, and `$CONTROL/...` is outside it); a reply
@@ -139,8 +139,11 @@ def client_kwargs(config: Config) -> dict[str, Any]:
 class DynsecClient:
     """Sends dynsec commands and waits for their answers, over one lazily made connection."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, name: str = "accounts") -> None:
         self._config = config
+        # Client id `<mqtt.client_id>-<name>`: the CLI uses its own, or the
+        # broker would take the running daemon's connection over.
+        self._client_id = f"{config.mqtt.client_id}-{name}"
         self._timeout = config.broker_accounts.timeout_seconds
         self._client: mqtt.Client | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -160,7 +163,7 @@ class DynsecClient:
             client = mqtt.Client(
                 cfg.host,
                 cfg.port,
-                client_id=f"{cfg.client_id}-accounts",
+                client_id=self._client_id,
                 clean_start=True,
                 keepalive=cfg.keepalive_seconds,
                 connect_timeout=self._timeout,
@@ -284,14 +287,16 @@ class MosquittoDynsec:
 
     enabled = True
 
-    def __init__(self, config: Config, client: DynsecClient | None = None) -> None:
+    def __init__(
+        self, config: Config, client: DynsecClient | None = None, *, name: str = "accounts"
+    ) -> None:
         ba = config.broker_accounts
         self._prefix = ba.username_prefix
         self._topics = config.mqtt.topic_prefix
         self._host = ba.host or config.mqtt.host
         self._port = ba.port
         self._tls_port = ba.tls_port
-        self.client = client or DynsecClient(config)
+        self.client = client or DynsecClient(config, name=name)
 
     def username(self, device_id: int) -> str:
         return f"{self._prefix}{device_id}"
