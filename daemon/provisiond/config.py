@@ -136,6 +136,10 @@ class BrokerAccountsConfig(Section):
     timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     # Reconcile the broker's accounts with the store at start (in the background).
     sync_at_start: bool = True
+    # device/activate may carry a CSR; the daemon's device CA signs it (CN = username).
+    certificates: bool = False
+    # The device CA's key, certificate and CRL; empty: device_ca/ beside the database.
+    device_ca_dir: str = ""
 
     @field_validator("username_prefix")
     @classmethod

@@ -6,7 +6,7 @@ Same permission rules as `provision/reprovision/token`. In order:
    the `none` backend there is nothing to delete). The broker goes first: if
    it cannot be asked, the reply is 503 and nothing has changed; and once the
    reply says 200, the device can no longer connect.
-2. one transaction: live tokens revoked, queued and sent commands `dropped`,
+2. one transaction: live tokens and certificates revoked, queued and sent commands `dropped`,
    the presence row deleted, state `decommissioned` (the reply is recorded
    for replays in it too);
 3. the device leaves the in-memory presence, and its retained presence
@@ -25,8 +25,8 @@ import sqlite_utils
 
 from provisiond import permissions, tokens
 from provisiond.app import App
-from provisiond.broker_accounts import BrokerAccounts
-from provisiond.broker_accounts.feature import accounts_of, device_lock
+from provisiond.broker_accounts import BrokerAccounts, certificates
+from provisiond.broker_accounts.feature import accounts_of, device_lock, refresh_crl
 from provisiond.devices import Device
 from provisiond.logs import get_logger
 from provisiond.mqtt import PublishRefused
@@ -46,6 +46,7 @@ class DecommissionBody(Body):
 def decommission_in_store(db: sqlite_utils.Database, device_id: int, *, now: float) -> int:
     """Step 2, inside the caller's transaction; returns how many commands were dropped."""
     tokens.revoke_unused(db, device_id, now=now)
+    certificates.revoke(db, device_id, now=now)
     dropped = db.execute(
         "UPDATE commands SET state = 'dropped' WHERE device_id = ? AND state IN ('queued', 'sent')",
         [device_id],
@@ -85,6 +86,8 @@ def setup(app: App, router: Router) -> None:
             app.devices.forget(device_id)
         device, dropped = seen[0]
         await forget_presence(app, device_id)
+        # On the CRL for the broker's next reload (see broker_accounts/certificates.py).
+        await refresh_crl(app)
         log.info("device.decommissioned", device=device_id, commands_dropped=dropped)
         await app.publish_event(
             "device/decommissioned",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlite_utils
@@ -34,10 +35,13 @@ from provisiond.broker_accounts import (
     BrokerAccounts,
     BrokerAccountsUnavailable,
     MqttCredentials,
+    certificates,
     make_backend,
 )
 from provisiond.broker_accounts import store as account_store
+from provisiond.broker_accounts.certificates import DeviceCA
 from provisiond.broker_accounts.sync import sync
+from provisiond.errors import BadRequest
 from provisiond.logs import get_logger
 from provisiond.rpc import Router
 
@@ -126,11 +130,54 @@ async def provision_with_account(
         raise
 
 
+@dataclass(frozen=True)
+class IssuedCertificate:
+    pem: str
+    serial: int
+    ca_pem: str
+
+    def record(self, db: sqlite_utils.Database, device_id: int, now: float) -> None:
+        certificates.record(db, device_id=device_id, serial=self.serial, now=now)
+
+    def reply(self) -> dict[str, str]:
+        return {"certificate": self.pem, "ca_certificate": self.ca_pem}
+
+
+async def sign_csr(app: App, device_id: int, csr: str) -> IssuedCertificate:
+    """Activation with a CSR: the certificate for the device's username (see certificates.py)."""
+    ca: DeviceCA | None = app.services.get("device_ca")
+    if ca is None:
+        raise BadRequest(
+            "certificates are not enabled here (broker_accounts.certificates)",
+            code="certificates_disabled",
+            field="csr",
+        )
+    username = app.services[SERVICE].username(device_id)
+    pem, serial = await asyncio.to_thread(ca.sign, csr, username)
+    return IssuedCertificate(pem, serial, ca.cert_pem)
+
+
+async def refresh_crl(app: App) -> None:
+    """After a revocation was committed: the CRL file again (the broker reads it on reload)."""
+    ca: DeviceCA | None = app.services.get("device_ca")
+    if ca is None:
+        return
+    serials = await app.store.call(certificates.revoked_serials)
+    await asyncio.to_thread(ca.write_crl, serials)
+    log.info("broker_accounts.crl_written", revoked=len(serials), path=str(ca.crl_path))
+
+
 def setup(app: App, _router: Router) -> None:
     accounts = make_backend(app.config)
     app.services[SERVICE] = accounts
 
     async def start() -> None:
+        if app.config.broker_accounts.certificates:
+            name = f"provisiond device CA ({app.config.daemon.gateway_id})"
+            app.services["device_ca"] = await asyncio.to_thread(
+                DeviceCA.load_or_create, certificates.ca_dir(app.config), name=name
+            )
+            await refresh_crl(app)
         if accounts.enabled and app.config.broker_accounts.sync_at_start:
             app.spawn(_sync_at_start(app, accounts), name="broker-accounts-sync")
 

@@ -32,6 +32,18 @@ MIGRATIONS: list[Migration] = [
         );
         """,
     ),
+    Migration(
+        "broker-accounts-2-certificates",
+        """
+        CREATE TABLE device_certificates (
+            serial TEXT PRIMARY KEY,
+            device_id INTEGER NOT NULL REFERENCES devices(id),
+            issued_at REAL NOT NULL,
+            revoked_at REAL
+        );
+        CREATE INDEX device_certificates_device ON device_certificates(device_id);
+        """,
+    ),
 ]
 
 

@@ -23,9 +23,17 @@ from pydantic import AfterValidator, Field
 
 from provisiond import permissions, tokens
 from provisiond.app import App
-from provisiond.broker_accounts import MqttCredentials
+from provisiond.broker_accounts import MqttCredentials, certificates
 from provisiond.broker_accounts import store as account_store
-from provisiond.broker_accounts.feature import accounts_of, device_lock, provision_with_account
+from provisiond.broker_accounts.certificates import MAX_CSR_CHARS
+from provisiond.broker_accounts.feature import (
+    IssuedCertificate,
+    accounts_of,
+    device_lock,
+    provision_with_account,
+    refresh_crl,
+    sign_csr,
+)
 from provisiond.devices import Device, find_device
 from provisiond.errors import BadRequest, Conflict, Unavailable
 from provisiond.ops.devices import INT32_MAX, DeviceId, OrgId, UserId
@@ -79,6 +87,8 @@ class ActivateBody(Body):
     firmware_version: (
         Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")] | None
     ) = None
+    # broker_accounts.certificates: a PEM CSR (P-256) for the device's client certificate.
+    csr: Annotated[str, Field(min_length=1, max_length=MAX_CSR_CHARS)] | None = None
 
 
 def create_device(db: sqlite_utils.Database, *, org_id: int, owner_id: int, now: float) -> int:
@@ -144,6 +154,7 @@ def setup(app: App, router: Router) -> None:
         seen: list[Device] = []
         accounts = accounts_of(app)
         creds: list[MqttCredentials] = []
+        revoked: list[int] = []
 
         def tx(db: sqlite_utils.Database) -> dict[str, Any]:
             # Revoke and issue in one BEGIN IMMEDIATE transaction on the single
@@ -157,6 +168,8 @@ def setup(app: App, router: Router) -> None:
                 "UPDATE devices SET state = 'pending' WHERE id = ? AND state = 'decommissioned'",
                 [device.id],
             )
+            # Its certificates end with its old token, as its password does.
+            revoked.append(certificates.revoke(db, device.id, now=now))
             seen.append(device)
             reply: dict[str, Any] = {"token": token, "deviceId": device.id}
             if creds:
@@ -179,6 +192,8 @@ def setup(app: App, router: Router) -> None:
             # Even if this task is cancelled mid-write: the commit may still land.
             app.devices.forget(body.deviceId)
         device = seen[0]
+        if revoked[0]:
+            await refresh_crl(app)
         await app.publish_event(
             "device/reprovisioned",
             {"deviceId": device.id, "orgId": device.org_id, "ownerId": device.owner_id},
@@ -199,6 +214,9 @@ def setup(app: App, router: Router) -> None:
         await asyncio.to_thread(_refuse_low_order, public_key)
         grant_keys: GrantKeys | None = app.services.get("grant_keys")
         jwks = list(grant_keys(device_id)) if grant_keys is not None else []
+        issued: IssuedCertificate | None = None
+        if body.csr is not None:
+            issued = await sign_csr(app, device_id, body.csr)
         accounts = accounts_of(app)
         if accounts is not None:
             # Before the token is spent: a broker that is down fails activation
@@ -219,12 +237,16 @@ def setup(app: App, router: Router) -> None:
                 [body.capabilities, public_key, body.firmware_version, now, device_id],
             )
             seen.append(before)
-            return {
+            reply: dict[str, Any] = {
                 "deviceId": device_id,
                 "gateway_id": app.config.daemon.gateway_id,
                 "grant_verification_keys": jwks,
                 "heartbeat_interval": app.config.presence.heartbeat_interval_seconds,
             }
+            if issued is not None:
+                issued.record(db, device_id, now)
+                reply.update(issued.reply())
+            return reply
 
         try:
             result = await request.write(tx)
