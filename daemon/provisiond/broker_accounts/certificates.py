@@ -108,7 +108,9 @@ class DeviceCA:
     @classmethod
     def load_or_create(cls, directory: Path, *, name: str) -> DeviceCA:
         """Blocking (files, key generation): call through `asyncio.to_thread`."""
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Readable by the broker (it loads the CA certificate and the CRL); the
+        # key file itself is 0600.
+        directory.mkdir(parents=True, exist_ok=True, mode=0o755)
         key_path, cert_path = directory / "device-ca.key", directory / "device-ca.crt"
         if key_path.exists() and cert_path.exists():
             key = serialization.load_pem_private_key(key_path.read_bytes(), None)
