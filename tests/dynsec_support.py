@@ -99,12 +99,15 @@ def write_tls(certs: Path) -> None:
 
 
 class DynsecBroker:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, device_ca: Path | None = None) -> None:
         self.directory = directory
         directory.mkdir(parents=True)
         self.local_port = free_port()
         self.port = self.local_port  # what support.make_config reads
         self.tls_port = free_port()
+        # With the shipped (commented) certificate listener switched on.
+        self.device_ca = device_ca
+        self.cert_port = free_port()
         self.state = directory / "dynamic-security.json"
         self.proc: subprocess.Popen[bytes] | None = None
         self._prepared = False
@@ -129,6 +132,8 @@ class DynsecBroker:
             assert old in conf, f"shipped provisiond.conf no longer contains {old!r}"
             conf = conf.replace(old, new)
         assert f"plugin {PLUGIN}\n" in conf
+        if self.device_ca is not None:
+            conf = _enable_certificate_listener(conf, self.cert_port, self.device_ca)
         # As root, mosquitto would switch to the `mosquitto` user, who cannot
         # read this test's private temp dir; on a gateway the files are its own.
         extra = f"log_dest file {d}/mosquitto.log\nuser {getpass.getuser()}\n"
@@ -226,6 +231,24 @@ class DynsecBroker:
     def stored_clients(self) -> dict[str, dict[str, Any]]:
         """The plugin's state file as it is on disk now."""
         return {c["username"]: c for c in json.loads(self.state.read_text())["clients"]}
+
+
+def _enable_certificate_listener(conf: str, port: int, device_ca: Path) -> str:
+    """Uncomment the shipped certificate listener, on a free port and the test's CA folder."""
+    head, marker, block = conf.partition("# --- devices with a client certificate")
+    assert marker, "shipped provisiond.conf has no certificate listener block"
+    lines = [
+        line[1:] if line.startswith("#") and line[1:2].isalpha() else line
+        for line in block.splitlines()
+    ]
+    block = "\n".join(lines) + "\n"
+    for old, new in (
+        ("listener 8884\n", f"listener {port} 127.0.0.1\n"),
+        ("/var/lib/provisiond/device_ca/", f"{device_ca}/"),
+    ):
+        assert old in block, f"shipped certificate listener no longer contains {old!r}"
+        block = block.replace(old, new)
+    return head + marker + block
 
 
 class Admin:

@@ -654,3 +654,102 @@ async def test_a_crash_between_account_and_commit_leaves_only_what_sync_removes(
     finally:
         await accounts.close()
         db.conn.close()
+
+
+# --- the optional certificate path
+
+
+def _csr(cn: str = "anything", curve: Any = None) -> tuple[Any, str]:
+    from cryptography import x509 as cx509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(curve or ec.SECP256R1())
+    csr = (
+        cx509.CertificateSigningRequestBuilder()
+        .subject_name(cx509.Name([cx509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+async def test_a_csr_activation_yields_a_certificate_mosquitto_accepts_until_decommission(
+    tmp_path: Path,
+) -> None:
+    import signal
+
+    from cryptography import x509 as cx509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from provisiond.broker_accounts.certificates import DeviceCA
+
+    ca_dir = tmp_path / "device_ca"
+    # The CA exists before the broker starts (as on a gateway after the
+    # daemon's first start): mosquitto loads its certificate and CRL.
+    ca = DeviceCA.load_or_create(ca_dir, name="test device CA")
+    ca.write_crl([])
+    dynsec = DynsecBroker(tmp_path / "mosquitto", device_ca=ca_dir).start()
+    try:
+        config = dynsec.config(
+            tmp_path, broker_accounts={"certificates": True, "device_ca_dir": str(ca_dir)}
+        )
+        key = org_key(config)
+        async with running(config), ServiceRpc(config) as rpc:
+            body = await provision(rpc, key)
+            device_id = body["deviceId"]
+            async with dynsec.device(body["mqtt"]) as device:
+                _, bad = _csr(curve=ec.SECP384R1())
+                refused = await device_call(
+                    device, device_id, "device/activate", activation(body["token"]) | {"csr": bad}
+                )
+                assert refused["status"] == 400 and refused["error"]["code"] == "invalid_csr"
+                private, csr = _csr("i-would-like-to-be-someone-else")
+                reply = await device_call(
+                    device, device_id, "device/activate", activation(body["token"]) | {"csr": csr}
+                )
+            assert reply["status"] == 200, reply
+            cert = cx509.load_pem_x509_certificate(reply["body"]["certificate"].encode())
+            assert cert.subject.rfc4514_string() == f"CN=device-{device_id}"
+            assert reply["body"]["ca_certificate"] == ca.cert_pem
+            (tmp_path / "dev.crt").write_text(reply["body"]["certificate"])
+            (tmp_path / "dev.key").write_bytes(
+                private.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+
+            def cert_client() -> mqtt.Client:
+                ctx = dynsec.tls_context()
+                ctx.load_cert_chain(tmp_path / "dev.crt", tmp_path / "dev.key")
+                return mqtt.Client(
+                    "localhost", dynsec.cert_port, client_id=f"cert-{device_id}", tls=ctx,
+                    connect_timeout=5,
+                )  # fmt: skip
+
+            own = f"{PREFIX}/devices/{device_id}"
+            async with cert_client() as by_cert:
+                # Logged in as device-N by its certificate, under its active role.
+                await by_cert.publish(f"{own}/heartbeat", b"{}", qos=1)
+                await refused_publish(by_cert, f"{PREFIX}/devices/{device_id + 1}/heartbeat")
+                await refused_publish(by_cert, f"{PREFIX}/rpc/provision/token")
+
+                connected = cert_client()
+                await connected.connect()
+                reply = await rpc.call("device/decommission", {"deviceId": device_id}, key=key)
+                assert reply["status"] == 200
+                # The account is gone: the connected device is cut off at once.
+                await eventually(lambda: not connected.is_connected, timeout=1)
+            crl = cx509.load_pem_x509_crl((ca_dir / "crl.pem").read_bytes())
+            assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+            # The documented step: mosquitto reads the CRL again on reload.
+            assert dynsec.proc is not None
+            dynsec.proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            with pytest.raises(mqtt.MqttError, match="revoked"):
+                await cert_client().connect()
+    finally:
+        dynsec.stop()
