@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import getpass
+import glob
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -78,6 +81,49 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def dynsec_plugin() -> str:
+    """mosquitto's dynamic-security plugin, wherever this machine's package put it."""
+    found = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so"))
+    found += sorted(glob.glob("/usr/lib/mosquitto_dynamic_security.so"))
+    if not found:
+        sys.exit("mosquitto's dynamic-security plugin is missing (package mosquitto 2.x)")
+    return found[0]
+
+
+def secret_file(path: Path) -> str:
+    """A password kept in a 0600 file, made on first use."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
+def broker_config(state: Path, port: int) -> Path:
+    """The shipped dynamic-security setup (config/mosquitto/): the daemon and the
+    `backend` service log in with passwords made here once; every simulated
+    device gets its own account from provisiond when it is provisioned."""
+    passwords = {name: secret_file(state / f"{name}-password") for name in ("provisiond", "backend")}
+    dynsec_state = state / "dynamic-security.json"
+    if not dynsec_state.exists():
+        sys.path.insert(0, str(ROOT / "daemon"))
+        from provisiond.broker_accounts.bootstrap import init_dynsec
+
+        init_dynsec(
+            ROOT / "config" / "mosquitto" / "dynamic-security.json", dynsec_state, passwords
+        )
+    conf = state / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous false\nset_tcp_nodelay true\n"
+        f"persistence true\npersistence_location {state}/\n"
+        f"plugin {dynsec_plugin()}\nplugin_opt_config_file {dynsec_state}\n"
+        # As root, mosquitto would switch to the `mosquitto` user, who may not
+        # read this folder.
+        f"user {getpass.getuser()}\n"
+    )
+    return conf
+
+
 def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -110,13 +156,10 @@ def main() -> int:
 def run(args: argparse.Namespace, state: Path, children: Children) -> int:
     state.mkdir(exist_ok=True)
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    (state / "mosquitto.conf").write_text(
-        f"listener {args.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-        f"persistence true\npersistence_location {state}/\n"
-    )
+    conf = broker_config(state, args.port)
     broker = children.start(
         "broker",
-        [mosquitto, "-c", str(state / "mosquitto.conf")],
+        [mosquitto, "-c", str(conf)],
         stdout=(state / "mosquitto.log").open("ab"),
         stderr=subprocess.STDOUT,
     )
@@ -125,7 +168,10 @@ def run(args: argparse.Namespace, state: Path, children: Children) -> int:
     config = state / "provisiond.toml"
     config.write_text(
         f'[daemon]\ngateway_id = "demo-gateway"\n\n[log]\nformat = "console"\n\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {args.port}\nclient_id = "provisiond-demo"\n\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {args.port}\nclient_id = "provisiond-demo"\n'
+        f'username = "provisiond"\npassword_file = "provisiond-password"\n\n'
+        f'[broker_accounts]\nbackend = "mosquitto-dynsec"\nhost = "127.0.0.1"\n'
+        f"port = {args.port}\ntls_port = {args.port}\n\n"
         f'[store]\npath = "provisiond.db"\n\n[presence]\nheartbeat_interval_seconds = 5\n'
     )
     env = {
@@ -154,18 +200,21 @@ Demo API key (shown once; a new one is made each run):
 
     {key}
 
-Try, in another terminal:
+The broker runs mosquitto's dynamic-security plugin: the service account is
+`backend` (password in {state / "backend-password"}), and each device gets its
+own account with its provision token. Try, in another terminal:
 
-    mosquitto_rr -V 5 -p {args.port} -t provisiond/rpc/keys/whoami -e demo/replies \\
+    B="-p {args.port} -u backend -P $(cat {state / "backend-password"})"
+    mosquitto_rr -V 5 $B -t provisiond/rpc/keys/whoami -e provisiond/replies/backend/demo \\
       -D PUBLISH user-property authorization "Bearer {key}" -m '{{}}'
 
-    mosquitto_rr -V 5 -p {args.port} -t provisiond/rpc/provision/token -e demo/replies \\
+    mosquitto_rr -V 5 $B -t provisiond/rpc/provision/token -e provisiond/replies/backend/demo \\
       -D PUBLISH user-property authorization "Bearer {key}" -m '{{"orgId": 1, "ownerId": 1}}'
 
     PROVISIOND_CONFIG={config} PROVISIOND_KEY={key} \\
       .venv/bin/provisiond call keys/whoami
 
-Watch presence and events:  mosquitto_sub -p {args.port} -t 'provisiond/#' -v
+Watch presence and events:  mosquitto_sub $B -t 'provisiond/events/#' -t 'provisiond/devices/+/presence' -v
 Ctrl-C stops the simulator, the daemon and the broker.
 """,
         flush=True,
@@ -179,7 +228,8 @@ Ctrl-C stops the simulator, the daemon and the broker.
         children.start(
             "simulator",
             [sys.executable, "-m", "provisiond_sim", "--port", str(args.port),
-             "--devices", str(args.devices), "--org", "1", "--owner", "1"],
+             "--devices", str(args.devices), "--org", "1", "--owner", "1",
+             "--username", "backend", "--password-file", str(state / "backend-password")],
             env={**env, "PROVISIOND_KEY": key},
         )  # fmt: skip
     while not children.stopping:

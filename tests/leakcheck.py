@@ -4,7 +4,9 @@ Every structlog event of every in-process daemon (raw, before redaction) and
 every payload the daemons publish on events and presence topics are kept for
 the session; every API key, provision token, session key and WiFi password
 the tests create or receive is remembered (`support.remember_secret`). At the
-end of the session the two are compared.
+end of the session the two are compared. Devices' broker passwords
+(`support.remember_password`) are also looked for in every store file the
+session's configs named.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -57,4 +60,12 @@ def secret_leak_check(broker: support.Broker) -> Iterator[None]:
             for secret in secrets:
                 if secret in text:
                     leaks.append(f"{where}: {text[:200]}")
+    # Devices' broker passwords: nowhere in a store file either (databases and
+    # their WAL), where only the sealed replay record may hold them, encrypted.
+    passwords = [p.encode() for p in support.BROKER_PASSWORDS if len(p) >= 12]
+    for path in support.STORE_FILES:
+        for name in (path, path + "-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                data = Path(name).read_bytes()
+                leaks += [f"store file {name}" for p in passwords if p in data]
     assert not leaks, f"{len(leaks)} secret(s) leaked, e.g. {leaks[:3]}"

@@ -46,6 +46,12 @@ SECRETS: set[str] = set()
 # Every log event of every in-process daemon in the session (see leakcheck.py).
 LOG_EVENTS: list[str] = []
 
+# Devices' broker passwords the suite was issued, and every store file a test
+# config names: leakcheck.py asserts no store file holds one in clear (the
+# sealed replay record holds them encrypted).
+BROKER_PASSWORDS: set[str] = set()
+STORE_FILES: set[str] = set()
+
 
 Test = TypeVar("Test", bound=Callable[..., Any])
 
@@ -58,6 +64,11 @@ def log_sink(_logger: object, _method: str, event_dict: EventDict) -> EventDict:
 def remember_secret(value: str) -> str:
     SECRETS.add(value)
     return value
+
+
+def remember_password(value: str) -> str:
+    BROKER_PASSWORDS.add(value)
+    return remember_secret(value)
 
 
 async def eventually(
@@ -172,6 +183,7 @@ def make_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> C
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
+    STORE_FILES.add(raw["store"]["path"])
     return Config.model_validate(raw)
 
 
@@ -324,6 +336,8 @@ class RpcClient:
 def _remember(body: Any) -> None:
     if isinstance(body, dict):
         for key, value in body.items():
+            if key == "mqtt" and isinstance(value, dict) and isinstance(value.get("password"), str):
+                remember_password(value["password"])
             if key in ("token", "session_key", "password", "api_key") and isinstance(value, str):
                 remember_secret(value)
             else:

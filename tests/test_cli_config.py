@@ -66,8 +66,14 @@ COMMANDS: dict[str, list[str]] = {
     "db backup": ["db", "backup", "{tmp}/backup.db"],
     "status": ["status"],
     "call": ["call", "keys/whoami"],
-}
-NEEDS_DAEMON = {"run", "status", "call"}
+    "devices decommission": ["devices", "decommission", "1"],
+    "broker-accounts sync": ["broker-accounts", "sync"],
+    "broker-accounts init-dynsec": [
+        "broker-accounts", "init-dynsec",
+        str(ROOT / "config" / "mosquitto" / "dynamic-security.json"), "{tmp}/dynsec.json",
+    ],
+}  # fmt: skip
+NEEDS_DAEMON = {"run", "status", "call", "devices decommission"}
 
 
 def leaf_commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> Iterator[str]:
@@ -154,8 +160,12 @@ async def test_offline_commands_use_the_given_file(
         a.replace("{key_id}", key_id).replace("{tmp}", str(tmp_path)) for a in COMMANDS[command]
     ]
     code, out, err = await run_cli(place(position, config_file, argv), env)
-    assert code == 0, err
     assert not log.exists(), log.read_text()
+    if command == "broker-accounts sync":
+        # The file says accounts are managed elsewhere (backend "none"): it was read.
+        assert code == 1 and "managed elsewhere" in err
+        return
+    assert code == 0, err
 
     # The effect landed in the store the file names.
     db = sqlite3.connect(config.store.path)
@@ -180,6 +190,8 @@ async def test_offline_commands_use_the_given_file(
         assert "device 1 revoked" in out
     elif command == "db backup":
         assert (tmp_path / "backup.db").is_file()
+    elif command == "broker-accounts init-dynsec":
+        assert (tmp_path / "dynsec.json").is_file()
     db.close()
 
 
@@ -226,13 +238,16 @@ async def test_run_connects_where_the_file_says(
     assert not log.exists(), log.read_text()
 
 
-async def test_status_and_call_use_the_given_file(tmp_path: Path, broker: Broker) -> None:
+async def test_status_call_and_decommission_use_the_given_file(
+    tmp_path: Path, broker: Broker
+) -> None:
     config = make_config(tmp_path, broker)
-    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    _key_id, secret = seed_key(config, scopes=("daemon:read", "provision:write"))
+    _seed_store(config)
     config_file = write_toml(config, tmp_path / "my.toml")
     env, log = guarded_env(tmp_path, PROVISIOND_KEY=secret)
     async with running(config):
-        for command in ("status", "call"):
+        for command in ("status", "call", "devices decommission"):
             for position in ("before", "after"):
                 code, out, err = await run_cli(place(position, config_file, COMMANDS[command]), env)
                 assert code == 0, (command, position, err)

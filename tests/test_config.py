@@ -99,3 +99,17 @@ def test_secret_from_credentials_directory_then_beside_config(
         read_secret(config, "absent", key="mqtt.password_file")
     assert err.value.key == "mqtt.password_file"
     assert "from-systemd" not in str(err.value)
+
+
+def test_dynsec_backend_needs_the_daemons_broker_account(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[broker_accounts]\nbackend = "mosquitto-dynsec"\n')
+    with pytest.raises(ConfigError, match=r"needs mqtt\.username"):
+        load(path, env={})
+    path.write_text(
+        '[mqtt]\nusername = "provisiond"\n[broker_accounts]\nbackend = "mosquitto-dynsec"\n'
+    )
+    assert load(path, env={}).broker_accounts.backend == "mosquitto-dynsec"
+    path.write_text('[broker_accounts]\nusername_prefix = "dev/"\n')
+    with pytest.raises(ConfigError, match=r"broker_accounts\.username_prefix"):
+        load(path, env={})

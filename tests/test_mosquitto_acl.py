@@ -38,7 +38,7 @@ from provisiond.config import Config
 from support import MOSQUITTO, free_port, make_config, running, seed_key
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "config" / "mosquitto"
+SHIPPED = ROOT / "config" / "mosquitto" / "static"
 PREFIX = "provisiond"  # the shipped ACL is written for the default prefix
 PASSWORDS = {
     "provisiond": "daemon-pw-1",

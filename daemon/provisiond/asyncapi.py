@@ -332,7 +332,7 @@ def _add_outbound(parts: _Parts, key: str, address: str, summary: str, payload: 
     if "{event}" in address:
         params["event"] = {
             "description": "`presence`, `command`, `device/activated`, "
-            "`device/reprovisioned`, `wifi/configured`, `wifi/failed`, ..."
+            "`device/reprovisioned`, `device/decommissioned`, `wifi/configured`, `wifi/failed`, ..."
         }
     parts.add_topic(key, address, params, summary, payload)
     parts.operations[f"send_{key}"] = {

@@ -209,6 +209,15 @@ def expire_sent(db: sqlite_utils.Database, *, now: float) -> list[tuple[str, int
     return rows
 
 
+def drop_for_device(db: sqlite_utils.Database, device_id: int) -> int:
+    """A decommissioned device's queued and sent commands will never be delivered; returns how many."""
+    cur = db.execute(
+        "UPDATE commands SET state = 'dropped' WHERE device_id = ? AND state IN ('queued', 'sent')",
+        [device_id],
+    )
+    return int(cur.rowcount)
+
+
 def queued_devices(db: sqlite_utils.Database) -> set[int]:
     return {
         int(r[0])

@@ -12,7 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from provisiond.errors import ConfigError
 
@@ -148,6 +155,36 @@ class MetricsConfig(Section):
         return value
 
 
+class BrokerAccountsConfig(Section):
+    # none: device accounts are managed elsewhere (by hand, another tool).
+    # mosquitto-dynsec: the daemon creates, switches and deletes them through
+    # mosquitto's dynamic-security plugin (see broker_accounts/).
+    backend: Literal["none", "mosquitto-dynsec"] = "none"
+    # What provision replies tell devices to connect to; empty host: mqtt.host.
+    host: str = Field(default="", max_length=253)
+    port: int = Field(default=1883, ge=1, le=65535)
+    tls_port: int = Field(default=8883, ge=1, le=65535)
+    # Device N's broker username (and its role's name) is <prefix>N. Accounts
+    # with this prefix and a numeric rest are the daemon's: sync deletes the
+    # ones whose device is gone, so no hand-made account may share it.
+    username_prefix: str = Field(default="device-", min_length=1, max_length=32)
+    # A dynsec command not answered in this time fails the request with 503.
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # Reconcile the broker's accounts with the store at start (in the background).
+    sync_at_start: bool = True
+    # device/activate may carry a CSR; the daemon's device CA signs it (CN = username).
+    certificates: bool = False
+    # The device CA's key, certificate and CRL; empty: device_ca/ beside the database.
+    device_ca_dir: str = ""
+
+    @field_validator("username_prefix")
+    @classmethod
+    def _prefix_is_plain(cls, value: str) -> str:
+        if not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError("may hold only letters, digits, - _ .")
+        return value
+
+
 class Config(Section):
     daemon: DaemonConfig = DaemonConfig()
     log: LogConfig = LogConfig()
@@ -159,11 +196,23 @@ class Config(Section):
     wifi: WifiConfig = WifiConfig()
     limits: LimitsConfig = LimitsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    broker_accounts: BrokerAccountsConfig = BrokerAccountsConfig()
     # Each plugin validates its own table with its own schema.
     plugins: dict[str, dict[str, Any]] = {}
 
     # Where the file was read from: relative paths in it resolve against it.
     source: str = ""
+
+    @model_validator(mode="after")
+    def _dynsec_needs_an_account(self) -> Config:
+        # The plugin's commands are refused to anonymous clients: the daemon's
+        # own account must be the one holding its admin role.
+        if self.broker_accounts.backend == "mosquitto-dynsec" and not self.mqtt.username:
+            raise ValueError(
+                'broker_accounts.backend = "mosquitto-dynsec" needs mqtt.username'
+                " (an account holding the dynamic-security admin role)"
+            )
+        return self
 
 
 def config_path(explicit: str | None) -> Path:
@@ -199,7 +248,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
         return Config.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
+        key = ".".join(str(p) for p in first["loc"]) or None
         message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
         raise ConfigError(message, key=key) from None
 

@@ -86,7 +86,7 @@ class Device:
     id: int
     org_id: int
     owner_id: int
-    state: str  # pending (token issued, never activated) | active
+    state: str  # pending (token issued, not activated) | active | decommissioned | decommissioned
     capabilities: int
     public_key: bytes | None
     firmware_version: str | None
@@ -207,18 +207,59 @@ def list_devices(
     return [device_from_row(row) for row in db.execute(sql, params).fetchall()]
 
 
-def create_device(db: sqlite_utils.Database, *, org_id: int, owner_id: int, now: float) -> int:
-    """Insert a pending device; returns its id."""
+def create_device(
+    db: sqlite_utils.Database,
+    *,
+    org_id: int,
+    owner_id: int,
+    now: float,
+    device_id: int | None = None,
+) -> int:
+    """Insert a pending device (with an id `reserve_id` gave, or the next one); returns its id."""
     cur = db.execute(
-        "INSERT INTO devices (org_id, owner_id, state, created_at) VALUES (?, ?, 'pending', ?)",
-        [org_id, owner_id, now],
+        "INSERT INTO devices (id, org_id, owner_id, state, created_at)"
+        " VALUES (?, ?, ?, 'pending', ?)",
+        [device_id, org_id, owner_id, now],
     )
-    device_id = cur.lastrowid
-    assert device_id is not None
+    new_id = cur.lastrowid
+    assert new_id is not None
+    _check_id_space(new_id)
+    return int(new_id)
+
+
+def _check_id_space(device_id: int) -> None:
     if device_id > INT32_MAX:
         # The seed's deviceId is int32; handing out a bigger one would break clients.
         raise Unavailable("device id space exhausted", code="device_ids_exhausted")
-    return int(device_id)
+
+
+def reserve_id(db: sqlite_utils.Database) -> int:
+    """Take the next device id without creating the device (inside the caller's transaction).
+
+    For a device whose broker account must exist before its row does; the
+    row comes later with `create_device(..., device_id=...)`.
+    """
+    # sqlite_sequence holds AUTOINCREMENT's high-water mark: bumping it makes
+    # the id ours, and SQLite never hands it to a plain INSERT afterwards.
+    db.execute(
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'devices', COALESCE(MAX(id), 0)"
+        " FROM devices WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'devices')"
+    )
+    db.execute("UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'devices'")
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'devices'").fetchone()
+    device_id = int(row[0])
+    _check_id_space(device_id)
+    return device_id
+
+
+def states(db: sqlite_utils.Database) -> dict[int, str]:
+    """Every device's state, by id (broker-account sync compares them with the broker)."""
+    return {int(row[0]): str(row[1]) for row in db.execute("SELECT id, state FROM devices")}
+
+
+def mark_decommissioned(db: sqlite_utils.Database, device_id: int) -> None:
+    """The row stays for audit; a re-provision brings the device back (`mark_reprovisioned`)."""
+    db.execute("UPDATE devices SET state = 'decommissioned' WHERE id = ?", [device_id])
 
 
 def activate(
@@ -242,4 +283,9 @@ def activate(
 
 
 def mark_reprovisioned(db: sqlite_utils.Database, device_id: int, *, now: float) -> None:
-    db.execute("UPDATE devices SET reprovisioned_at = ? WHERE id = ?", [now, device_id])
+    """A new token was issued; a decommissioned device comes back as a pending one."""
+    db.execute(
+        "UPDATE devices SET reprovisioned_at = ?,"
+        " state = CASE state WHEN 'decommissioned' THEN 'pending' ELSE state END WHERE id = ?",
+        [now, device_id],
+    )

@@ -229,6 +229,17 @@ class Presence:
         self._negative.pop(device_id, None)
         self._devices.setdefault(device_id, _Dev())
 
+    def device_removed(self, device_id: int) -> None:
+        """A decommissioned device: no longer tracked, published or saved (its row is deleted)."""
+        dev = self._devices.pop(device_id, None)
+        if dev is not None and (dev.mqtt or device_id in self._extra):
+            self._online -= 1
+        self._extra.pop(device_id, None)
+        self._outbox.pop(device_id, None)
+        self._dirty.discard(device_id)
+        self._pending.pop(device_id, None)
+        # Its heap entry finds no record when it pops, and is skipped.
+
     # --- topic handlers (sync fast path)
 
     def on_heartbeat(self, delivery: Delivery, values: list[str]) -> None:
@@ -495,6 +506,11 @@ class Presence:
                 await self._publish(device_id)
             except NotConnected:
                 outbox.setdefault(device_id, None)  # again once reconnected
+                # A lost connection can fail publish before any await, while
+                # `connected` is still set: without yielding here, the transport
+                # never runs to clear it and this loop spins (seen when the
+                # broker was killed under the demo: 100% CPU, memory growing).
+                await asyncio.sleep(0.05)
             except PublishRefused as exc:
                 # Not retried: the broker's ACL would refuse it again at once.
                 log.error("presence.publish_refused", device=device_id, reason=str(exc))
@@ -591,6 +607,11 @@ def _active_among(db: sqlite_utils.Database, ids: list[int]) -> set[int]:
     marks = ",".join("?" * len(ids))
     sql = f"SELECT id FROM devices WHERE state = 'active' AND id IN ({marks})"  # noqa: S608 - placeholders only
     return {row[0] for row in db.execute(sql, ids).fetchall()}
+
+
+def forget_row(db: sqlite_utils.Database, device_id: int) -> None:
+    """A decommissioned device's saved presence goes (`Presence.device_removed` forgets the rest)."""
+    db.execute("DELETE FROM presence WHERE device_id = ?", [device_id])
 
 
 def _save(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:

@@ -8,6 +8,7 @@ never renumbers another's.
 from __future__ import annotations
 
 from provisiond import auth, commands, devices, presence, replay, tokens
+from provisiond.broker_accounts import store as broker_accounts_store
 from provisiond.store import Migration
 from provisiond.wifi import service as wifi_service
 
@@ -21,4 +22,5 @@ def all_migrations() -> list[Migration]:
         *wifi_service.MIGRATIONS,
         *presence.MIGRATIONS,
         *commands.MIGRATIONS,
+        *broker_accounts_store.MIGRATIONS,
     ]

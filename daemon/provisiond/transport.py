@@ -74,8 +74,6 @@ __all__ = [
     "max_packet_size",
 ]
 
-# Features take the broker's refusals from here, never from provisiond.mqtt.
-__all__ = ["Delivery", "NotConnected", "PublishRefused", "Subscription", "Transport"]
 
 log = get_logger("provisiond.transport")
 

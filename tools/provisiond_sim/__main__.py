@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+from pathlib import Path
 
 from provisiond import logs
 from provisiond.config import LogConfig
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=key,
         help="API key with provision:write (gets tokens); default $PROVISIOND_KEY",
     )
+    p.add_argument(
+        "--username", default=None, help="broker account of the service asking for tokens"
+    )
+    p.add_argument("--password-file", default=None, help="file holding that account's password")
     p.add_argument("--org", type=int, required=True, help="organisation id")
     p.add_argument("--owner", type=int, required=True, help="owner user id")
     p.add_argument(
@@ -65,8 +70,12 @@ async def run(args: argparse.Namespace) -> int:
     if args.ble and not args.ble_transport:
         print("provisiond-sim: --ble needs --ble-transport", file=sys.stderr)
         return 2
+    password = None
+    if args.password_file:
+        # Read once at start, before anything else runs on the loop.
+        password = Path(args.password_file).read_text(encoding="utf-8").rstrip("\r\n")  # noqa: ASYNC240
     fleet = Fleet(
-        Broker(args.host, args.port, args.prefix),
+        Broker(args.host, args.port, args.prefix, args.username, password),
         networks=networks,
         ble_transport=args.ble_transport,
         heartbeat_interval=args.heartbeat,

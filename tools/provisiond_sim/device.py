@@ -47,11 +47,37 @@ class Broker:
     host: str = "127.0.0.1"
     port: int = 1883
     prefix: str = "provisiond"
+    # The service account that asks for provision tokens (None: anonymous).
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
-    def connection(self, client_id: str, *, will: Will | None = None) -> Connection:
-        """A clean-session connection (not yet connected) as a device has one."""
-        options = ConnectOptions(self.host, self.port, client_id=client_id, will=will)
+    def connection(
+        self, client_id: str, *, credentials: Credentials | None = None, will: Will | None = None
+    ) -> Connection:
+        """A clean-session connection (not yet connected) as `credentials` (a device's own),
+        else as the service account."""
+        username, password = (
+            (credentials.username, credentials.password)
+            if credentials is not None
+            else (self.username, self.password)
+        )
+        options = ConnectOptions(
+            self.host,
+            self.port,
+            client_id=client_id,
+            will=will,
+            username=username,
+            password=None if password is None else password.encode(),
+        )
         return load_backend("native").connection(options, 1)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A device's own broker account, from its provision reply's `mqtt`."""
+
+    username: str
+    password: str = field(repr=False)
 
 
 async def rpc_call(
@@ -62,10 +88,11 @@ async def rpc_call(
     reply_topic: str,
     api_key: str | None = None,
     wait_seconds: float = 10.0,
+    credentials: Credentials | None = None,
 ) -> dict[str, Any]:
     """One MQTT v5 request/response; returns the reply body or raises RpcFailed."""
     correlation = uuid.uuid4().bytes
-    conn = broker.connection(f"sim-rpc-{uuid.uuid4().hex[:10]}")
+    conn = broker.connection(f"sim-rpc-{uuid.uuid4().hex[:10]}", credentials=credentials)
     await conn.connect()
     try:
         await conn.subscribe([Subscription(reply_topic, 1)])
@@ -101,6 +128,8 @@ class Identity:
     pinned_keys: list[dict[str, Any]]
     heartbeat_interval: float
     capabilities: int = CAP_WIFI_UPLOAD
+    # Its own broker account, when the daemon issues them (broker_accounts).
+    credentials: Credentials | None = None
 
 
 async def provision(
@@ -117,10 +146,17 @@ async def provision(
         broker,
         "provision/token",
         {"orgId": org_id, "ownerId": owner_id},
-        reply_topic=f"{broker.prefix}/replies/sim-{uuid.uuid4().hex}",
+        # Under the service's own replies/<username>/, which its broker role reads.
+        reply_topic=f"{broker.prefix}/replies/{broker.username or 'sim'}/{uuid.uuid4().hex}",
         api_key=api_key,
     )
     device_id = int(issued["deviceId"])
+    mqtt = issued.get("mqtt")
+    credentials = (
+        Credentials(str(mqtt["username"]), str(mqtt["password"]))
+        if isinstance(mqtt, dict)
+        else None
+    )
     private = X25519PrivateKey.generate()
     activated = await rpc_call(
         broker,
@@ -133,6 +169,7 @@ async def provision(
         },
         # Inside the device's own subtree, which its broker ACL allows.
         reply_topic=f"{broker.prefix}/devices/{device_id}/replies/activate",
+        credentials=credentials,
     )
     return Identity(
         device_id=device_id,
@@ -140,6 +177,7 @@ async def provision(
         pinned_keys=list(activated["grant_verification_keys"]),
         heartbeat_interval=float(activated["heartbeat_interval"]),
         capabilities=capabilities,
+        credentials=credentials,
     )
 
 
@@ -197,7 +235,9 @@ class SimDevice:
     async def _run(self) -> None:
         will = Will(self.topic("status"), b"offline", qos=1, retain=True)
         conn = self.broker.connection(
-            f"sim-device-{self.device_id}-{uuid.uuid4().hex[:6]}", will=will
+            f"sim-device-{self.device_id}-{uuid.uuid4().hex[:6]}",
+            credentials=self.identity.credentials,
+            will=will,
         )
         await conn.connect()
         beat: asyncio.Task[None] | None = None

@@ -77,7 +77,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = devices.add_parser("list", parents=[common], help="list devices as JSON")
     p.add_argument("--org", type=_positive_int, help="only this organisation's devices")
     p.add_argument("--owner", type=_positive_int, help="only this user's devices")
-    p.add_argument("--state", choices=["pending", "active"], help="only devices in this state")
+    p.add_argument(
+        "--state",
+        choices=["pending", "active", "decommissioned"],
+        help="only devices in this state",
+    )
     p.set_defaults(fn=cmd_devices_list)
     p = devices.add_parser(
         "show", parents=[common], help="one device with its token history (never the tokens)"

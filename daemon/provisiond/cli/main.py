@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from provisiond import __version__, auth, logs, plugins
+from provisiond.cli import broker_accounts as cli_broker_accounts
 from provisiond.cli import call as cli_call
 from provisiond.cli import devices as cli_devices
 from provisiond.cli import ops as cli_ops
@@ -32,6 +33,7 @@ EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     cli_devices.add_commands,
     cli_ops.add_commands,
     cli_call.add_commands,
+    cli_broker_accounts.add_commands,
 ]
 
 

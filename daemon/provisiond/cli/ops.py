@@ -65,7 +65,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def ask_stats(config: Config, key: str, wait_seconds: float) -> dict[str, Any]:
-    """One `daemon/stats` request as a short-lived MQTT v5 client; the reply envelope.
+    """One `daemon/stats` request; the reply envelope."""
+    return await ask_daemon(config, key, "daemon/stats", {}, wait_seconds)
+
+
+async def ask_daemon(
+    config: Config, key: str, operation: str, body: dict[str, Any], wait_seconds: float
+) -> dict[str, Any]:
+    """One request to the running daemon as a short-lived MQTT v5 client; the reply envelope.
 
     Through the daemon's own transport boundary and native client: the same
     credentials and TLS settings as the daemon, read the same way, and no
@@ -77,13 +84,13 @@ async def ask_stats(config: Config, key: str, wait_seconds: float) -> dict[str, 
     mqtt = config.mqtt
     prefix = mqtt.topic_prefix
     tag = uuid.uuid4().hex[:12]
-    reply_topic = f"{prefix}/replies/status-{tag}"
+    reply_topic = f"{prefix}/replies/cli-{tag}"
     correlation = uuid.uuid4().bytes
     where = f"{mqtt.host}:{mqtt.port}"
     options = await connect_options(
         config,
         # Never the daemon's own client id: the broker would disconnect the daemon.
-        client_id=f"{mqtt.client_id}-status-{tag}",
+        client_id=f"{mqtt.client_id}-cli-{tag}",
         clean_start=True,
         connect_timeout=timeout,
     )
@@ -95,8 +102,8 @@ async def ask_stats(config: Config, key: str, wait_seconds: float) -> dict[str, 
     try:
         await conn.subscribe([Subscription(reply_topic, 1)])
         await conn.publish(
-            f"{prefix}/rpc/daemon/stats",
-            b"{}",
+            f"{prefix}/rpc/{operation}",
+            json.dumps(body).encode(),
             qos=1,
             response_topic=reply_topic,
             correlation_data=correlation,
@@ -113,7 +120,7 @@ async def ask_stats(config: Config, key: str, wait_seconds: float) -> dict[str, 
                     return result
     except TimeoutError:
         raise OperatorError(
-            f"no reply from the daemon within {timeout:g}s on {prefix}/rpc/daemon/stats "
+            f"no reply from the daemon within {timeout:g}s on {prefix}/rpc/{operation} "
             f"via {where}; is it running (systemctl status provisiond)?"
         ) from None
     except TransportError as exc:

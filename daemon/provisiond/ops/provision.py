@@ -14,6 +14,7 @@ the commit, so a rolled-back request never announces anything.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -22,6 +23,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import AfterValidator, Field
 
 from provisiond import devices, permissions, tokens
+from provisiond.auth import Principal
+from provisiond.broker_accounts import MqttCredentials, certificates
+from provisiond.broker_accounts import store as account_store
+from provisiond.broker_accounts.certificates import MAX_CSR_CHARS
+from provisiond.broker_accounts.feature import BROKER_ACCOUNTS, IssuedCertificate
 from provisiond.devices import INT32_MAX, Device, DeviceId, OrgId, UserId
 from provisiond.errors import BadRequest, Conflict
 from provisiond.presence import PRESENCE
@@ -73,6 +79,8 @@ class ActivateBody(Body):
     firmware_version: (
         Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")] | None
     ) = None
+    # A PEM CSR (P-256) for the device's client certificate (docs/broker-accounts.md).
+    csr: Annotated[str, Field(min_length=1, max_length=MAX_CSR_CHARS)] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,9 +91,15 @@ class Issued:
     org_id: int
     owner_id: int
     token: str = field(repr=False)
+    # The device's own broker account, when provisiond manages them.
+    mqtt: MqttCredentials | None = None
+    certificates_revoked: int = 0
 
     def reply(self) -> dict[str, Any]:
-        return {"token": self.token, "deviceId": self.device_id}
+        body: dict[str, Any] = {"token": self.token, "deviceId": self.device_id}
+        if self.mqtt is not None:
+            body["mqtt"] = self.mqtt.reply()
+        return body
 
 
 @dataclass(frozen=True)
@@ -108,7 +122,9 @@ class Provisioning:
     async def provision_token(self, request: Request, body: ProvisionBody) -> dict[str, Any]:
         """Create a pending device owned by `ownerId` in `orgId`, and its first provision token.
 
-        The token is shown once, here; the store keeps only its hash. User-scoped
+        The token is shown once, here; the store keeps only its hash. With
+        managed broker accounts the reply also carries the device's own broker
+        credentials (`mqtt`), made before the device is committed. User-scoped
         keys need PROVISION_DEVICES, plus ORG_VIEW_USERS to provision for another user.
         """
         principal = request.principal
@@ -116,26 +132,79 @@ class Provisioning:
         permissions.check_provision(principal, org_id=body.orgId, owner_id=body.ownerId)
         now = self.app.clock.now()
         lifetime = self.app.config.tokens.lifetime_seconds
+        identity = self.app.services.find(BROKER_ACCOUNTS)
+        accounts = None if identity is None else identity.accounts
+        if identity is None or accounts is None:
 
-        def tx(db: sqlite_utils.Database) -> Issued:
-            permissions.check_owner_in_org(db, org_id=body.orgId, owner_id=body.ownerId)
-            device_id = devices.create_device(db, org_id=body.orgId, owner_id=body.ownerId, now=now)
-            token = tokens.issue(db, device_id, now=now, lifetime=lifetime)
-            return Issued(device_id, body.orgId, body.ownerId, token)
+            def tx(db: sqlite_utils.Database) -> Issued:
+                permissions.check_owner_in_org(db, org_id=body.orgId, owner_id=body.ownerId)
+                device_id = devices.create_device(
+                    db, org_id=body.orgId, owner_id=body.ownerId, now=now
+                )
+                token = tokens.issue(db, device_id, now=now, lifetime=lifetime)
+                return Issued(device_id, body.orgId, body.ownerId, token)
 
-        issued = await request.write(tx)
+            issued = await request.write(tx)
+        else:
+
+            def check(db: sqlite_utils.Database) -> None:
+                permissions.check_owner_in_org(db, org_id=body.orgId, owner_id=body.ownerId)
+
+            def commit(db: sqlite_utils.Database, device_id: int, creds: MqttCredentials) -> Issued:
+                account_store.claim_reservation(db, device_id)
+                devices.create_device(
+                    db, org_id=body.orgId, owner_id=body.ownerId, now=now, device_id=device_id
+                )
+                token = tokens.issue(db, device_id, now=now, lifetime=lifetime)
+                return Issued(device_id, body.orgId, body.ownerId, token, creds)
+
+            # The account first, then one commit of device, token and reply:
+            # see broker_accounts/feature.py for the ordering.
+            issued = await identity.provision(accounts, request.write, check=check, commit=commit)
         request.log_fields["device"] = issued.device_id
         return issued.reply()
 
     async def reprovision_token(self, request: Request, body: ReprovisionBody) -> dict[str, Any]:
         """Issue a new provision token for an existing device, revoking its earlier ones.
 
-        Everything else about the device is kept: its id, owner and history. The
-        device activates again with the new token.
+        Everything else about the device is kept: its id, owner and history; a
+        decommissioned device comes back as a pending one. With managed broker
+        accounts the device gets a new password (`mqtt`): the old one stops
+        working now, with the old token. The device activates again.
         """
         principal = request.principal
         assert principal is not None
-        request.log_fields["device"] = body.deviceId
+        device_id = body.deviceId
+        request.log_fields["device"] = device_id
+        identity = self.app.services.find(BROKER_ACCOUNTS)
+        accounts = None if identity is None else identity.accounts
+        try:
+            if identity is None:
+                issued = await request.write(self._reissue(principal, device_id, None))
+            else:
+                async with identity.lock(device_id):
+                    creds = None
+                    if accounts is not None:
+                        # Refusals (403/404) before the broker is touched.
+                        await self.app.store.call(
+                            lambda db: permissions.provisionable_device(db, principal, device_id)
+                        )
+                        creds = await accounts.rotate(device_id)
+                    issued = await request.write(self._reissue(principal, device_id, creds))
+        finally:
+            # Even if this task is cancelled mid-write: the commit may still land.
+            self.app.caches.devices.forget(device_id)
+        if identity is not None and issued.certificates_revoked:
+            await identity.refresh_crl()
+        await self.app.publish_event(
+            "device/reprovisioned",
+            {"deviceId": issued.device_id, "orgId": issued.org_id, "ownerId": issued.owner_id},
+        )
+        return issued.reply()
+
+    def _reissue(
+        self, principal: Principal, device_id: int, creds: MqttCredentials | None
+    ) -> Callable[[sqlite_utils.Database], Issued]:
         now = self.app.clock.now()
         lifetime = self.app.config.tokens.lifetime_seconds
 
@@ -143,21 +212,14 @@ class Provisioning:
             # Revoke and issue in one BEGIN IMMEDIATE transaction on the single
             # store thread: concurrent re-provisions serialise, and the last one
             # leaves the only live token.
-            device = permissions.provisionable_device(db, principal, body.deviceId)
+            device = permissions.provisionable_device(db, principal, device_id)
             token = tokens.issue(db, device.id, now=now, lifetime=lifetime)
             devices.mark_reprovisioned(db, device.id, now=now)
-            return Issued(device.id, device.org_id, device.owner_id, token)
+            # Its certificates end with its old token, as its password does.
+            revoked = certificates.revoke(db, device.id, now=now)
+            return Issued(device.id, device.org_id, device.owner_id, token, creds, revoked)
 
-        try:
-            issued = await request.write(tx)
-        finally:
-            # Even if this task is cancelled mid-write: the commit may still land.
-            self.app.caches.devices.forget(body.deviceId)
-        await self.app.publish_event(
-            "device/reprovisioned",
-            {"deviceId": issued.device_id, "orgId": issued.org_id, "ownerId": issued.owner_id},
-        )
-        return issued.reply()
+        return tx
 
     async def activate(self, request: Request, body: ActivateBody) -> dict[str, Any]:
         """A device spends its provision token and reports its capabilities and X25519 key.
@@ -181,6 +243,7 @@ class Provisioning:
         grants = app.services.find(GRANTS)
         # Without the WiFi feature a device still activates, with no keys to pin.
         jwks = grants.verification_jwks(device_id) if grants is not None else []
+        certificate = await self._broker_identity(device_id, body.csr)
         reply = {
             "deviceId": device_id,
             "gateway_id": app.config.daemon.gateway_id,
@@ -201,6 +264,9 @@ class Provisioning:
                 firmware_version=body.firmware_version,
                 now=now,
             )
+            if certificate is not None:
+                certificate.record(db, device_id, now)
+                reply.update(certificate.reply())
             return Activated(before, reply)
 
         try:
@@ -210,6 +276,19 @@ class Provisioning:
             app.caches.devices.forget(device_id)
         await self._announce(activated, body)
         return activated.reply()
+
+    async def _broker_identity(self, device_id: int, csr: str | None) -> IssuedCertificate | None:
+        """The device's account goes active (and its CSR is signed) before the token is
+        spent: a broker that is down fails the activation with the token intact."""
+        identity = self.app.services.find(BROKER_ACCOUNTS)
+        if identity is None:
+            if csr is not None:
+                raise BadRequest("certificates are not enabled here", code="certificates_disabled", field="csr")
+            return None
+        certificate = None if csr is None else await identity.sign_csr(device_id, csr)
+        if identity.accounts is not None:
+            await identity.accounts.activate(device_id)
+        return certificate
 
     async def _announce(self, activated: Activated, body: ActivateBody) -> None:
         before = activated.before

@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from provisiond import metrics, presence
-from provisiond.ops import commands, daemon, devices, keys, provision, wifi
+from provisiond.broker_accounts import feature as broker_accounts
+from provisiond.broker_accounts.feature import BROKER_ACCOUNTS
+from provisiond.ops import commands, daemon, decommission, devices, keys, provision, wifi
 from provisiond.presence import PRESENCE
 from provisiond.rpc import Router
 from provisiond.runtime.app import App
@@ -74,8 +76,10 @@ FEATURES: list[Feature] = [
     Feature("presence", presence.setup, provides=(PRESENCE,)),
     Feature("wifi", wifi.setup, provides=(GRANTS,)),
     Feature("daemon", daemon.setup),
-    Feature("provision", provision.setup, uses=(PRESENCE, GRANTS)),
+    Feature("broker_accounts", broker_accounts.setup, provides=(BROKER_ACCOUNTS,)),
+    Feature("provision", provision.setup, uses=(PRESENCE, GRANTS, BROKER_ACCOUNTS)),
     Feature("devices", devices.setup, uses=(PRESENCE,)),
     Feature("commands", commands.setup, requires=(PRESENCE,)),
+    Feature("decommission", decommission.setup, uses=(BROKER_ACCOUNTS, PRESENCE)),
     Feature("metrics", metrics.setup, uses=(PRESENCE,)),
 ]

@@ -1,9 +1,9 @@
 """The daemon's grant service: who may get a grant, signing keys, consumed grants.
 
 `provisiond.wifi.signing` knows how to sign; this module decides whether to,
-with which key, and remembers what devices report back. It is shared as
-`app.services["grants"]` by the RPC feature (`provisiond.ops.wifi`) and the
-BLE bridge plugin, which calls `issue` in-process (bridge mode).
+with which key, and remembers what devices report back. The WiFi feature
+(`provisiond.ops.wifi`) provides it as the service GRANTS; the BLE bridge
+plugin asks it `grantable` and `issue_for` in-process (bridge mode).
 
 Grants themselves are stateless: nothing is written when one is issued. The
 only table is `consumed_grants`, the jtis devices reported as used, kept until
