@@ -208,105 +208,130 @@ class _StateCollector:
         return []
 
     def collect(self) -> Iterable[Metric]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
         snap = self.metrics._snapshot
         if not snap:
             return
         counters: dict[str, int] = snap["counters"]
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, value=value)
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, value=value)
-
-        yield gauge(
-            "provisiond_start_time_seconds",
-            "When the daemon started (Unix time)",
-            snap["started_at"],
-        )
-        yield gauge("provisiond_inflight_requests", "Requests being handled now", snap["inflight"])
-        yield gauge(
-            "provisiond_mqtt_connected",
-            "1 while the broker connection is up",
-            int(snap["connected"]),
-        )
-        yield counter(
-            "provisiond_mqtt_connections",
-            "Broker connections made since start",
-            snap["connections"],
-        )
-        yield counter(
-            "provisiond_mqtt_reconnects",
-            "Broker connections made after the first (each follows a lost connection)",
-            max(0, snap["connections"] - 1),
-        )
-        dropped = CounterMetricFamily(
-            "provisiond_dropped_messages",
-            "Messages dropped: QoS 0 ones (heartbeats) while the daemon fell behind, "
-            "requests with no way to reply",
-            labels=["reason"],
-        )
-        dropped.add_metric(["backlog"], snap["dropped_qos0"])
-        dropped.add_metric(["no_reply_path"], counters.get("rpc.dropped", 0))
-        yield dropped
-
+        yield from _daemon_metrics(snap, counters)
         presence = snap.get("presence")
         if presence is not None:
-            yield gauge(
-                "provisiond_presence_tracked_devices",
-                "Active devices whose presence is tracked",
-                presence["tracked"],
-            )
-            yield gauge(
-                "provisiond_presence_online_devices",
-                "Tracked devices online on some channel",
-                presence["online"],
-            )
-            yield gauge(
-                "provisiond_presence_offline_devices",
-                "Tracked devices offline on every channel",
-                presence["offline"],
-            )
-            heartbeats = CounterMetricFamily(
-                "provisiond_heartbeats",
-                "Heartbeats received: ok, or why they were ignored",
-                labels=["result"],
-            )
-            heartbeats.add_metric(["ok"], presence["heartbeats"])
-            for result in ("unknown", "malformed", "oversize", "lookup_overflow"):
-                heartbeats.add_metric([result], presence[f"heartbeats_{result}"])
-            yield heartbeats
+            yield from _presence_metrics(presence)
+        yield from _command_metrics(snap.get("commands"), counters)
+        yield from _grant_metrics(counters)
 
-        commands = snap.get("commands")
-        if commands is not None:
-            live = GaugeMetricFamily(
-                "provisiond_commands",
-                "Commands waiting: queued (device offline) or sent and not yet acknowledged",
-                labels=["state"],
-            )
-            for state in ("queued", "sent"):
-                live.add_metric([state], commands[state])
-            yield live
-        yield counter(
-            "provisiond_commands_sent",
-            "Commands published to devices since start",
-            counters.get("commands.sent", 0),
-        )
-        yield counter(
-            "provisiond_commands_acked",
-            "Command acknowledgements recorded since start",
-            counters.get("commands.acked", 0),
-        )
 
-        grants = CounterMetricFamily(
-            "provisiond_wifi_grants", "WiFi grants issued since start, by mode", labels=["mode"]
+def _counter(name: str, doc: str, value: float) -> Metric:
+    from prometheus_client.core import CounterMetricFamily
+
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> Metric:
+    from prometheus_client.core import GaugeMetricFamily
+
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _daemon_metrics(snap: dict[str, Any], counters: dict[str, int]) -> Iterable[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
+    yield _gauge(
+        "provisiond_start_time_seconds",
+        "When the daemon started (Unix time)",
+        snap["started_at"],
+    )
+    yield _gauge("provisiond_inflight_requests", "Requests being handled now", snap["inflight"])
+    yield _gauge(
+        "provisiond_mqtt_connected",
+        "1 while the broker connection is up",
+        int(snap["connected"]),
+    )
+    yield _counter(
+        "provisiond_mqtt_connections",
+        "Broker connections made since start",
+        snap["connections"],
+    )
+    yield _counter(
+        "provisiond_mqtt_reconnects",
+        "Broker connections made after the first (each follows a lost connection)",
+        max(0, snap["connections"] - 1),
+    )
+    dropped = CounterMetricFamily(
+        "provisiond_dropped_messages",
+        "Messages dropped: QoS 0 ones (heartbeats) while the daemon fell behind, "
+        "requests with no way to reply",
+        labels=["reason"],
+    )
+    dropped.add_metric(["backlog"], snap["dropped_qos0"])
+    dropped.add_metric(["no_reply_path"], counters.get("rpc.dropped", 0))
+    yield dropped
+
+
+def _presence_metrics(presence: dict[str, Any]) -> Iterable[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
+    yield _gauge(
+        "provisiond_presence_tracked_devices",
+        "Active devices whose presence is tracked",
+        presence["tracked"],
+    )
+    yield _gauge(
+        "provisiond_presence_online_devices",
+        "Tracked devices online on some channel",
+        presence["online"],
+    )
+    yield _gauge(
+        "provisiond_presence_offline_devices",
+        "Tracked devices offline on every channel",
+        presence["offline"],
+    )
+    heartbeats = CounterMetricFamily(
+        "provisiond_heartbeats",
+        "Heartbeats received: ok, or why they were ignored",
+        labels=["result"],
+    )
+    heartbeats.add_metric(["ok"], presence["heartbeats"])
+    for result in ("unknown", "malformed", "oversize", "lookup_overflow"):
+        heartbeats.add_metric([result], presence[f"heartbeats_{result}"])
+    yield heartbeats
+
+
+def _command_metrics(
+    commands: dict[str, int] | None, counters: dict[str, int]
+) -> Iterable[Metric]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    if commands is not None:
+        live = GaugeMetricFamily(
+            "provisiond_commands",
+            "Commands waiting: queued (device offline) or sent and not yet acknowledged",
+            labels=["state"],
         )
-        for name, value in sorted(counters.items()):
-            if name.startswith("wifi.grants."):
-                grants.add_metric([name.removeprefix("wifi.grants.")], value)
-        yield grants
+        for state in ("queued", "sent"):
+            live.add_metric([state], commands[state])
+        yield live
+    yield _counter(
+        "provisiond_commands_sent",
+        "Commands published to devices since start",
+        counters.get("commands.sent", 0),
+    )
+    yield _counter(
+        "provisiond_commands_acked",
+        "Command acknowledgements recorded since start",
+        counters.get("commands.acked", 0),
+    )
+
+
+def _grant_metrics(counters: dict[str, int]) -> Iterable[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
+    grants = CounterMetricFamily(
+        "provisiond_wifi_grants", "WiFi grants issued since start, by mode", labels=["mode"]
+    )
+    for name, value in sorted(counters.items()):
+        if name.startswith("wifi.grants."):
+            grants.add_metric([name.removeprefix("wifi.grants.")], value)
+    yield grants
 
 
 # --- the feature

@@ -184,29 +184,7 @@ class Transport:
                 self._conn = conn
                 self.connections += 1
                 up_since = time.monotonic()
-                self.session = session
-                self._check_session(session, subs)
-                # A resumed session still holds the subscriptions: a SUBSCRIBE
-                # would only cost a round trip (and, without Retain Handling,
-                # every retained message again).
-                resubscribe = not (session.session_present and self._subscribed_filters == subs)
-                if resubscribe and subs:
-                    self._subscribed_filters = None
-                    granted = await conn.subscribe(subs)
-                    check_granted(subs, granted)
-                    self._subscribed_filters = subs
-                await conn.publish(self.status_topic, b"online", qos=1, retain=self._retain)
-                self.connected.set()
-                self.subscribed.set()
-                log.info(
-                    "mqtt.connected",
-                    host=cfg.host,
-                    port=cfg.port,
-                    client=self.backend.name,
-                    subscriptions=len(subs),
-                    session_present=session.session_present,
-                    resubscribed=resubscribe,
-                )
+                await self._on_connected(conn, session, subs)
                 async for delivery in conn.deliveries():
                     await on_message(delivery)
             except TransportError as exc:
@@ -219,17 +197,7 @@ class Transport:
                     delay = cfg.reconnect_min_seconds
                 retry_in = delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter only
                 delay = min(delay * 2, cfg.reconnect_max_seconds)
-                if isinstance(exc, ConnectRefused) and exc.reason_code == 0x9A and self._retain:
-                    # Retain not supported: our retained will was the cause.
-                    self._retain = False
-                    retry_in = 0.0
-                    log.warning(
-                        "mqtt.retain_unavailable",
-                        effect="the daemon status and its will are published unretained",
-                    )
-                    continue
-                if isinstance(exc, ConnectRefused) and exc.reason_code == 0x9B and self._will_qos:
-                    self._will_qos = 0
+                if self._adapt_to(exc):
                     retry_in = 0.0
                     continue
                 if isinstance(exc, ConnectRefused | SubscribeRefused | BrokerUnsuitable):
@@ -246,6 +214,50 @@ class Transport:
                     with contextlib.suppress(TransportError):
                         await conn.disconnect()
             await asyncio.sleep(retry_in)
+
+    async def _on_connected(
+        self, conn: Connection, session: SessionInfo, subs: tuple[Subscription, ...]
+    ) -> None:
+        """Subscribe unless the session kept them, say `online`, and report ready."""
+        cfg = self._config.mqtt
+        self.session = session
+        self._check_session(session, subs)
+        # A resumed session still holds the subscriptions: a SUBSCRIBE
+        # would only cost a round trip (and, without Retain Handling,
+        # every retained message again).
+        resubscribe = not (session.session_present and self._subscribed_filters == subs)
+        if resubscribe and subs:
+            self._subscribed_filters = None
+            granted = await conn.subscribe(subs)
+            check_granted(subs, granted)
+            self._subscribed_filters = subs
+        await conn.publish(self.status_topic, b"online", qos=1, retain=self._retain)
+        self.connected.set()
+        self.subscribed.set()
+        log.info(
+            "mqtt.connected",
+            host=cfg.host,
+            port=cfg.port,
+            client=self.backend.name,
+            subscriptions=len(subs),
+            session_present=session.session_present,
+            resubscribed=resubscribe,
+        )
+
+    def _adapt_to(self, exc: TransportError) -> bool:
+        """A refusal our own CONNECT caused, and the next one avoids: retry at once."""
+        if isinstance(exc, ConnectRefused) and exc.reason_code == 0x9A and self._retain:
+            # Retain not supported: our retained will was the cause.
+            self._retain = False
+            log.warning(
+                "mqtt.retain_unavailable",
+                effect="the daemon status and its will are published unretained",
+            )
+            return True
+        if isinstance(exc, ConnectRefused) and exc.reason_code == 0x9B and self._will_qos:
+            self._will_qos = 0
+            return True
+        return False
 
     def _check_session(self, session: SessionInfo, subs: Sequence[Subscription]) -> None:
         """Honour what the CONNACK announced, or say what it costs."""
