@@ -229,8 +229,17 @@ class DynsecBroker:
             yield Admin(client)
 
     def stored_clients(self) -> dict[str, dict[str, Any]]:
-        """The plugin's state file as it is on disk now."""
-        return {c["username"]: c for c in json.loads(self.state.read_text())["clients"]}
+        """The plugin's state file as it is on disk now (once the plugin finished writing it)."""
+        # The plugin truncates the file and writes it again, not atomically: a
+        # read can land in between and see nothing, or half of it.
+        for _ in range(100):
+            try:
+                doc = json.loads(self.state.read_text())
+            except json.JSONDecodeError:
+                time.sleep(0.01)
+                continue
+            return {c["username"]: c for c in doc["clients"]}
+        raise AssertionError(f"{self.state} never held a whole JSON document")
 
 
 def _enable_certificate_listener(conf: str, port: int, device_ca: Path) -> str:

@@ -85,6 +85,9 @@ async def _every_operation(client: ProvisiondClient, config: Config) -> None:
     assert again["deviceId"] == device_id
     queued = await client.provision_reconfigure(device_id)
     assert queued["commandId"].startswith("cmd_") and isinstance(queued["deviceIsOffline"], bool)
+    gone = await client.device_decommission(device_id)
+    assert gone == {"deviceId": device_id, "state": "decommissioned"}
+    assert (await client.device_get(device_id))["state"] == "decommissioned"
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

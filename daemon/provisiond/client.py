@@ -83,8 +83,10 @@ OPERATIONS: Final[dict[str, tuple[str, dict[str, str]]]] = {
             "capabilities": "capabilities",
             "public_key": "public_key",
             "firmware_version": "firmware_version",
+            "csr": "csr",
         },
     ),
+    "device/decommission": ("device_decommission", {"device_id": "deviceId"}),
     "device/get": ("device_get", {"device_id": "deviceId"}),
     "device/list": ("device_list", {"limit": "limit", "after": "after"}),
 }
@@ -480,8 +482,10 @@ class ProvisiondClient:
         capabilities: int,
         public_key: str,
         firmware_version: str | None = None,
+        csr: str | None = None,
     ) -> dict[str, Any]:
-        """A device spends its provision token (no API key needed)."""
+        """A device spends its provision token (no API key needed); with `csr` (PEM, P-256)
+        the reply also carries its client `certificate`."""
         return await self.request(
             "device/activate",
             _body(
@@ -489,8 +493,13 @@ class ProvisiondClient:
                 capabilities=capabilities,
                 public_key=public_key,
                 firmware_version=firmware_version,
+                csr=csr,
             ),
         )
+
+    async def device_decommission(self, device_id: int) -> dict[str, Any]:
+        """Take a device out of service (broker account, tokens, commands, presence): `state`."""
+        return await self.request("device/decommission", {"deviceId": device_id})
 
     async def device_get(self, device_id: int) -> dict[str, Any]:
         """One device, with presence (scope `devices:read`)."""
