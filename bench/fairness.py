@@ -81,7 +81,11 @@ async def polite_during_flood(port: int, polite: str, flooder: str, n: int) -> d
 async def run(quick: bool = False) -> dict[str, Any]:
     n = 300 if quick else 2000
     results: dict[str, Any] = {}
-    for label, share in (("fair_default_share_16", 16), ("one_key_may_take_all_256", 256)):
+    for label, share in (
+        ("fair_default_share_16", 16),
+        ("share_8", 8),
+        ("one_key_may_take_all_256", 256),
+    ):
         with workdir() as d, mosquitto(d) as port:
             polite = seed(d, users=1)
             flooder = second_key(d)
