@@ -8,6 +8,7 @@ answers 500 with an error id that is in the log, and nothing else notices.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
@@ -214,15 +215,13 @@ class Router:
         fields: dict[str, Any] = {"op": name}
         status: int | str = 500
         try:
-            path, body = self._parse(delivery, fields)
+            path, reply, status = await self._in_turn(delivery, name, fields)
             if path is None:
                 status = "dropped"  # nothing was answered; not a server error
                 self.app.counters["rpc.dropped"] += 1
                 log.warning("rpc.dropped", reason="no reply path", **fields)
                 self.app.transport.ack(delivery)
                 return
-            async with self._slots.slot(_caller(body)):
-                reply, status = await self._reply_for(name, body, path, fields)
             if path.topic:
                 await self._publish(path, reply, delivery)
             else:
@@ -254,6 +253,24 @@ class Router:
             log.info("rpc", status=status, **fields)
             metrics.observe_request(self, name, status, started, fields)
 
+    async def _in_turn(
+        self, delivery: Delivery, name: str, fields: dict[str, Any]
+    ) -> tuple[ReplyPath | None, bytes, int | str]:
+        """Parse and answer in the caller's turn for a slot; a None path: nowhere to reply."""
+        caller = _presented_key(delivery)
+        async with contextlib.AsyncExitStack() as turn:
+            if caller is not None:
+                # The key is a property: the turn comes before any parsing, so a
+                # flood's waiting requests cost nothing until theirs comes.
+                await turn.enter_async_context(self._slots.slot(caller))
+            path, body = self._parse(delivery, fields)
+            if path is None:
+                return None, b"", "dropped"
+            if caller is None:
+                await turn.enter_async_context(self._slots.slot(_caller(body)))
+            reply, status = await self._reply_for(name, body, path, fields)
+        return path, reply, status
+
     def _parse(self, delivery: Delivery, fields: dict[str, Any]) -> tuple[ReplyPath | None, Any]:
         """Find the reply path and the body; errors are returned as the body."""
         message = delivery
@@ -262,9 +279,7 @@ class Router:
         user_auth: str | None = None
         if message.response_topic:
             path = ReplyPath(message.response_topic, message.correlation_data)
-            for key, value in message.user_properties:
-                if key.lower() == "authorization":
-                    user_auth = value
+            user_auth = _presented_key(message)
             # Vetted before anything is answered on it: even an error reply must
             # never go to a wildcard topic or pose as a device's heartbeat.
             if self._refuse_reply_topic(path, fields):
@@ -537,6 +552,17 @@ def _key_prelude(
         return principal, None, None
     rid = replay.replay_id(principal.key_id, operation, correlation)
     return principal, rid, replay.load(db, rid, now) if replays.may_exist(rid) else None
+
+
+def _presented_key(delivery: Delivery) -> str | None:
+    """An MQTT v5 request's `authorization` property, found without parsing its body."""
+    if not delivery.response_topic:
+        return None
+    found: str | None = None
+    for key, value in delivery.user_properties:
+        if key.lower() == "authorization":
+            found = value  # the last one, if a client sent several
+    return found
 
 
 def _caller(parsed: Any) -> str:
