@@ -82,6 +82,9 @@ class StoreConfig(Section):
     path: str = "/var/lib/provisiond/provisiond.db"
     # normal: survives a process crash or kill -9 (WAL); full: also power loss.
     synchronous: Literal["normal", "full"] = "normal"
+    # Concurrent write requests share one COMMIT (each in its own savepoint);
+    # false: one transaction per write, as before (kept to measure against).
+    group_commit: bool = True
 
 
 class TokensConfig(Section):

@@ -193,12 +193,14 @@ class Server:
         store = Store(
             resolve_path(self.config, self.config.store.path),
             synchronous=self.config.store.synchronous,
+            group_commit=self.config.store.group_commit,
         )
         self.notify("STATUS=opening store")
         applied = await store.open(all_migrations())
         if applied:
             log.info("store.migrated", applied=applied)
         app = App(self.config, store, Transport(self.config), self.clock)
+        app.stats_probes["store"] = store.probe
         router = Router(app)
         self.app, self.router = app, router
         try:

@@ -3,18 +3,24 @@
 The event loop never touches the database: every call is a plain function of
 a `Database` that runs on the store's own thread, in order. One writer thread
 also means SQLite never sees two writers from this process.
+
+Group commit: write requests queued while the store thread is busy share one
+transaction and one COMMIT, each inside its own SAVEPOINT (see `Store.write`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlite_utils
 
@@ -100,14 +106,47 @@ def data_version(db: sqlite_utils.Database) -> int:
     return int(db.execute("PRAGMA data_version").fetchone()[0])
 
 
+# Writes committed together at most: bounds the latency one batch adds to the
+# writes queued behind it and the reads waiting for the store thread.
+MAX_BATCH = 256
+_SAVEPOINT = "provisiond_write"
+
+
+@dataclass
+class _Write:
+    fn: Callable[[sqlite_utils.Database], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class StoreStats:
+    """How writes were committed (for `daemon/stats` and the tests)."""
+
+    commits: int = 0
+    writes: int = 0
+    largest_batch: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+
+
 class Store:
     """Async front of the database; `call` and `write` run functions on its thread."""
 
-    def __init__(self, path: Path | str, *, synchronous: str = "normal") -> None:
+    def __init__(
+        self, path: Path | str, *, synchronous: str = "normal", group_commit: bool = True
+    ) -> None:
         self.path = path
         self._synchronous = synchronous
+        self.group_commit = group_commit
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._db: sqlite_utils.Database | None = None
+        # Writes waiting for the store thread; appended on the loop, taken on the thread.
+        self._queue: deque[_Write] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self.stats = StoreStats()
 
     async def open(self, migrations: Sequence[Migration]) -> list[str]:
         def _open() -> list[str]:
@@ -121,14 +160,139 @@ class Store:
         return await self._run(lambda: fn(self._require()))
 
     async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        """Run `fn(db)` inside one write transaction; an exception rolls it back."""
+        """Run `fn(db)` inside a write transaction; an exception rolls back its effect only.
 
-        def _write() -> T:
-            db = self._require()
-            with transaction(db):
-                return fn(db)
+        Returns (or raises) only once the transaction holding `fn`'s effect is
+        committed (or known lost). Writes queued while the store thread is
+        busy are committed together: each runs in its own SAVEPOINT, one that
+        raises is rolled back to it and gets its own exception, and all share
+        one COMMIT, whose failure fails every one of them. Nothing waits for a
+        batch to fill: the batch is whatever queued while the thread was busy.
+        """
+        if not self.group_commit:
 
-        return await self._run(_write)
+            def _write() -> T:
+                db = self._require()
+                with transaction(db):
+                    result = fn(db)
+                self._count(1)
+                return result
+
+            return await self._run(_write)
+        loop = asyncio.get_running_loop()
+        item = _Write(fn, loop.create_future(), loop)
+        with self._lock:
+            self._queue.append(item)
+            start = not self._scheduled
+            self._scheduled = True
+        if start:
+            self._submit()
+        result: T = await item.future
+        return result
+
+    def _submit(self) -> None:
+        """Queue one batch job on the store thread (behind reads already waiting there)."""
+        try:
+            self._executor.submit(self._batch_job)
+        except RuntimeError:
+            with self._lock:
+                orphans = list(self._queue)
+                self._queue.clear()
+                self._scheduled = False
+            for item in orphans:
+                item.error = StoreUnavailable("store is closed")
+            _settle(orphans)
+
+    def _batch_job(self) -> None:
+        with self._lock:
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+        try:
+            self._commit(batch)
+        except BaseException as exc:  # every caller must hear of it
+            for item in batch:
+                if item.error is None:
+                    item.error = exc
+        finally:
+            _settle(batch)
+            with self._lock:
+                more = bool(self._queue)
+                self._scheduled = more
+            if more:
+                # A new job, not a loop: reads queued meanwhile get their turn first.
+                self._submit()
+
+    def _commit(self, batch: list[_Write]) -> None:
+        live = [item for item in batch if not item.future.cancelled()]
+        if not live:
+            return
+        db = self._require()
+        if len(live) == 1:
+            # Alone: exactly the one transaction of old, no savepoint to pay for.
+            item = live[0]
+            try:
+                with transaction(db):
+                    item.result = item.fn(db)
+            except Exception as exc:
+                item.error = exc
+                return
+            self._count(1)
+            return
+        self._commit_together(db, live)
+
+    def _commit_together(self, db: sqlite_utils.Database, items: list[_Write]) -> None:
+        done: list[_Write] = []  # ran and released, awaiting the COMMIT
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for item in items:
+                if not db.conn.in_transaction:
+                    # SQLite rolled the whole transaction back by itself (a
+                    # failed statement such as SQLITE_FULL): what ran before is
+                    # gone, so those callers fail; the rest start over.
+                    for lost in done:
+                        lost.error = StoreUnavailable("store unavailable: transaction rolled back")
+                    done.clear()
+                    db.execute("BEGIN IMMEDIATE")
+                db.execute(f"SAVEPOINT {_SAVEPOINT}")
+                try:
+                    item.result = item.fn(db)
+                except Exception as exc:
+                    item.error = exc
+                    if db.conn.in_transaction:
+                        db.execute(f"ROLLBACK TO {_SAVEPOINT}")
+                        db.execute(f"RELEASE {_SAVEPOINT}")
+                    continue
+                db.execute(f"RELEASE {_SAVEPOINT}")
+                done.append(item)
+            if not db.conn.in_transaction:
+                for lost in done:
+                    lost.error = StoreUnavailable("store unavailable: transaction rolled back")
+                return
+            db.execute("COMMIT")
+        except BaseException:
+            # A failed BEGIN, SAVEPOINT or COMMIT: nothing of this batch is durable.
+            if db.conn.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._count(len(done))
+
+    def _count(self, writes: int) -> None:
+        if writes == 0:
+            return
+        stats = self.stats
+        stats.commits += 1
+        stats.writes += writes
+        stats.largest_batch = max(stats.largest_batch, writes)
+        stats.batch_sizes[writes] = stats.batch_sizes.get(writes, 0) + 1
+
+    async def probe(self) -> dict[str, Any]:
+        """Commit figures for `daemon/stats`."""
+        s = self.stats
+        return {
+            "group_commit": self.group_commit,
+            "commits": s.commits,
+            "writes": s.writes,
+            "largest_batch": s.largest_batch,
+        }
 
     async def close(self) -> None:
         def _close() -> None:
@@ -150,11 +314,42 @@ class Store:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, fn)
-        except sqlite3.OperationalError as exc:
-            # Disk full, read-only file, lock timeout: the caller gets a 503, the
-            # daemon keeps running and the next call tries again.
-            raise StoreUnavailable(f"store unavailable: {exc}") from exc
-        except RuntimeError as exc:
-            if "shutdown" in str(exc):
-                raise StoreUnavailable("store is closed") from exc
-            raise
+        except BaseException as exc:
+            error = _translate(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.OperationalError):
+        # Disk full, read-only file, lock timeout: the caller gets a 503, the
+        # daemon keeps running and the next call tries again.
+        return StoreUnavailable(f"store unavailable: {exc}")
+    if isinstance(exc, RuntimeError) and "shutdown" in str(exc):
+        return StoreUnavailable("store is closed")
+    return exc
+
+
+def _settle(items: list[_Write]) -> None:
+    """Hand each outcome to its caller's loop: one wake-up per loop, not per write."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
+    for item in items:
+        by_loop.setdefault(item.loop, []).append(item)
+    for loop, group in by_loop.items():
+        # A closed loop has nobody waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve, group)
+
+
+def _resolve(items: list[_Write]) -> None:
+    for item in items:
+        if item.future.done():
+            continue  # its caller was cancelled
+        if item.error is not None:
+            error = _translate(item.error)
+            if error is not item.error:
+                error.__cause__ = item.error
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(item.result)
