@@ -13,7 +13,7 @@ import platform
 import time
 from typing import Any
 
-BENCHES = ["rpc", "grant", "presence", "startup", "scale", "ble_upload", "fairness"]
+BENCHES = ["rpc", "grant", "presence", "startup", "scale", "ble_upload", "fairness", "group_commit"]
 
 
 def main() -> None:
