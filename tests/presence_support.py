@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -16,8 +15,7 @@ import aiomqtt
 
 from provisiond import auth
 from provisiond.config import Config
-from provisiond.schema import all_migrations
-from provisiond.store import connect, migrate
+from support import open_db
 
 
 def seed_devices(
@@ -29,8 +27,7 @@ def seed_devices(
     state: str = "active",
 ) -> None:
     """Insert devices straight into the store (activated unless `state` says otherwise)."""
-    db = connect(config.store.path)
-    migrate(db, all_migrations())
+    db = open_db(config)
     if not db.execute("SELECT 1 FROM orgs WHERE id = ?", [org]).fetchone():
         auth.create_org(db, org, f"org {org}")
     if not db.execute("SELECT 1 FROM users WHERE id = ?", [owner]).fetchone():
@@ -49,11 +46,11 @@ def seed_devices(
 
 
 def rows(config: Config, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(config.store.path)
+    db = open_db(config)
     try:
-        return conn.execute(sql, params).fetchall()
+        return [tuple(r) for r in db.execute(sql, list(params)).fetchall()]
     finally:
-        conn.close()
+        db.conn.close()
 
 
 def _client(config: Config, **kwargs: Any) -> aiomqtt.Client:

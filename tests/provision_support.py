@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -11,7 +10,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from provisiond.clock import Clock
 from provisiond.config import Config
 from provisiond.wifi.crypto import b64url_encode
-from support import RpcClient, remember_secret, seed_key
+from support import RpcClient, open_db, remember_secret, seed_key
 
 ALL_SCOPES = ("devices:read", "devices:write", "provision:write", "daemon:read")
 
@@ -32,11 +31,11 @@ def device_public_key() -> str:
 
 
 def rows(config: Config, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(config.store.path)
+    db = open_db(config)
     try:
-        return conn.execute(sql, params).fetchall()
+        return [tuple(r) for r in db.execute(sql, list(params)).fetchall()]
     finally:
-        conn.close()
+        db.conn.close()
 
 
 def token_rows(config: Config, device_id: int) -> list[tuple[Any, ...]]:
@@ -44,7 +43,7 @@ def token_rows(config: Config, device_id: int) -> list[tuple[Any, ...]]:
     return rows(
         config,
         "SELECT hash, used_at, revoked_at, expires_at FROM provision_tokens"
-        " WHERE device_id = ? ORDER BY created_at, rowid",
+        " WHERE device_id = ? ORDER BY created_at",
         (device_id,),
     )
 

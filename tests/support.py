@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import sqlite_utils
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from structlog.typing import EventDict
@@ -27,7 +28,7 @@ from provisiond import auth
 from provisiond.config import Config
 from provisiond.schema import all_migrations
 from provisiond.server import Server
-from provisiond.store import connect, migrate
+from provisiond.store import migrate, open_database, store_target
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -135,12 +136,29 @@ def make_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> C
             "reconnect_min_seconds": 0.1,
             "reconnect_max_seconds": 1.0,
         },
-        "store": {"path": str(tmp_path / f"store-{tag}.db")},
+        "store": {"path": str(tmp_path / f"store-{tag}.db"), **_store_url()},
         "daemon": {"shutdown_grace_seconds": 5},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return Config.model_validate(raw)
+
+
+def _store_url() -> dict[str, str]:
+    """With PROVISIOND_TEST_STORE=postgresql, a fresh database of the session's cluster."""
+    import pg_cluster
+
+    if pg_cluster.test_store() == "postgresql":
+        return {"url": pg_cluster.shared().new_database()}
+    return {}
+
+
+def open_db(config: Config) -> sqlite_utils.Database:
+    """The test's store (SQLite or PostgreSQL), migrated; SQL as the store functions write it."""
+    target, password = store_target(config)
+    db = open_database(target, password=password)
+    migrate(db, all_migrations())
+    return db
 
 
 def seed_key(
@@ -153,8 +171,7 @@ def seed_key(
     users: tuple[int, ...] = (),
 ) -> tuple[str, str]:
     """Create org (and users) if missing and a key; returns (key_id, secret)."""
-    db = connect(config.store.path)
-    migrate(db, all_migrations())
+    db = open_db(config)
     if not db.execute("SELECT 1 FROM orgs WHERE id = ?", [org]).fetchone():
         auth.create_org(db, org, f"org {org}")
     for uid in {*users, *([user] if user else [])}:

@@ -18,10 +18,10 @@ from typing import Any
 import sqlite_utils
 
 from provisiond import __version__, auth, cli_devices, cli_ops, logs, plugins
-from provisiond.config import EXIT_BAD_CONFIG, Config, config_path, load, resolve_path
+from provisiond.config import EXIT_BAD_CONFIG, Config, config_path, load
 from provisiond.errors import ConfigError, RpcError
 from provisiond.schema import all_migrations
-from provisiond.store import connect, migrate
+from provisiond.store import migrate, open_database, store_target
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -41,7 +41,8 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def open_db(config: Config) -> sqlite_utils.Database:
-    db = connect(resolve_path(config, config.store.path), synchronous=config.store.synchronous)
+    target, password = store_target(config)
+    db = open_database(target, synchronous=config.store.synchronous, password=password)
     migrate(db, all_migrations())
     return db
 

@@ -211,12 +211,12 @@ def list_devices(
 
 def create_device(db: sqlite_utils.Database, *, org_id: int, owner_id: int, now: float) -> int:
     """Insert a pending device; returns its id."""
-    cur = db.execute(
-        "INSERT INTO devices (org_id, owner_id, state, created_at) VALUES (?, ?, 'pending', ?)",
+    row = db.execute(
+        "INSERT INTO devices (org_id, owner_id, state, created_at) VALUES (?, ?, 'pending', ?)"
+        " RETURNING id",
         [org_id, owner_id, now],
-    )
-    device_id = cur.lastrowid
-    assert device_id is not None
+    ).fetchone()
+    device_id = int(row[0])
     if device_id > INT32_MAX:
         # The seed's deviceId is int32; handing out a bigger one would break clients.
         raise Unavailable("device id space exhausted", code="device_ids_exhausted")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -20,10 +21,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import sqlite_utils
 
+from provisiond.config import Config, read_secret, resolve_path
 from provisiond.errors import StoreUnavailable
 
 T = TypeVar("T")
@@ -35,6 +37,39 @@ class Migration:
 
     name: str
     sql: str
+
+
+def is_postgresql(target: Path | str) -> bool:
+    return str(target).startswith(("postgresql://", "postgres://"))
+
+
+def store_target(config: Config) -> tuple[str | Path, str | None]:
+    """Where the configured store is (a SQLite path or a PostgreSQL URL) and its password."""
+    url = config.store.url
+    if is_postgresql(url):
+        password = None
+        if config.store.password_file:
+            raw = read_secret(config, config.store.password_file, key="store.password_file")
+            password = raw.decode().strip()
+        return url, password
+    path = url.removeprefix("sqlite://") if url else config.store.path
+    return resolve_path(config, path), None
+
+
+def open_database(
+    target: Path | str, *, synchronous: str = "normal", password: str | None = None
+) -> sqlite_utils.Database:
+    """Connect to a SQLite file or a PostgreSQL URL (see `pg.py`)."""
+    if is_postgresql(target):
+        from provisiond import pg
+
+        # pg.Database offers the part of sqlite_utils.Database the store functions use.
+        return cast(sqlite_utils.Database, pg.connect(str(target), password=password))
+    return connect(str(target).removeprefix("sqlite://"), synchronous=synchronous)
+
+
+def dialect(db: sqlite_utils.Database) -> str:
+    return str(getattr(db, "dialect", "sqlite"))
 
 
 def connect(path: Path | str, *, synchronous: str = "normal") -> sqlite_utils.Database:
@@ -90,7 +125,7 @@ class transaction:
         if exc_type is None:
             try:
                 self.db.execute("COMMIT")
-            except sqlite3.Error:
+            except Exception:
                 # A failed COMMIT (disk full) must not leave the connection inside
                 # a transaction, or every later BEGIN would fail too.
                 if self.db.conn.in_transaction:
@@ -135,9 +170,15 @@ class Store:
     """Async front of the database; `call` and `write` run functions on its thread."""
 
     def __init__(
-        self, path: Path | str, *, synchronous: str = "normal", group_commit: bool = True
+        self,
+        path: Path | str,
+        *,
+        synchronous: str = "normal",
+        group_commit: bool = True,
+        password: str | None = None,
     ) -> None:
         self.path = path
+        self._password = password
         self._synchronous = synchronous
         self.group_commit = group_commit
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
@@ -150,7 +191,7 @@ class Store:
 
     async def open(self, migrations: Sequence[Migration]) -> list[str]:
         def _open() -> list[str]:
-            self._db = connect(self.path, synchronous=self._synchronous)
+            self._db = self._connect()
             return migrate(self._db, migrations)
 
         return await self._run(_open)
@@ -305,9 +346,16 @@ class Store:
         finally:
             self._executor.shutdown(wait=True)
 
+    def _connect(self) -> sqlite_utils.Database:
+        return open_database(self.path, synchronous=self._synchronous, password=self._password)
+
     def _require(self) -> sqlite_utils.Database:
         if self._db is None:
             raise StoreUnavailable("store is not open")
+        if getattr(self._db.conn, "closed", False):
+            # A PostgreSQL connection lost (server restart): this call reconnects;
+            # the one that found it broken got a 503.
+            self._db = self._connect()
         return self._db
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -322,6 +370,9 @@ class Store:
 
 
 def _translate(exc: BaseException) -> BaseException:
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(exc, psycopg.OperationalError):
+        return StoreUnavailable(f"store unavailable: {type(exc).__name__}")
     if isinstance(exc, sqlite3.OperationalError):
         # Disk full, read-only file, lock timeout: the caller gets a 503, the
         # daemon keeps running and the next call tries again.
