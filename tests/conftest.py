@@ -16,6 +16,23 @@ pytest_plugins = ["leakcheck"]
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--heavy", action="store_true", help="run the heavy load/fault variants")
+    parser.addoption(
+        "--store",
+        choices=["sqlite", "postgresql"],
+        default=None,
+        help="the store the daemon's tests run on (default: $TEST_STORE, else sqlite)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import os
+
+    import pg_cluster
+
+    store = config.getoption("--store")
+    if store:
+        # Through the environment, so the daemons the tests start as processes agree.
+        os.environ[pg_cluster.ENV] = store
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -95,6 +95,10 @@ def shared() -> PgCluster:
     return _SHARED["cluster"]
 
 
-def test_store() -> str:
-    """Which store the suite runs on: PROVISIOND_TEST_STORE=sqlite (default) or postgresql."""
-    return os.environ.get("PROVISIOND_TEST_STORE", "sqlite")
+# Not PROVISIOND_*: the daemon reads those as config overrides.
+ENV = "TEST_STORE"
+
+
+def store_under_test() -> str:
+    """Which store the suite runs on: `pytest --store postgresql` (or TEST_STORE=postgresql)."""
+    return os.environ.get(ENV, "sqlite")

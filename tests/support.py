@@ -145,10 +145,10 @@ def make_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> C
 
 
 def _store_url() -> dict[str, str]:
-    """With PROVISIOND_TEST_STORE=postgresql, a fresh database of the session's cluster."""
+    """With `--store postgresql`, a fresh database of the session's cluster."""
     import pg_cluster
 
-    if pg_cluster.test_store() == "postgresql":
+    if pg_cluster.store_under_test() == "postgresql":
         return {"url": pg_cluster.shared().new_database()}
     return {}
 

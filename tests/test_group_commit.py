@@ -34,7 +34,7 @@ import support
 from provisiond import replay
 from provisiond.errors import NotFound, StoreUnavailable
 from provisiond.store import Migration, Store
-from support import Broker, RpcClient, make_config, running, seed_key
+from support import Broker, RpcClient, make_config, open_db, running, seed_key
 
 MIGRATIONS = [
     Migration(
@@ -230,9 +230,10 @@ async def test_concurrent_requests_share_commits_and_a_refused_one_harms_none(
     assert all(r["status"] == 200 for i, r in enumerate(replies) if i % 5), replies
     assert all(r["status"] in (400, 403, 404) for i, r in enumerate(replies) if i % 5 == 0)
     assert stats.commits < stats.writes, f"no batch formed: {stats}"
-    with contextlib.closing(sqlite3.connect(config.store.path)) as db:
-        rows = {r[0] for r in db.execute("SELECT id FROM devices")}
-        hashes = {r[0] for r in db.execute("SELECT hash FROM provision_tokens")}
+    db = open_db(config)
+    rows = {r[0] for r in db.execute("SELECT id FROM devices")}
+    hashes = {r[0] for r in db.execute("SELECT hash FROM provision_tokens")}
+    db.conn.close()
     assert rows == {b["deviceId"] for b in ok}
     assert hashes == {hashlib.sha256(b["token"].encode()).hexdigest() for b in ok}
 
@@ -263,9 +264,10 @@ async def test_kill9_under_batched_load_every_reply_is_durable(
         assert requester.unanswered(), "everything was answered before the kill"
         # Every reply received before the kill is durable right now, before any restart.
         received = {uuid.UUID(bytes=c): r[0]["body"] for c, r in requester.replies.items()}
-        with contextlib.closing(sqlite3.connect(config.store.path)) as db:
-            devices = {r[0] for r in db.execute("SELECT id FROM devices")}
-            hashes = {r[0] for r in db.execute("SELECT hash FROM provision_tokens")}
+        db = open_db(config)
+        devices = {r[0] for r in db.execute("SELECT id FROM devices")}
+        hashes = {r[0] for r in db.execute("SELECT hash FROM provision_tokens")}
+        db.conn.close()
         for body in received.values():
             assert body["deviceId"] in devices
             assert hashlib.sha256(body["token"].encode()).hexdigest() in hashes
@@ -281,4 +283,4 @@ async def test_kill9_under_batched_load_every_reply_is_durable(
     assert proc.returncode == 0, log.read_text()[-3000:]
     support.LOG_EVENTS.extend(log.read_text().splitlines())
     # Redeliveries after the restart were answered from the replay record: once each.
-    assert_each_answered_once_without_duplicates(requester, Path(config.store.path))
+    assert_each_answered_once_without_duplicates(requester, config)
