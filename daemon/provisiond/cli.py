@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-from provisiond import __version__, auth, cli_devices, cli_ops, logs, plugins
+from provisiond import __version__, auth, cli_db, cli_devices, cli_ops, logs, plugins
 from provisiond.config import EXIT_BAD_CONFIG, Config, config_path, load
 from provisiond.errors import ConfigError, RpcError
 from provisiond.schema import all_migrations
@@ -32,6 +32,7 @@ Command = Callable[[argparse.Namespace], int]
 EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     cli_devices.add_commands,
     cli_ops.add_commands,
+    cli_db.add_commands,  # after cli_ops, which makes the `db` group
 ]
 
 

@@ -72,6 +72,44 @@ def dialect(db: sqlite_utils.Database) -> str:
     return str(getattr(db, "dialect", "sqlite"))
 
 
+def table_names(db: sqlite_utils.Database) -> list[str]:
+    if dialect(db) == "postgresql":
+        sql = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1"
+    else:
+        sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY 1"
+    return [str(r[0]) for r in db.execute(sql).fetchall()]
+
+
+def table_columns(db: sqlite_utils.Database, table: str) -> list[str]:
+    if dialect(db) == "postgresql":
+        rows = db.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ? ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+    return [str(r[1]) for r in db.execute(f"PRAGMA table_info({table})").fetchall()]
+
+
+def copy_finished(db: sqlite_utils.Database, tables: Sequence[str]) -> None:
+    """After rows were copied in with their ids: generated ids continue after them.
+
+    SQLite's AUTOINCREMENT follows explicit ids by itself; PostgreSQL's
+    identity sequences do not.
+    """
+    if dialect(db) != "postgresql":
+        return
+    for table in tables:
+        if "id" not in table_columns(db, table):
+            continue
+        seq = db.execute("SELECT pg_get_serial_sequence(?, 'id')", [table]).fetchone()
+        if seq is not None and seq[0] is not None:
+            db.execute(
+                f"SELECT setval(?, COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)",  # noqa: S608 - a table name from the schema
+                [seq[0]],
+            )
+
+
 def connect(path: Path | str, *, synchronous: str = "normal") -> sqlite_utils.Database:
     """Open the database with the pragmas the daemon and CLI rely on."""
     if str(path) != ":memory:":
