@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what provisiond needs on a Debian machine: mosquitto (broker and
-# clients) from apt when missing, and a virtualenv with the project in it.
+# clients) and postgresql (the tests of that store start their own cluster)
+# from apt when missing, and a virtualenv with the project in it.
 # Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,8 @@ missing=()
 command -v mosquitto_rr >/dev/null || missing+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then missing+=(python3-venv); fi
+# The PostgreSQL store's tests start a throwaway cluster (initdb + pg_ctl).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]} with apt-get" >&2
     $SUDO apt-get update -qq
