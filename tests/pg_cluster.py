@@ -53,6 +53,14 @@ class PgCluster:
             _bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
             "--no-sync", "-E", "UTF8", "--locale=C",
         )  # fmt: skip
+        # Trust for the suite's own user; a password (SCRAM) for `secured`,
+        # whose tests prove the password file is read and used.
+        hba = self.data / "pg_hba.conf"
+        self._as_postgres(
+            "sh", "-c",
+            f"printf 'host all secured 127.0.0.1/32 scram-sha-256\\n' | cat - {hba} > {hba}.new"
+            f" && mv {hba}.new {hba}",
+        )  # fmt: skip
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir}"
             f" -c fsync={'on' if self.fsync else 'off'} -c max_connections=200"
@@ -72,10 +80,10 @@ class PgCluster:
         with psycopg.connect(self.url(database), autocommit=True) as conn:
             conn.execute(statement)  # type: ignore[arg-type]
 
-    def new_database(self) -> str:
+    def new_database(self, owner: str = "postgres") -> str:
         name = f"t_{uuid.uuid4().hex[:12]}"
-        self.sql(f"CREATE DATABASE {name}")
-        return self.url(name)
+        self.sql(f"CREATE DATABASE {name} OWNER {owner}")
+        return self.url(name, user=owner)
 
     def stop(self) -> None:
         if self.started:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from provisiond import auth, devices, replay, tokens
 from provisiond.errors import NotFound
 from provisiond.schema import all_migrations
 from provisiond.store import Store, migrate, open_database, transaction
-from support import Broker, RpcClient, make_config, running, seed_key
+from support import Broker, RpcClient, make_config, remember_secret, running, seed_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,3 +206,26 @@ async def open_store_again(target: str) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.close()
+
+
+async def test_the_password_comes_from_its_file_and_stays_out_of_logs(
+    tmp_path: Path, cluster: pg_cluster.PgCluster, broker: Broker
+) -> None:
+    password = remember_secret("pg-" + uuid.uuid4().hex)
+    with contextlib.suppress(Exception):
+        cluster.sql("CREATE ROLE secured LOGIN")
+    cluster.sql(f"ALTER ROLE secured PASSWORD '{password}'")
+    url = cluster.new_database(owner="secured")
+    secret = tmp_path / "pg-password"
+    secret.write_text(password + "\n")
+    config = make_config(tmp_path, broker, store={"url": url, "password_file": str(secret)})
+    key_id, key = seed_key(config)
+    async with running(config), RpcClient(config) as rpc:
+        assert (await rpc.call("keys/whoami", {}, key=key))["body"]["key_id"] == key_id
+
+    secret.write_text("wrong\n")
+    wrong = make_config(tmp_path, broker, store={"url": url, "password_file": str(secret)})
+    with pytest.raises(Exception) as err:
+        async with running(wrong):
+            pass
+    assert password not in repr(err.value) and "wrong" not in str(err.value)
