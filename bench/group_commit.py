@@ -1,17 +1,25 @@
-"""Group commit: provision/token with `[store] group_commit` off vs on, same run.
+"""Group commit: provision/token with `[store] group_commit` off vs on, same run,
+on SQLite and on PostgreSQL.
 
 python -m bench group_commit [--quick]
 
-Off is one `BEGIN IMMEDIATE` transaction per request on the store thread (the
-path before group commit); on lets the writes queued while the store thread
-is busy share one COMMIT. 128 requests in flight, from one key allowed 128
-in flight (`limits.max_inflight_per_key`). Each side gets a fresh daemon process and store;
-the pair is run twice, interleaved, so the machine's drift hits both alike.
+Off is one transaction per request on the store thread (the path before
+group commit); on lets the writes queued while the store thread is busy
+share one COMMIT. Each side gets a fresh daemon process and a fresh store;
+off/on pairs are interleaved so the machine's drift hits both alike. 128
+requests in flight, from one key allowed 128 in flight
+(`limits.max_inflight_per_key`). PostgreSQL is a throwaway cluster from
+Debian's package (tests/pg_cluster.py) with its defaults: fsync and
+`synchronous_commit = on`, so each COMMIT waits for its WAL flush.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
+import json
+from collections.abc import Iterator
 from typing import Any
 
 from bench.common import (
@@ -20,7 +28,6 @@ from bench.common import (
     ratio,
     report,
     rpc_load,
-    seed,
     wait_rpc_ready,
     workdir,
     write_config,
@@ -29,49 +36,88 @@ from bench.common import (
 BODY = {"orgId": 1, "ownerId": 1}
 
 
+def _seed(url: str) -> str:
+    """Organisation 1, user 1 and an all-scopes key in the store at `url`."""
+    from provisiond import auth
+    from provisiond.schema import all_migrations
+    from provisiond.store import migrate, open_database
+
+    db = open_database(url)
+    migrate(db, all_migrations())
+    auth.create_org(db, 1, "bench")
+    auth.create_user(db, 1, 1)
+    _, key = auth.create_key(db, org_id=1, scopes=frozenset(auth.SCOPES))
+    db.conn.close()
+    return key
+
+
+@contextlib.contextmanager
+def _cluster() -> Iterator[Any]:
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        yield None
+        return
+    from tests.pg_cluster import PgCluster
+
+    cluster = PgCluster(fsync=True).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 async def run(quick: bool = False, concurrency: int = 128, rounds: int = 2) -> dict[str, Any]:
     n = 2000 if quick else 10_000
-    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
-    commits: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
-    with workdir() as d, mosquitto(d) as port:
+    results: dict[str, Any] = {"concurrency": concurrency}
+    with workdir() as d, mosquitto(d) as port, _cluster() as cluster:
+        stores = ["sqlite"] + (["postgresql"] if cluster is not None else [])
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+            s: {"off": [], "on": []} for s in stores
+        }
         for round_ in range(rounds):
-            for mode in ("off", "on"):
-                sub = d / f"{mode}-{round_}"
-                sub.mkdir()
-                key = seed(sub, users=1)
-                flag = "true" if mode == "on" else "false"
-                # One key drives all the load here; the per-key in-flight bound
-                # (16 by default) would otherwise cap a batch at 16, as if
-                # `concurrency / 16` keys were not sending at once.
-                extra = f"group_commit = {flag}\n[limits]\nmax_inflight_per_key = {concurrency}\n"
-                config = write_config(sub, port, extra=extra, client_id=f"gc-{mode}-{round_}")
-                with daemon_process(config, sub / "daemon.log"):
-                    await wait_rpc_ready(port, "bench/rpc/keys/whoami", key)
-                    result = await rpc_load(
-                        port, "bench/rpc/provision/token", BODY, key=key, n=n,
-                        concurrency=concurrency,
-                    )  # fmt: skip
-                    commits[mode].append(await _store_stats(port, key))
-                runs[mode].append(result.summary())
-    best = {mode: max(r["throughput_rps"] for r in rs) for mode, rs in runs.items()}
-    return report(
-        "group_commit",
-        {
-            "concurrency": concurrency,
-            "off": runs["off"],
-            "on": runs["on"],
-            "store": commits,
-            "best_off_rps": best["off"],
-            "best_on_rps": best["on"],
-            "gain": ratio(best["on"], best["off"]),
-        },
-    )
+            for store in stores:
+                for mode in ("off", "on"):
+                    sub = d / f"{store}-{mode}-{round_}"
+                    sub.mkdir()
+                    url = (
+                        cluster.new_database()
+                        if store == "postgresql"
+                        else f"sqlite:///{sub / 'provisiond.db'}"
+                    )
+                    key = _seed(url)
+                    flag = "true" if mode == "on" else "false"
+                    # One key drives all the load here; the per-key in-flight
+                    # bound (16 by default) would otherwise cap a batch at 16.
+                    extra = (
+                        f'group_commit = {flag}\nurl = "{url}"\n'
+                        f"[limits]\nmax_inflight_per_key = {concurrency}\n"
+                    )
+                    config = write_config(sub, port, extra=extra, client_id=f"gc-{sub.name}")
+                    with daemon_process(config, sub / "daemon.log"):
+                        await wait_rpc_ready(port, "bench/rpc/keys/whoami", key)
+                        result = await rpc_load(
+                            port, "bench/rpc/provision/token", BODY, key=key, n=n,
+                            concurrency=concurrency,
+                        )  # fmt: skip
+                        summary = result.summary()
+                        summary["store"] = await _store_stats(port, key)
+                    runs[store][mode].append(summary)
+        for store in stores:
+            best = {m: max(r["throughput_rps"] for r in rs) for m, rs in runs[store].items()}
+            results[store] = {
+                **runs[store],
+                "best_off_rps": best["off"],
+                "best_on_rps": best["on"],
+                "gain": ratio(best["on"], best["off"]),
+            }
+        if "postgresql" in results:
+            results["postgresql_vs_sqlite_on"] = ratio(
+                results["postgresql"]["best_on_rps"], results["sqlite"]["best_on_rps"]
+            )
+    return report("group_commit", results)
 
 
 async def _store_stats(port: int, key: str) -> dict[str, Any]:
     """The daemon's own commit figures (`daemon/stats` → store)."""
-    import json
-
     import aiomqtt
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties

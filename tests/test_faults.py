@@ -253,7 +253,8 @@ async def daemon_on_small_disk(
 ) -> AsyncIterator[tuple[Path, str, RpcClient]]:
     """A daemon whose store lives on its own small tmpfs, after one good write."""
     with small_disk(tmp_path / "disk") as disk:
-        config = make_config(tmp_path, broker, store={"path": str(disk / "p.db")})
+        # A SQLite file on both test stores: the filesystem is the fault here.
+        config = make_config(tmp_path, broker, store={"path": str(disk / "p.db"), "url": ""})
         _, key = seed_key(config, users=(1,))
         async with running(config), RpcClient(config) as rpc:
             assert (await rpc.call("provision/token", PROVISION, key=key))["status"] == 200

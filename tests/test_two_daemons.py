@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import uuid
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from structlog.testing import LogCapture
 
-from support import Broker, make_config, remember_secret, running, seed_key
+from support import Broker, make_config, open_db, remember_secret, running, seed_key
 
 
 async def test_a_request_delivered_to_two_daemons_creates_one_device(
@@ -66,6 +65,6 @@ async def test_a_request_delivered_to_two_daemons_creates_one_device(
     lines = [e for e in logs.entries if e["event"] == "rpc" and e.get("op") == "provision/token"]
     assert len(lines) == 2 * n
     assert sum(1 for e in lines if e.get("replay")) == n
-    db = sqlite3.connect(first.store.path)
+    db = open_db(first)
     assert db.execute("SELECT COUNT(*) FROM devices").fetchone()[0] == n
     assert db.execute("SELECT COUNT(*) FROM provision_tokens").fetchone()[0] == n
