@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import glob
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -65,10 +66,66 @@ def _cluster() -> Iterator[Any]:
         cluster.stop()
 
 
+async def store_writes(
+    target: str, *, group_commit: bool, synchronous: str = "normal", n: int = 5000
+) -> float:
+    """`Store.write` alone (no MQTT): provision/token's transaction — a device,
+    its token and a sealed replay record — from 128 concurrent writers; writes/s."""
+    from provisiond import auth, devices, replay, tokens
+    from provisiond.schema import all_migrations
+    from provisiond.store import Store
+
+    store = Store(target, group_commit=group_commit, synchronous=synchronous)
+    await store.open(all_migrations())
+    await store.call(lambda db: (auth.create_org(db, 1, "o"), auth.create_user(db, 1, 1)))
+    slots = asyncio.Semaphore(128)
+    sealed = replay.seal("secret", "00" * 32, b"{}" * 40)
+
+    async def one(i: int) -> None:
+        def tx(db: Any) -> None:
+            device_id = devices.create_device(db, org_id=1, owner_id=1, now=1.0)
+            tokens.issue(db, device_id, now=1.0, lifetime=3600)
+            replay.save(db, f"{i:064x}", sealed, 1.0)
+
+        async with slots:
+            await store.write(tx)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    elapsed = time.perf_counter() - started
+    await store.close()
+    return round(n / elapsed, 1)
+
+
 async def run(quick: bool = False, concurrency: int = 128, rounds: int = 2) -> dict[str, Any]:
     n = 2000 if quick else 10_000
     results: dict[str, Any] = {"concurrency": concurrency}
     with workdir() as d, mosquitto(d) as port, _cluster() as cluster:
+        # The write path alone first: what group commit changes, without the
+        # MQTT load driver (which saturates first on this machine) in the way.
+        alone: dict[str, Any] = {}
+        targets = [("sqlite", "normal"), ("sqlite", "full")] + (
+            [("postgresql", "")] if cluster is not None else []
+        )
+        for store, sync in targets:
+            name = f"{store}{'-' + sync if sync else ''}"
+            per_mode = {}
+            for mode in ("off", "on"):
+                target = (
+                    cluster.new_database()
+                    if store == "postgresql"
+                    else str(d / f"alone-{name}-{mode}.db")
+                )
+                per_mode[mode] = await store_writes(
+                    target, group_commit=mode == "on", synchronous=sync or "normal",
+                    n=2000 if quick else 5000,
+                )  # fmt: skip
+            alone[name] = {
+                "off_writes_per_s": per_mode["off"],
+                "on_writes_per_s": per_mode["on"],
+                "gain": ratio(per_mode["on"], per_mode["off"]),
+            }
+        results["store_write_alone"] = alone
         stores = ["sqlite"] + (["postgresql"] if cluster is not None else [])
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {
             s: {"off": [], "on": []} for s in stores
