@@ -229,3 +229,20 @@ async def test_the_password_comes_from_its_file_and_stays_out_of_logs(
         async with running(wrong):
             pass
     assert password not in repr(err.value) and "wrong" not in str(err.value)
+
+
+async def test_two_processes_migrating_one_new_database_at_once(store_target: str) -> None:
+    """Two daemons starting together on an empty store: each migration runs once."""
+
+    def open_and_migrate() -> list[str]:
+        db = open_database(store_target)
+        try:
+            return migrate(db, all_migrations())
+        finally:
+            db.conn.close()
+
+    first, second = await asyncio.gather(
+        asyncio.to_thread(open_and_migrate), asyncio.to_thread(open_and_migrate)
+    )
+    names = [m.name for m in all_migrations()]
+    assert sorted(first + second) == sorted(names)

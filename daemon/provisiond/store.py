@@ -135,6 +135,12 @@ def migrate(db: sqlite_utils.Database, migrations: Sequence[Migration]) -> list[
         if migration.name in done:
             continue
         with transaction(db):
+            # Asked again under the write lock: another process (a second
+            # daemon starting on the same database) may have just applied it.
+            if db.execute(
+                "SELECT 1 FROM schema_migrations WHERE name = ?", [migration.name]
+            ).fetchone():
+                continue
             for statement in _statements(migration.sql):
                 db.execute(statement)
             db.execute(
