@@ -126,9 +126,12 @@ def connect(path: Path | str, *, synchronous: str = "normal") -> sqlite_utils.Da
 
 def migrate(db: sqlite_utils.Database, migrations: Sequence[Migration]) -> list[str]:
     """Apply migrations not yet recorded; returns the names applied now."""
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-    )
+    # Under the write lock: PostgreSQL's CREATE TABLE IF NOT EXISTS is not
+    # safe against a concurrent one (a unique violation in its catalog).
+    with transaction(db):
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
     done = {row[0] for row in db.execute("SELECT name FROM schema_migrations").fetchall()}
     applied: list[str] = []
     for migration in migrations:
