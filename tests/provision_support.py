@@ -43,7 +43,7 @@ def token_rows(config: Config, device_id: int) -> list[tuple[Any, ...]]:
     return rows(
         config,
         "SELECT hash, used_at, revoked_at, expires_at FROM provision_tokens"
-        " WHERE device_id = ? ORDER BY created_at",
+        " WHERE device_id = ? ORDER BY created_at, rowid",
         (device_id,),
     )
 

@@ -16,7 +16,8 @@ only place that knows the differences, and it keeps them few:
   `PRAGMA data_version` answers a counter of notifications from other
   connections: the caches' watcher (`caches.py`) polls it every 0.2 s, on
   both dialects alike;
-- Python booleans are stored as integers, as SQLite does.
+- Python booleans are stored as integers, as SQLite does;
+- `rowid` (a tie-break in ORDER BY) becomes `ctid`.
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ _DDL = re.compile(r"^\s*(CREATE\s+TABLE|ALTER\s+TABLE)", re.IGNORECASE)
 def translate(sql: str) -> str:
     """SQLite's SQL, as the store functions write it, in PostgreSQL's dialect."""
     out = sql.replace("%", "%%").replace("?", "%s")
+    # SQLite's rowid only ever breaks ties of equal timestamps in an ORDER BY;
+    # the physical position is PostgreSQL's nearest (insertion order until updated).
+    out = re.sub(r"\browid\b", "ctid", out, flags=re.IGNORECASE)
     if _INSERT_OR_IGNORE.match(out):
         out = _INSERT_OR_IGNORE.sub("INSERT ", out, count=1)
         m = _RETURNING.search(out)

@@ -117,11 +117,26 @@ def connect(path: Path | str, *, synchronous: str = "normal") -> sqlite_utils.Da
     # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a write
     # transaction takes the lock up front instead of failing on upgrade.
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=5.0)
-    conn.execute("PRAGMA journal_mode=WAL")
+    _wal(conn)
     conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=5000")
     return sqlite_utils.Database(conn)
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    # Switching a new file to WAL needs it alone, and SQLite does not wait on
+    # its busy handler for that: two processes opening one new file at once
+    # (two daemons starting together) would see "database is locked".
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def migrate(db: sqlite_utils.Database, migrations: Sequence[Migration]) -> list[str]:
