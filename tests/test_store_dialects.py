@@ -63,6 +63,8 @@ def test_db_migrate_on_postgresql(tmp_path: Path, cluster: pg_cluster.PgCluster)
     assert "applied: core-1-auth" in first.stdout
     again = cli("db", "migrate", config=config)
     assert (again.returncode, again.stdout.strip()) == (0, "schema is up to date")
+    backup = cli("db", "backup", str(tmp_path / "b.db"), config=config)
+    assert backup.returncode == 1 and "pg_dump" in backup.stderr
 
 
 async def test_db_copy_moves_a_gateway_to_postgresql_and_the_daemon_runs_on_it(

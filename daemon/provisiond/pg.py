@@ -128,7 +128,8 @@ class Connection:
             return Cursor(None, [(self.data_version,)])
         if command.startswith("PRAGMA"):
             return Cursor(None, [])
-        cur = self.raw.execute(translate(sql), params or None)
+        # Without parameters psycopg does no placeholder processing, so `%` stays as is.
+        cur = self.raw.execute(translate(sql, bool(params)), params or None)
         if not self.in_transaction and command.startswith(("INSERT", "UPDATE", "DELETE")):
             # Committed on its own: other processes must hear of it as of any commit.
             self.raw.execute(f"NOTIFY {CHANNEL}")
@@ -173,9 +174,9 @@ _DDL = re.compile(r"^\s*(CREATE\s+TABLE|ALTER\s+TABLE)", re.IGNORECASE)
 
 
 @lru_cache(maxsize=1024)
-def translate(sql: str) -> str:
+def translate(sql: str, params: bool = True) -> str:
     """SQLite's SQL, as the store functions write it, in PostgreSQL's dialect."""
-    out = sql.replace("%", "%%").replace("?", "%s")
+    out = sql.replace("%", "%%").replace("?", "%s") if params else sql
     # SQLite's rowid only ever breaks ties of equal timestamps in an ORDER BY;
     # the physical position is PostgreSQL's nearest (insertion order until updated).
     out = re.sub(r"\browid\b", "ctid", out, flags=re.IGNORECASE)
