@@ -66,7 +66,7 @@ class PgCluster:
             f"printf 'host all secured 127.0.0.1/32 scram-sha-256\\n' | cat - {hba} > {hba}.new"
             f" && mv {hba}.new {hba}",
         )  # fmt: skip
-        options = (
+        options = self._options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir}"
             f" -c fsync={'on' if self.fsync else 'off'} -c max_connections=200"
         )
@@ -75,6 +75,15 @@ class PgCluster:
         )
         self.started = True
         return self
+
+    def halt(self) -> None:
+        """Stop the server at once: every connection is cut."""
+        self._as_postgres(_bin("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def resume(self) -> None:
+        self._as_postgres(
+            _bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", self._options, "-w", "start"
+        )  # fmt: skip
 
     def url(self, database: str = "postgres", user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"

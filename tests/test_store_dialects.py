@@ -248,3 +248,27 @@ async def test_two_processes_migrating_one_new_database_at_once(store_target: st
     )
     names = [m.name for m in all_migrations()]
     assert sorted(first + second) == sorted(names)
+
+
+async def test_postgresql_restart_gives_503_then_recovers(tmp_path: Path, broker: Broker) -> None:
+    """The server goes away under a running daemon: 503s, never a crash, then service again."""
+    private = pg_cluster.PgCluster().start()
+    try:
+        config = make_config(tmp_path, broker, store={"url": private.new_database()})
+        _, key = seed_key(config, users=(1,))
+        body = {"orgId": 1, "ownerId": 1}
+        async with running(config), RpcClient(config) as rpc:
+            assert (await rpc.call("provision/token", body, key=key))["status"] == 200
+            private.halt()
+            down = await rpc.call("provision/token", body, key=key)
+            assert down["status"] == 503 and down["error"]["code"] == "store_unavailable", down
+            assert (await rpc.call("keys/whoami", {}, key=key))["status"] == 200  # cached key
+            private.resume()
+            statuses = []
+            deadline = time.monotonic() + 10
+            while not statuses or statuses[-1] != 200:
+                assert time.monotonic() < deadline, statuses
+                statuses.append((await rpc.call("provision/token", body, key=key))["status"])
+        assert set(statuses) <= {200, 503}, statuses
+    finally:
+        private.stop()
