@@ -33,6 +33,7 @@ from bench.common import (
     workdir,
     write_config,
 )  # fmt: skip
+from bench.grant import cpu_seconds
 
 BODY = {"orgId": 1, "ownerId": 1}
 
@@ -149,19 +150,29 @@ async def run(quick: bool = False, concurrency: int = 128, rounds: int = 2) -> d
                         f"[limits]\nmax_inflight_per_key = {concurrency}\n"
                     )
                     config = write_config(sub, port, extra=extra, client_id=f"gc-{sub.name}")
-                    with daemon_process(config, sub / "daemon.log"):
+                    with daemon_process(config, sub / "daemon.log") as proc:
                         await wait_rpc_ready(port, "bench/rpc/keys/whoami", key)
+                        before = cpu_seconds(proc.pid)
                         result = await rpc_load(
                             port, "bench/rpc/provision/token", BODY, key=key, n=n,
                             concurrency=concurrency,
                         )  # fmt: skip
+                        # The daemon's own CPU per request (warm-up included):
+                        # steadier than req/s when the driver and broker saturate first.
+                        cpu = cpu_seconds(proc.pid) - before
                         summary = result.summary()
+                        summary["daemon_cpu_us_per_request"] = round(cpu / (n + 200) * 1e6)
                         summary["store"] = await _store_stats(port, key)
                     runs[store][mode].append(summary)
         for store in stores:
             best = {m: max(r["throughput_rps"] for r in rs) for m, rs in runs[store].items()}
+            cpu = {
+                m: min(r["daemon_cpu_us_per_request"] for r in rs) for m, rs in runs[store].items()
+            }
             results[store] = {
                 **runs[store],
+                "best_off_cpu_us": cpu["off"],
+                "best_on_cpu_us": cpu["on"],
                 "best_off_rps": best["off"],
                 "best_on_rps": best["on"],
                 "gain": ratio(best["on"], best["off"]),
