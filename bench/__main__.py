@@ -13,7 +13,10 @@ import platform
 import time
 from typing import Any
 
-BENCHES = ["rpc", "grant", "presence", "startup", "scale", "ble_upload", "fairness", "broker_accounts"]
+BENCHES = [
+    "rpc", "grant", "presence", "startup", "scale", "ble_upload", "fairness",
+    "broker_accounts", "group_commit",
+]  # fmt: skip
 
 
 def main() -> None:

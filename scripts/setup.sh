@@ -4,6 +4,7 @@
 # For the tests and benches also: RabbitMQ (the interop test starts its own
 # throwaway node; its MQTT plugin ships with it) and a C compiler with
 # libmosquitto-dev (the benches' C echo and load driver).
+# And postgresql: the tests of that store start their own cluster.
 # Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,8 @@ command -v cc >/dev/null && command -v make >/dev/null || missing+=(build-essent
 command -v cmake >/dev/null || missing+=(cmake)
 [ -f /usr/include/mbedtls/gcm.h ] || missing+=(libmbedtls-dev)
 [ -f /usr/include/mosquitto.h ] || missing+=(libmosquitto-dev)
+# The PostgreSQL store's tests start a throwaway cluster (initdb + pg_ctl).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]} with apt-get" >&2
     $SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq

@@ -23,16 +23,33 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help=f"the daemon's MQTT backend in every test daemon (or ${MQTT_CLIENT_ENV})",
     )
+    parser.addoption(
+        "--store",
+        choices=["sqlite", "postgresql"],
+        default=None,
+        help="the store the daemon's tests run on (default: $TEST_STORE, else sqlite)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    import pg_cluster
+
     chosen = config.getoption("--mqtt-client")
     if chosen:
         os.environ[MQTT_CLIENT_ENV] = chosen
+    store = config.getoption("--store")
+    if store:
+        # Through the environment, so the daemons the tests start as processes agree.
+        os.environ[pg_cluster.ENV] = store
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"provisiond MQTT backend: {os.environ.get(MQTT_CLIENT_ENV) or 'native'}"
+    import pg_cluster
+
+    return (
+        f"provisiond MQTT backend: {os.environ.get(MQTT_CLIENT_ENV) or 'native'};"
+        f" store: {os.environ.get(pg_cluster.ENV) or 'sqlite'}"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -15,8 +15,7 @@ import aiomqtt
 
 from provisiond import auth
 from provisiond.config import Config
-from provisiond.schema import all_migrations
-from provisiond.store import connect, migrate
+from support import open_db
 
 
 def seed_devices(
@@ -28,8 +27,7 @@ def seed_devices(
     state: str = "active",
 ) -> None:
     """Insert devices straight into the store (activated unless `state` says otherwise)."""
-    db = connect(config.store.path)
-    migrate(db, all_migrations())
+    db = open_db(config)
     if not db.execute("SELECT 1 FROM orgs WHERE id = ?", [org]).fetchone():
         auth.create_org(db, org, f"org {org}")
     if not db.execute("SELECT 1 FROM users WHERE id = ?", [owner]).fetchone():

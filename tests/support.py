@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import socket
-import sqlite3
 import subprocess
 import time
 import uuid
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 
 import aiomqtt
 import pytest
+import sqlite_utils
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from structlog.typing import EventDict
@@ -34,7 +34,7 @@ from provisiond.runtime.app import App
 from provisiond.runtime.features import Feature
 from provisiond.schema import all_migrations
 from provisiond.server import Server
-from provisiond.store import connect, migrate
+from provisiond.store import migrate, open_database, store_target
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -178,13 +178,30 @@ def make_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> C
             "reconnect_min_seconds": 0.1,
             "reconnect_max_seconds": 1.0,
         },
-        "store": {"path": str(tmp_path / f"store-{tag}.db")},
+        "store": {"path": str(tmp_path / f"store-{tag}.db"), **_store_url()},
         "daemon": {"shutdown_grace_seconds": 5},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     STORE_FILES.add(raw["store"]["path"])
     return Config.model_validate(raw)
+
+
+def _store_url() -> dict[str, str]:
+    """With `--store postgresql`, a fresh database of the session's cluster."""
+    import pg_cluster
+
+    if pg_cluster.store_under_test() == "postgresql":
+        return {"url": pg_cluster.shared().new_database()}
+    return {}
+
+
+def open_db(config: Config) -> sqlite_utils.Database:
+    """The test's store (SQLite or PostgreSQL), migrated; SQL as the store functions write it."""
+    target, password = store_target(config)
+    db = open_database(target, password=password)
+    migrate(db, all_migrations())
+    return db
 
 
 def seed_key(
@@ -197,8 +214,7 @@ def seed_key(
     users: tuple[int, ...] = (),
 ) -> tuple[str, str]:
     """Create org (and users) if missing and a key; returns (key_id, secret)."""
-    db = connect(config.store.path)
-    migrate(db, all_migrations())
+    db = open_db(config)
     if not db.execute("SELECT 1 FROM orgs WHERE id = ?", [org]).fetchone():
         auth.create_org(db, org, f"org {org}")
     for uid in {*users, *([user] if user else [])}:
@@ -240,12 +256,12 @@ def cases(names: tuple[str, ...], table: list[Any]) -> Callable[[Test], Test]:
 
 
 def rows(config: Config, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """What `sql` reads from the daemon's store, on a connection of its own."""
-    conn = sqlite3.connect(config.store.path)
+    """What `sql` reads from the daemon's store (SQLite or PostgreSQL), on a connection of its own."""
+    db = open_db(config)
     try:
-        return conn.execute(sql, params).fetchall()
+        return [tuple(r) for r in db.execute(sql, list(params)).fetchall()]
     finally:
-        conn.close()
+        db.conn.close()
 
 
 class RpcClient:

@@ -6,7 +6,6 @@ import asyncio
 import gc
 import json
 import os
-import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from structlog.testing import LogCapture
 
 from provisiond.config import Config
 from provisiond.server import Server
-from support import Broker, RpcClient, make_config, running, seed_key
+from support import Broker, RpcClient, make_config, open_db, running, seed_key
 
 DOCUMENTED = {200, 400, 401, 403, 404, 409, 410, 413, 429, 503, 504}
 
@@ -139,7 +138,6 @@ async def test_junk_on_heartbeat_and_status_topics_is_counted_never_stored(
     prefix = config.mqtt.topic_prefix
     ids = ["1", "007", "-3", "abc", "99999999999999999999", "4294967296", "%00", "x" * 200]
     _, key = seed_key(config)
-    db_path = Path(config.store.path)
     gc.collect()
     rss_before = _rss_mb()
     sent = messages = 0
@@ -169,7 +167,7 @@ async def test_junk_on_heartbeat_and_status_topics_is_counted_never_stored(
     assert seen >= 0.95 * messages, (seen, messages)
     assert ignored > 0
     assert "presence.went_online" not in counters
-    db = sqlite3.connect(db_path)
+    db = open_db(config)
     assert db.execute("SELECT COUNT(*) FROM devices").fetchone()[0] == 0
     assert db.execute("SELECT COUNT(*) FROM presence").fetchone()[0] == 0
     gc.collect()

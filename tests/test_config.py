@@ -113,3 +113,15 @@ def test_dynsec_backend_needs_the_daemons_broker_account(tmp_path: Path) -> None
     path.write_text('[broker_accounts]\nusername_prefix = "dev/"\n')
     with pytest.raises(ConfigError, match=r"broker_accounts\.username_prefix"):
         load(path, env={})
+
+
+def test_store_url_is_checked_and_never_holds_a_password(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[store]\nurl = "postgresql://provisiond@db:5432/provisiond"\n')
+    assert load(path, env={}).store.url.startswith("postgresql://")
+    for bad in ("mysql://x@y/z", "postgresql://provisiond:hunter2@db:5432/provisiond"):
+        path.write_text(f'[store]\nurl = "{bad}"\n')
+        with pytest.raises(ConfigError) as err:
+            load(path, env={})
+        assert err.value.key == "store.url"
+        assert "hunter2" not in str(err.value)

@@ -22,7 +22,7 @@ async def test_devices_list_show_and_tokens_revoke(
     tmp_path: Path, config: Config, rpc: RpcClient
 ) -> None:
     config_file = tmp_path / "provisiond.toml"
-    config_file.write_text(f'[store]\npath = "{config.store.path}"\n')
+    config_file.write_text(f'[store]\npath = "{config.store.path}"\nurl = "{config.store.url}"\n')
     key = org_key(config, users=(10, 11))
     other_org = org_key(config, org=2, users=(20,))
     used, active_id = await provision(rpc, key, owner=10)

@@ -27,7 +27,8 @@ from structlog.testing import LogCapture
 
 import support
 from provisiond.config import Config
-from support import Broker, RpcClient, make_config, remember_secret, running, seed_key
+from provisiond.store import dialect
+from support import Broker, RpcClient, make_config, open_db, remember_secret, running, seed_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +96,7 @@ class PatientRequester:
 
 
 def assert_each_answered_once_without_duplicates(
-    requester: PatientRequester, db_path: Path
+    requester: PatientRequester, config: Config
 ) -> None:
     assert not requester.unanswered(), f"{len(requester.unanswered())} requests never answered"
     tokens: set[str] = set()
@@ -109,8 +110,9 @@ def assert_each_answered_once_without_duplicates(
         device_ids.add(first["body"]["deviceId"])
     n = len(requester.requests)
     assert len(tokens) == n and len(device_ids) == n
-    db = sqlite3.connect(db_path)
-    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db = open_db(config)
+    if dialect(db) == "sqlite":
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("SELECT COUNT(*) FROM devices").fetchone()[0] == n
     live = {
         row[0]
@@ -143,7 +145,7 @@ async def test_broker_killed_and_restarted_under_load(
         await asyncio.sleep(0.5)
         own_broker.start()
         await task
-    assert_each_answered_once_without_duplicates(requester, Path(config.store.path))
+    assert_each_answered_once_without_duplicates(requester, config)
 
 
 def _daemon(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -160,7 +162,7 @@ def _write_config(config: Config, path: Path) -> None:
         f'[log]\nformat = "json"\n[mqtt]\nclient = "{m.client}"\nhost = "127.0.0.1"\nport = {m.port}\n'
         f'topic_prefix = "{m.topic_prefix}"\nclient_id = "{m.client_id}"\n'
         f"reconnect_min_seconds = 0.1\nreconnect_max_seconds = 1.0\n"
-        f'[store]\npath = "{s.path}"\n'
+        f'[store]\npath = "{s.path}"\nurl = "{s.url}"\n'
     )
 
 
@@ -212,7 +214,7 @@ async def test_daemon_kill9_under_load_loses_and_doubles_nothing(
             proc.kill()
     assert proc.returncode == 0, log.read_text()[-3000:]
     support.LOG_EVENTS.extend(log.read_text().splitlines())
-    assert_each_answered_once_without_duplicates(requester, Path(config.store.path))
+    assert_each_answered_once_without_duplicates(requester, config)
     text = log.read_text()
     assert key not in text and not any(t in text for t in _tokens(requester))
 
@@ -251,7 +253,8 @@ async def daemon_on_small_disk(
 ) -> AsyncIterator[tuple[Path, str, RpcClient]]:
     """A daemon whose store lives on its own small tmpfs, after one good write."""
     with small_disk(tmp_path / "disk") as disk:
-        config = make_config(tmp_path, broker, store={"path": str(disk / "p.db")})
+        # A SQLite file on both test stores: the filesystem is the fault here.
+        config = make_config(tmp_path, broker, store={"path": str(disk / "p.db"), "url": ""})
         _, key = seed_key(config, users=(1,))
         async with running(config), RpcClient(config) as rpc:
             assert (await rpc.call("provision/token", PROVISION, key=key))["status"] == 200

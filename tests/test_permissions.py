@@ -11,7 +11,6 @@ re-provisioning, and its own tests live with the reconfigure feature.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,8 @@ from provisiond.permissions import (
     OWN_DEVICES_VIEW,
     PROVISION_DEVICES,
 )
-from support import RpcClient, cases, remember_secret, rows, seed_key
+from provisiond.store import transaction
+from support import RpcClient, cases, open_db, remember_secret, rows, seed_key
 
 PD, OVU, OWN, ORGV = PROVISION_DEVICES, ORG_VIEW_USERS, OWN_DEVICES_VIEW, ORG_DEVICES_VIEW
 MISSING_DEVICE = 987_654
@@ -266,10 +266,10 @@ async def test_reconfigure_rule(
 ) -> None:
     """The seed's reconfigure rules are the re-provisioning rules, on active devices."""
     world, secret = await world_and_key(config, rpc, key)
-    db = sqlite3.connect(config.store.path)
-    with db:
+    db = open_db(config)
+    with transaction(db):
         db.execute("UPDATE devices SET state = 'active', public_key = ?", [bytes(range(1, 33))])
-    db.close()
+    db.conn.close()
     device_id = world[target]
     before = rows(config, "SELECT COUNT(*) FROM commands")[0][0]
     reply = await rpc.call("provision/reconfigure", {"deviceId": device_id}, key=secret)

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import json
 import re
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,9 +34,19 @@ from provisiond.rpc import Router
 from provisiond.runtime.app import App
 from provisiond.runtime.features import Feature
 from provisiond.server import Server
+from provisiond.store import dialect
 from provisiond.wifi.crypto import b64url_decode, b64url_encode
 from provisiond.wifi.service import GRANTS
-from support import RpcClient, cases, eventually, make_config, remember_secret, running, seed_key
+from support import (
+    RpcClient,
+    cases,
+    eventually,
+    make_config,
+    open_db,
+    remember_secret,
+    running,
+    seed_key,
+)
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9]{32}$")
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -285,8 +294,15 @@ async def test_token_never_in_database_in_clear_nor_in_logs(
     secrets = [token, retoken]
 
     # Every cell of every table.
-    conn = sqlite3.connect(config.store.path)
-    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    conn = open_db(config)
+    tables = [
+        r[0]
+        for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            if dialect(conn) == "postgresql"
+            else "SELECT name FROM sqlite_master WHERE type = 'table'"
+        )
+    ]
     assert {"devices", "provision_tokens", "replays"} <= set(tables)
     for table in tables:
         for row in conn.execute(f'SELECT * FROM "{table}"'):
@@ -294,7 +310,7 @@ async def test_token_never_in_database_in_clear_nor_in_logs(
                 blob = cell if isinstance(cell, bytes) else str(cell).encode()
                 for secret in secrets:
                     assert secret.encode() not in blob, f"token in clear in table {table}"
-    conn.close()
+    conn.conn.close()
     # And the raw files, WAL included, for anything not yet checkpointed.
     for path in Path(config.store.path).parent.glob(Path(config.store.path).name + "*"):
         data = path.read_bytes()

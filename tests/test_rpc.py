@@ -113,9 +113,9 @@ async def test_bad_input_each_gets_its_answer_and_daemon_keeps_serving(
 
     # Revoked keys stop working at once.
     from provisiond import auth
-    from provisiond.store import connect
+    from support import open_db
 
-    auth.revoke_key(connect(config.store.path), key_id)
+    auth.revoke_key(open_db(config), key_id)
     # The daemon notices the CLI's change within its key-poll interval (0.2 s).
     loop = asyncio.get_running_loop()
     revoked_at = loop.time()

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
-import sqlite3
 import uuid
 from pathlib import Path
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from provision_support import activate, org_key, provision, rows
 from structlog.testing import LogCapture
 
-from support import Broker, make_config, remember_secret, running, seed_key
+from support import Broker, RpcClient, make_config, open_db, remember_secret, running, seed_key
 
 
 async def test_a_request_delivered_to_two_daemons_creates_one_device(
@@ -66,6 +67,49 @@ async def test_a_request_delivered_to_two_daemons_creates_one_device(
     lines = [e for e in logs.entries if e["event"] == "rpc" and e.get("op") == "provision/token"]
     assert len(lines) == 2 * n
     assert sum(1 for e in lines if e.get("replay")) == n
-    db = sqlite3.connect(first.store.path)
+    db = open_db(first)
     assert db.execute("SELECT COUNT(*) FROM devices").fetchone()[0] == n
     assert db.execute("SELECT COUNT(*) FROM provision_tokens").fetchone()[0] == n
+
+
+async def test_single_winners_across_two_daemons_on_one_store(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """Concurrent re-provisions and activations of one token, split between two
+    daemons sharing a store: one live token, one activation (SQLite's write
+    lock; on PostgreSQL the store's advisory write lock)."""
+    first = make_config(tmp_path, broker)
+    second = first.model_copy(
+        update={
+            "mqtt": first.mqtt.model_copy(
+                update={
+                    "client_id": first.mqtt.client_id + "-b",
+                    "topic_prefix": first.mqtt.topic_prefix + "b",
+                }
+            )
+        }
+    )
+    key = org_key(first)
+    async with running(first), running(second), RpcClient(first) as a, RpcClient(second) as b:
+        _, device_id = await provision(a, key)
+        futures = [
+            await rpc.send("provision/reprovision/token", {"deviceId": device_id}, key=key)
+            for _ in range(10)
+            for rpc in (a, b)
+        ]
+        replies = await asyncio.wait_for(asyncio.gather(*futures), 30)
+        assert all(r["status"] == 200 for r in replies), replies
+        issued = {remember_secret(r["body"]["token"]) for r in replies}
+        live = rows(
+            first,
+            "SELECT hash FROM provision_tokens WHERE device_id = ? AND used_at IS NULL"
+            " AND revoked_at IS NULL",
+            (device_id,),
+        )
+        assert len(issued) == 20 and len(live) == 1
+        (winner,) = [t for t in issued if hashlib.sha256(t.encode()).hexdigest() == live[0][0]]
+        # The live token, activated through both daemons at once, many times.
+        results = await asyncio.gather(*(activate(rpc, winner) for _ in range(5) for rpc in (a, b)))
+    statuses = [r["status"] for r in results]
+    assert statuses.count(200) == 1, statuses
+    assert {r["error"]["code"] for r in results if r["status"] != 200} == {"token_used"}, results

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import os
-import sqlite3
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -24,13 +23,13 @@ import support
 from provisiond.clock import Clock
 from provisiond.config import Config
 from provisiond.server import Server
-from provisiond.store import connect
+from provisiond.store import transaction
 from provisiond.wifi.crypto import b64url_decode, b64url_encode
 from provisiond.wifi.jws import GrantRejected, parse_unverified
 from provisiond.wifi.service import GRANTS, GrantService
 from provisiond.wifi.uploader import Uploader
 from provisiond_sim.reference import ReferenceDevice
-from support import Broker, RpcClient, eventually, make_config, running, seed_key
+from support import Broker, RpcClient, eventually, make_config, open_db, running, seed_key
 
 SSID, PASSWORD = "lab-net", "Tr0ub4dor&3-horse"
 WIFI = 0x02
@@ -50,11 +49,11 @@ def seed_device(
 ) -> int:
     """Insert a device straight into SQLite, as activation would leave it."""
     seed_key(config, org=org, users=(owner,))  # creates org, owner and the schema
-    db = connect(config.store.path)
+    db = open_db(config)
     now = time.time()
     cur = db.execute(
         "INSERT INTO devices (org_id, owner_id, state, capabilities, public_key, created_at,"
-        " activated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        " activated_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
         [
             org,
             owner,
@@ -65,7 +64,7 @@ def seed_device(
             now if active else None,
         ],
     )
-    device_id = int(cur.lastrowid or 0)
+    device_id = int(cur.fetchone()[0])
     db.conn.close()
     return device_id
 
@@ -149,7 +148,7 @@ async def publish_status(config: Config, device_id: int, payload: Any) -> None:
 
 
 def consumed_row(config: Config, jti: str) -> tuple[Any, ...] | None:
-    db = connect(config.store.path)
+    db = open_db(config)
     try:
         row = db.execute(
             "SELECT device_id, exp, state FROM consumed_grants WHERE jti = ?", [jti]
@@ -678,7 +677,7 @@ async def test_invented_grant_ids_from_one_device_are_rate_limited(
     await eventually(lambda: len(events.items) >= 10)
     await asyncio.sleep(0.1)
     assert len(events.items) == 10
-    db = sqlite3.connect(config.store.path)
+    db = open_db(config)
     assert db.execute("SELECT COUNT(*) FROM consumed_grants").fetchone()[0] == 10
 
 
@@ -720,10 +719,10 @@ async def test_a_device_changed_by_another_process_is_seen_within_the_poll(
     _, key = seed_key(config)
     dev = Dev(config)
     assert (await rpc.call("wifi-config/grant", {"device_id": dev.id}, key=key))["status"] == 200
-    conn = sqlite3.connect(config.store.path)
-    with conn:
-        conn.execute("UPDATE devices SET capabilities = 1 WHERE id = ?", [dev.id])
-    conn.close()
+    db = open_db(config)
+    with transaction(db):
+        db.execute("UPDATE devices SET capabilities = 1 WHERE id = ?", [dev.id])
+    db.conn.close()
     changed_at = time.monotonic()
 
     while True:

@@ -92,6 +92,26 @@ class StoreConfig(Section):
     path: str = "/var/lib/provisiond/provisiond.db"
     # normal: survives a process crash or kill -9 (WAL); full: also power loss.
     synchronous: Literal["normal", "full"] = "normal"
+    # Concurrent write requests share one COMMIT (each in its own savepoint);
+    # false: one transaction per write, as before (kept to measure against).
+    group_commit: bool = True
+    # Empty: sqlite:///<path>. Or postgresql://user@host:port/db; the password
+    # comes from `password_file` (a secret file, like the others), never the URL.
+    url: str = ""
+    password_file: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        if (
+            value.startswith(("postgresql://", "postgres://"))
+            and ":" in value.split("://", 1)[1].split("@", 1)[0]
+            and "@" in value
+        ):
+            raise ValueError("must not hold a password; use store.password_file")
+        return value
 
 
 class TokensConfig(Section):

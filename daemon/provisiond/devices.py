@@ -18,7 +18,7 @@ from pydantic import BeforeValidator, Field
 
 from provisiond.clock import iso_utc, iso_utc_or_none
 from provisiond.errors import NotFound, Unavailable
-from provisiond.store import Migration
+from provisiond.store import Migration, dialect
 from provisiond.wifi.crypto import CAP_WIFI_UPLOAD
 
 WIFI_UPLOAD = CAP_WIFI_UPLOAD
@@ -216,15 +216,21 @@ def create_device(
     device_id: int | None = None,
 ) -> int:
     """Insert a pending device (with an id `reserve_id` gave, or the next one); returns its id."""
-    cur = db.execute(
-        "INSERT INTO devices (id, org_id, owner_id, state, created_at)"
-        " VALUES (?, ?, ?, 'pending', ?)",
-        [device_id, org_id, owner_id, now],
-    )
-    new_id = cur.lastrowid
-    assert new_id is not None
+    if device_id is None:
+        row = db.execute(
+            "INSERT INTO devices (org_id, owner_id, state, created_at)"
+            " VALUES (?, ?, 'pending', ?) RETURNING id",
+            [org_id, owner_id, now],
+        ).fetchone()
+    else:
+        row = db.execute(
+            "INSERT INTO devices (id, org_id, owner_id, state, created_at)"
+            " VALUES (?, ?, ?, 'pending', ?) RETURNING id",
+            [device_id, org_id, owner_id, now],
+        ).fetchone()
+    new_id = int(row[0])
     _check_id_space(new_id)
-    return int(new_id)
+    return new_id
 
 
 def _check_id_space(device_id: int) -> None:
@@ -239,6 +245,11 @@ def reserve_id(db: sqlite_utils.Database) -> int:
     For a device whose broker account must exist before its row does; the
     row comes later with `create_device(..., device_id=...)`.
     """
+    if dialect(db) == "postgresql":
+        row = db.execute("SELECT nextval(pg_get_serial_sequence('devices', 'id'))").fetchone()
+        device_id = int(row[0])
+        _check_id_space(device_id)
+        return device_id
     # sqlite_sequence holds AUTOINCREMENT's high-water mark: bumping it makes
     # the id ours, and SQLite never hands it to a plain INSERT afterwards.
     db.execute(

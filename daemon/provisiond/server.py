@@ -17,7 +17,7 @@ from typing import Any
 
 from provisiond import plugins as plugin_api
 from provisiond.clock import Clock
-from provisiond.config import Config, LogConfig, resolve_path
+from provisiond.config import Config, LogConfig
 from provisiond.errors import ConfigError, StoreUnavailable
 from provisiond.logs import get_logger
 from provisiond.reload import changed_keys, keep_restart_only
@@ -25,7 +25,7 @@ from provisiond.rpc import Router
 from provisiond.runtime.app import App, ReloadHook
 from provisiond.runtime.features import FEATURES, Feature, set_up
 from provisiond.schema import all_migrations
-from provisiond.store import Store
+from provisiond.store import Store, store_target
 from provisiond.transport import Subscription, Transport
 
 log = get_logger("provisiond.server")
@@ -190,15 +190,19 @@ class Server:
         """Open the store (migrations) and set the features up; nothing runs yet."""
         # Before anything opens: a bad [plugins.*] table is a config error (exit 3).
         self._plugin_specs = plugin_api.resolve(self.config, self.plugins)
+        target, password = store_target(self.config)
         store = Store(
-            resolve_path(self.config, self.config.store.path),
+            target,
             synchronous=self.config.store.synchronous,
+            group_commit=self.config.store.group_commit,
+            password=password,
         )
         self.notify("STATUS=opening store")
         applied = await store.open(all_migrations())
         if applied:
             log.info("store.migrated", applied=applied)
         app = App(self.config, store, Transport(self.config), self.clock)
+        app.stats_probes["store"] = store.probe
         router = Router(app)
         self.app, self.router = app, router
         try:

@@ -17,6 +17,7 @@ from typing import Any
 from provisiond import __version__, auth, logs, plugins
 from provisiond.cli import broker_accounts as cli_broker_accounts
 from provisiond.cli import call as cli_call
+from provisiond.cli import db as cli_db
 from provisiond.cli import devices as cli_devices
 from provisiond.cli import ops as cli_ops
 from provisiond.cli.common import load_config, open_db, print_json
@@ -34,6 +35,7 @@ EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     cli_ops.add_commands,
     cli_call.add_commands,
     cli_broker_accounts.add_commands,
+    cli_db.add_commands,  # after cli_ops, which makes the `db` group
 ]
 
 

@@ -184,6 +184,8 @@ def _duration(seconds: float) -> str:
 
 def cmd_db_backup(args: argparse.Namespace) -> int:
     config = load_config(args)
+    if config.store.url.startswith(("postgresql://", "postgres://")):
+        return _fail("db backup copies a SQLite file; back PostgreSQL up with pg_dump")
     source = resolve_path(config, config.store.path)
     try:
         pages = backup_database(source, Path(args.path), overwrite=args.force)

@@ -1,0 +1,200 @@
+"""PostgreSQL dialect of the store: the subset of `sqlite_utils.Database` the
+store functions use, over one psycopg 3 connection.
+
+The owning modules keep one set of SQL, written for SQLite. This layer is the
+only place that knows the differences, and it keeps them few:
+
+- placeholders `?` become `%s` (and a literal `%` is escaped);
+- `INSERT OR IGNORE` becomes `INSERT ... ON CONFLICT DO NOTHING`;
+- DDL types: `INTEGER` → `BIGINT` (`... AUTOINCREMENT` → an identity
+  column), `REAL` → `DOUBLE PRECISION`, `BLOB` → `BYTEA`;
+- `BEGIN IMMEDIATE` takes one transaction-scoped advisory lock, so write
+  transactions are serialised across every process on the database exactly
+  as SQLite serialises its writers (the single-winner rules of tokens,
+  re-provisioning and replays rely on that); group commit amortises the lock;
+- `COMMIT` of such a transaction first sends `NOTIFY`, and
+  `PRAGMA data_version` answers a counter of notifications from other
+  connections: the caches' watcher (`caches.py`) polls it every 0.2 s, on
+  both dialects alike;
+- Python booleans are stored as integers, as SQLite does;
+- `rowid` (a tie-break in ORDER BY) becomes `ctid`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from psycopg import pq
+from psycopg.adapt import Dumper
+
+CHANNEL = "provisiond_store"
+# Any constant shared by every process: the key of the one write lock.
+WRITE_LOCK_KEY = 0x70726F76  # "prov"
+
+
+class _BoolAsInt(Dumper):
+    """SQLite stores True as 1; columns such as `presence.online` are integers."""
+
+    oid = psycopg.adapters.types["int8"].oid
+
+    def dump(self, obj: bool) -> bytes:
+        return b"1" if obj else b"0"
+
+
+class Cursor:
+    """What `db.execute` returns: rows as tuples, `rowcount`, iteration."""
+
+    def __init__(self, cur: psycopg.Cursor[Any] | None, rows: list[tuple[Any, ...]] | None = None):
+        self._cur = cur
+        self._rows = rows
+
+    @property
+    def rowcount(self) -> int:
+        return -1 if self._cur is None else self._cur.rowcount
+
+    @property
+    def lastrowid(self) -> None:
+        # Use `INSERT ... RETURNING id` instead: it works on both dialects.
+        return None
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        if self._rows is not None:
+            return self._rows.pop(0) if self._rows else None
+        if self._cur is None or self._cur.description is None:
+            return None
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        if self._rows is not None:
+            rows, self._rows = self._rows, []
+            return rows
+        if self._cur is None or self._cur.description is None:
+            return []
+        return self._cur.fetchall()
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self.fetchall())
+
+
+class Connection:
+    """The `db.conn` of the PostgreSQL dialect (`execute`, `executemany`, `in_transaction`)."""
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+        # Moves on every NOTIFY from another connection (see `data_version`).
+        self.data_version = 0
+        self._pid = raw.info.backend_pid
+        self._write_tx = False
+        raw.adapters.register_dumper(bool, _BoolAsInt)
+        raw.add_notify_handler(self._notified)
+        raw.execute(f"LISTEN {CHANNEL}")
+
+    def _notified(self, notify: psycopg.Notify) -> None:
+        if notify.pid != self._pid:
+            self.data_version += 1
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.raw.info.transaction_status in (
+            pq.TransactionStatus.INTRANS,
+            pq.TransactionStatus.INERROR,
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed or self.raw.broken
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> Cursor:
+        command = sql.strip().rstrip(";").upper()
+        if command == "BEGIN IMMEDIATE":
+            self.raw.execute("BEGIN")
+            self.raw.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK_KEY])
+            self._write_tx = True
+            return Cursor(None)
+        if command == "COMMIT" and self._write_tx:
+            self._write_tx = False
+            self.raw.execute(f"NOTIFY {CHANNEL}")
+            self.raw.execute("COMMIT")
+            return Cursor(None)
+        if command in ("COMMIT", "ROLLBACK"):
+            self._write_tx = False
+        if command == "PRAGMA DATA_VERSION":
+            # A round trip delivers the notifications waiting on the socket.
+            self.raw.execute("SELECT 1")
+            return Cursor(None, [(self.data_version,)])
+        if command.startswith("PRAGMA"):
+            return Cursor(None, [])
+        # Without parameters psycopg does no placeholder processing, so `%` stays as is.
+        cur = self.raw.execute(translate(sql, bool(params)), params or None)
+        if not self.in_transaction and command.startswith(("INSERT", "UPDATE", "DELETE")):
+            # Committed on its own: other processes must hear of it as of any commit.
+            self.raw.execute(f"NOTIFY {CHANNEL}")
+        return Cursor(cur)
+
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Cursor:
+        cur = self.raw.cursor()
+        cur.executemany(translate(sql), list(seq))
+        if not self.in_transaction:
+            self.raw.execute(f"NOTIFY {CHANNEL}")
+        return Cursor(cur)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class Database:
+    """`sqlite_utils.Database`'s `execute` and `conn`, on PostgreSQL."""
+
+    dialect = "postgresql"
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.conn = Connection(raw)
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> Cursor:
+        return self.conn.execute(sql, params)
+
+
+def connect(url: str, *, password: str | None = None) -> Database:
+    """Open `url` (postgresql://user@host:port/db); the password never goes into the URL."""
+    kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": 10}
+    if password is not None:
+        kwargs["password"] = password
+    # prepare_threshold: the daemon runs the same few statements all day long.
+    raw = psycopg.connect(url, prepare_threshold=2, **kwargs)
+    return Database(raw)
+
+
+_INSERT_OR_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+", re.IGNORECASE)
+_RETURNING = re.compile(r"\bRETURNING\b", re.IGNORECASE)
+_DDL = re.compile(r"^\s*(CREATE\s+TABLE|ALTER\s+TABLE)", re.IGNORECASE)
+
+
+@lru_cache(maxsize=1024)
+def translate(sql: str, params: bool = True) -> str:
+    """SQLite's SQL, as the store functions write it, in PostgreSQL's dialect."""
+    out = sql.replace("%", "%%").replace("?", "%s") if params else sql
+    # SQLite's rowid only ever breaks ties of equal timestamps in an ORDER BY;
+    # the physical position is PostgreSQL's nearest (insertion order until updated).
+    out = re.sub(r"\browid\b", "ctid", out, flags=re.IGNORECASE)
+    if _INSERT_OR_IGNORE.match(out):
+        out = _INSERT_OR_IGNORE.sub("INSERT ", out, count=1)
+        m = _RETURNING.search(out)
+        if m:
+            out = out[: m.start()] + "ON CONFLICT DO NOTHING " + out[m.start() :]
+        else:
+            out = out.rstrip().rstrip(";") + " ON CONFLICT DO NOTHING"
+    if _DDL.match(out):
+        out = re.sub(
+            r"\bINTEGER\s+PRIMARY\s+KEY\s+AUTOINCREMENT\b",
+            "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+            out,
+            flags=re.IGNORECASE,
+        )
+        out = re.sub(r"\bINTEGER\b", "BIGINT", out, flags=re.IGNORECASE)
+        out = re.sub(r"\bREAL\b", "DOUBLE PRECISION", out, flags=re.IGNORECASE)
+        out = re.sub(r"\bBLOB\b", "BYTEA", out, flags=re.IGNORECASE)
+    return out
