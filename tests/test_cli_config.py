@@ -64,6 +64,8 @@ COMMANDS: dict[str, list[str]] = {
     "devices show": ["devices", "show", "1"],
     "tokens revoke": ["tokens", "revoke", "1"],
     "db backup": ["db", "backup", "{tmp}/backup.db"],
+    "db migrate": ["db", "migrate"],
+    "db copy": ["db", "copy", "{store}", "sqlite:///{tmp}/copy.db"],
     "status": ["status"],
     "call": ["call", "keys/whoami"],
     "devices decommission": ["devices", "decommission", "1"],
@@ -157,7 +159,10 @@ async def test_offline_commands_use_the_given_file(
     config_file = write_toml(config, tmp_path / "my.toml")
     env, log = guarded_env(tmp_path)
     argv = [
-        a.replace("{key_id}", key_id).replace("{tmp}", str(tmp_path)) for a in COMMANDS[command]
+        a.replace("{key_id}", key_id).replace("{tmp}", str(tmp_path)).replace(
+            "{store}", config.store.url or f"sqlite:///{config.store.path}"
+        )
+        for a in COMMANDS[command]
     ]
     code, out, err = await run_cli(place(position, config_file, argv), env)
     assert not log.exists(), log.read_text()
@@ -190,6 +195,12 @@ async def test_offline_commands_use_the_given_file(
         assert "device 1 revoked" in out
     elif command == "db backup":
         assert (tmp_path / "backup.db").is_file()
+    elif command == "db migrate":
+        assert db.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] > 0
+    elif command == "db copy":
+        copied = sqlite3.connect(tmp_path / "copy.db")
+        assert copied.execute("SELECT COUNT(*) FROM devices").fetchone() == (1,)
+        copied.close()
     elif command == "broker-accounts init-dynsec":
         assert (tmp_path / "dynsec.json").is_file()
     db.close()
