@@ -20,6 +20,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Unpack
 
 from provisiond.backends import BACKENDS, BackendUnavailable, UnknownBackend, load_backend
 from provisiond.backends.types import (
@@ -34,6 +35,7 @@ from provisiond.backends.types import (
     ConnectRefused,
     Delivery,
     NotConnected,
+    PublishOptions,
     PublishRefused,
     SessionInfo,
     SubscribeRefused,
@@ -315,13 +317,8 @@ class Transport:
         topic: str,
         payload: bytes,
         *,
-        qos: int = 1,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-        message_expiry: int | None = None,
         ack: Delivery | None = None,
+        **options: Unpack[PublishOptions],
     ) -> None:
         """Publish; `ack`: a delivery to acknowledge together with it (see mqtt.Client.publish).
 
@@ -330,23 +327,14 @@ class Transport:
         QoS 1 publish cut off that way is not sent again by the transport (see
         docs/architecture.md, "What a disconnect loses", for each kind).
         """
+        options.setdefault("qos", 1)  # the daemon's messages matter unless a caller says not
         conn = self._conn
         if conn is None:
             raise NotConnected(topic)
         if ack is not None and ack.connection != self.connections:
             ack = None  # came on an earlier connection: the broker redelivers it instead
         try:
-            await conn.publish(
-                topic,
-                payload,
-                qos=qos,
-                retain=retain,
-                correlation_data=correlation_data,
-                response_topic=response_topic,
-                user_properties=user_properties,
-                message_expiry=message_expiry,
-                ack=ack,
-            )
+            await conn.publish(topic, payload, ack=ack, **options)
         except (PublishRefused, NotConnected):
             raise
         except TransportError as exc:

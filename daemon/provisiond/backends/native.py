@@ -8,9 +8,16 @@ write (`publish(..., ack=request)`).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import Unpack
 
 from provisiond import mqtt
-from provisiond.backends.types import ConnectOptions, Delivery, SessionInfo, Subscription
+from provisiond.backends.types import (
+    ConnectOptions,
+    Delivery,
+    PublishOptions,
+    SessionInfo,
+    Subscription,
+)
 from provisiond.mqtt import codec
 
 
@@ -96,25 +103,12 @@ class NativeConnection:
         topic: str,
         payload: bytes,
         *,
-        qos: int = 0,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-        message_expiry: int | None = None,
         ack: Delivery | None = None,
+        **options: Unpack[PublishOptions],
     ) -> None:
         handle = None if ack is None else ack.handle
         await self._client.publish(
-            topic,
-            payload,
-            qos=qos,
-            retain=retain,
-            correlation_data=correlation_data,
-            response_topic=response_topic,
-            user_properties=user_properties,
-            message_expiry=message_expiry,
-            ack=handle if isinstance(handle, mqtt.Message) else None,
+            topic, payload, ack=handle if isinstance(handle, mqtt.Message) else None, **options
         )
 
     def ack(self, delivery: Delivery) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypedDict, Unpack
 
 # MQTT 5 reason codes (section 2.4) by value; the same table serves CONNACK,
 # PUBACK, SUBACK and DISCONNECT, which share one numbering.
@@ -146,6 +146,19 @@ class BrokerUnsuitable(TransportError):
 # --------------------------------------------------------------------- values
 
 
+class PublishOptions(TypedDict, total=False):
+    """A publish's optional parts, passed on unchanged from the transport through a
+    backend to the packet; each layer reads only those it acts on, and a missing key
+    means the codec's default (QoS 0 below the transport, which defaults to 1)."""
+
+    qos: int
+    retain: bool
+    correlation_data: bytes | None
+    response_topic: str | None
+    user_properties: Sequence[tuple[str, str]]
+    message_expiry: int | None
+
+
 @dataclass(frozen=True, slots=True)
 class Will:
     topic: str
@@ -251,13 +264,8 @@ class Connection(Protocol):
         topic: str,
         payload: bytes,
         *,
-        qos: int = 0,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-        message_expiry: int | None = None,
         ack: Delivery | None = None,
+        **options: Unpack[PublishOptions],
     ) -> None: ...
 
     def ack(self, delivery: Delivery) -> None: ...

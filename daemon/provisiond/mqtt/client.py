@@ -28,12 +28,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
+from typing import Unpack
 
 from provisiond.backends.probe import probe_mqtt311
 from provisiond.backends.types import (
     BrokerNotMqtt5,
     ConnectionLost,
     ConnectRefused,
+    PublishOptions,
     PublishRefused,
     TransportError,
     reason_name,
@@ -285,13 +287,8 @@ class Client:
         topic: str,
         payload: bytes,
         *,
-        qos: int = 0,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-        message_expiry: int | None = None,
         ack: Message | None = None,
+        **options: Unpack[PublishOptions],
     ) -> None:
         """Publish; at QoS 1, return once the broker acknowledged it.
 
@@ -302,28 +299,19 @@ class Client:
         for the reply's own PUBACK first.
         """
         self._check()
+        qos = options.get("qos", 0)
         # The broker would answer either with a DISCONNECT (0x9B / 0x9A), dropping
         # every other message in flight: refuse this one alone instead.
         if qos > self.maximum_qos:
             raise PublishRefused(topic, 0x9B)
-        if retain and not self.retain_available:
+        if options.get("retain") and not self.retain_available:
             raise PublishRefused(topic, 0x9A)
         if not self._writable.is_set():
             await self._writable.wait()  # the socket's buffer is full: wait for it to drain
             self._check()
 
         def packet(mid: int) -> bytes:
-            return codec.publish(
-                topic,
-                payload,
-                qos=qos,
-                retain=retain,
-                mid=mid,
-                correlation_data=correlation_data,
-                response_topic=response_topic,
-                user_properties=user_properties,
-                message_expiry=message_expiry,
-            )
+            return codec.publish(topic, payload, mid=mid, **options)
 
         if qos == 0:
             data = packet(0)
