@@ -14,18 +14,15 @@ import json
 import math
 import os
 import sqlite3
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from provisiond.cli.common import command_group, load_config
+from provisiond.cli.common import EXIT_OK, command_group, fail, load_config
 from provisiond.clock import iso_utc
 from provisiond.config import ENV_KEY, Config, resolve_path
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
 DEFAULT_STATUS_TIMEOUT = 5.0
 
 
@@ -33,30 +30,14 @@ class OperatorError(Exception):
     """Something the operator must fix; printed as one line, exit 1."""
 
 
-def _fail(message: str) -> int:
-    print(f"provisiond: {message}", file=sys.stderr)
-    return EXIT_FAILURE
-
-
 # --- status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    key = args.key or os.environ.get(ENV_KEY, "")
-    if not key:
-        return _fail(f"status needs an API key with scope daemon:read: --key or ${ENV_KEY}")
-    config = load_config(args)
     try:
-        reply = asyncio.run(ask_stats(config, key, args.timeout))
+        body = ask_with_key(args, "status", "daemon:read", "daemon/stats", {})
     except OperatorError as exc:
-        return _fail(str(exc))
-    if reply.get("status") != 200:
-        error = reply.get("error") or {}
-        return _fail(
-            f"the daemon answered {reply.get('status')} {error.get('code', '')}: "
-            f"{error.get('message', '')}"
-        )
-    body = reply.get("body") or {}
+        return fail(str(exc))
     if args.json:
         print(json.dumps(body, indent=2, sort_keys=True))
     else:
@@ -64,9 +45,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def ask_stats(config: Config, key: str, wait_seconds: float) -> dict[str, Any]:
-    """One `daemon/stats` request; the reply envelope."""
-    return await ask_daemon(config, key, "daemon/stats", {}, wait_seconds)
+def ask_with_key(
+    args: argparse.Namespace, what: str, scope: str, operation: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """The body of the daemon's 200 reply to one request made with the operator's
+    API key (`--key` or $PROVISIOND_KEY); `OperatorError` for anything else."""
+    key = args.key or os.environ.get(ENV_KEY, "")
+    if not key:
+        raise OperatorError(f"{what} needs an API key with scope {scope}: --key or ${ENV_KEY}")
+    config = load_config(args)
+    reply = asyncio.run(ask_daemon(config, key, operation, body, args.timeout))
+    if reply.get("status") != 200:
+        error = reply.get("error") or {}
+        raise OperatorError(
+            f"the daemon answered {reply.get('status')} {error.get('code', '')}: "
+            f"{error.get('message', '')}"
+        )
+    answer: dict[str, Any] = reply.get("body") or {}
+    return answer
 
 
 async def ask_daemon(
@@ -188,7 +184,7 @@ def cmd_db_backup(args: argparse.Namespace) -> int:
     try:
         pages = backup_database(source, Path(args.path), overwrite=args.force)
     except OperatorError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(f"backed up {source} to {args.path} ({pages} pages, integrity ok)")
     return EXIT_OK
 
@@ -246,7 +242,7 @@ def cmd_keys_rotate_signing(args: argparse.Namespace) -> int:
     try:
         new_kid, retired = rotate_signing(config, time.time())
     except OperatorError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(f"new signing key {new_kid} is active on disk")
     for kid, until in retired:
         print(f"key {kid} now only verifies, until {iso_utc(until)}")
