@@ -53,7 +53,6 @@ def session_info(connack: mqtt.ConnAck) -> SessionInfo:
 
 class NativeConnection:
     def __init__(self, options: ConnectOptions, number: int) -> None:
-        will = options.will
         self._client = mqtt.Client(
             options.host,
             options.port,
@@ -63,9 +62,7 @@ class NativeConnection:
             session_expiry=options.session_expiry,
             receive_maximum=options.receive_maximum,
             maximum_packet_size=options.maximum_packet_size,
-            will=None
-            if will is None
-            else mqtt.Will(will.topic, will.payload, qos=will.qos, retain=will.retain),
+            will=options.will,
             username=options.username,
             password=options.password,
             tls=options.tls,
