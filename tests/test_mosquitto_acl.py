@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import getpass
-import ipaddress
 import json
 import socket
 import ssl
@@ -25,13 +23,10 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from structlog.testing import LogCapture
+from tls_support import write_tls
 
 from provisiond import mqtt
 from provisiond.config import Config
@@ -48,48 +43,6 @@ PASSWORDS = {
 }
 
 
-def _cert(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None,
-    issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool,
-) -> x509.Certificate:  # fmt: skip
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer or name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write_tls(certs: Path) -> None:
-    certs.mkdir()
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("provisiond test CA", ca_key, None, ca_key, ca=True)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _cert("localhost", server_key, ca.subject, ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    (certs / "ca.crt").write_bytes(ca.public_bytes(pem))
-    (certs / "server.crt").write_bytes(server.public_bytes(pem))
-    (certs / "server.key").write_bytes(
-        server_key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-
-
 class ExampleBroker:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -101,7 +54,7 @@ class ExampleBroker:
 
     def start(self) -> ExampleBroker:
         d = self.directory
-        _write_tls(d / "certs")
+        write_tls(d / "certs")
         (d / "provisiond.acl").write_text((SHIPPED / "provisiond.acl").read_text())
         passwd = d / "provisiond.passwd"
         passwd.touch(mode=0o600)
@@ -326,7 +279,7 @@ async def test_daemon_connects_over_tls_and_refuses_a_broker_it_cannot_verify(
 
     # Another CA: the handshake fails and nothing is sent, the password included.
     other = tmp_path / "other-ca"
-    _write_tls(other)
+    write_tls(other)
     client = mqtt.Client(
         "localhost",
         example_broker.tls_port,
