@@ -170,6 +170,18 @@ async def provisiond(*argv: str, **env: str) -> tuple[int, str, str]:
 
 
 @contextlib.asynccontextmanager
+async def reaped(proc: asyncio.subprocess.Process) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`proc` for the block; killed if the block leaves it running, and waited for,
+    so no test leaves a child process (or its pipes) behind."""
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
 async def daemon_process(
     config_file: Path, notify: NotifySocket | None = None, **env: str
 ) -> AsyncIterator[DaemonProcess]:
@@ -185,10 +197,5 @@ async def daemon_process(
         sys.executable, "-m", "provisiond", "run", "-c", str(config_file),
         env=environ, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
-    daemon = DaemonProcess(proc)
-    try:
-        yield daemon
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with reaped(proc):
+        yield DaemonProcess(proc)
