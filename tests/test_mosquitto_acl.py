@@ -212,12 +212,18 @@ def daemon_config(example_broker: ExampleBroker, tmp_path: Path, **mqtt: Any) ->
     )
 
 
+def daemon_and_key(example_broker: ExampleBroker, tmp_path: Path) -> tuple[Config, str]:
+    """`daemon_config`, and an API key that may ask the daemon for its stats."""
+    config = daemon_config(example_broker, tmp_path)
+    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    return config, secret
+
+
 async def test_daemon_serves_through_the_example_broker(
     example_broker: ExampleBroker, tmp_path: Path
 ) -> None:
     """The daemon's account may do all it needs; a service and a device get their replies."""
-    config = daemon_config(example_broker, tmp_path)
-    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    config, secret = daemon_and_key(example_broker, tmp_path)
     async with running(config):
         replies: list[tuple[str, bytes]] = []
         async with (
@@ -300,8 +306,7 @@ async def test_a_reply_the_acl_refuses_is_logged_and_the_request_acknowledged(
     """A Response Topic outside the daemon's ACL: mosquitto refuses the reply (0x87).
     The request is acknowledged all the same (a redelivery would only be refused
     again), the refusal is logged, and the daemon keeps serving."""
-    config = daemon_config(example_broker, tmp_path)
-    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    config, secret = daemon_and_key(example_broker, tmp_path)
     async with running(config) as server, example_broker.client("backend", tls=False) as backend:
         await backend.subscribe(f"{PREFIX}/replies/backend/#", qos=1)
         for topic, corr in (("outside/the/acl", b"c1"), (f"{PREFIX}/replies/backend/ok", b"c2")):
