@@ -19,6 +19,7 @@ import contextlib
 import random
 import ssl
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Unpack
 
@@ -351,6 +352,33 @@ class Transport:
         conn = self._conn
         if conn is not None and delivery.connection == self.connections:
             conn.ack(delivery)
+
+
+async def request_reply(
+    conn: Connection,
+    topic: str,
+    payload: bytes,
+    *,
+    reply_topic: str,
+    wait_seconds: float,
+    **options: Unpack[PublishOptions],
+) -> Delivery | None:
+    """One MQTT v5 request on a connection of its own: the reply (the delivery whose
+    correlation data is this request's, which a fresh random value makes unguessable),
+    or None if the connection ends first. Anything else delivered meanwhile is acked
+    and dropped. `wait_seconds` bounds the wait for the reply, not the sending."""
+    correlation = uuid.uuid4().bytes
+    await conn.subscribe([Subscription(reply_topic, 1)])
+    options["qos"] = 1
+    options["response_topic"] = reply_topic
+    options["correlation_data"] = correlation
+    await conn.publish(topic, payload, **options)
+    async with asyncio.timeout(wait_seconds):
+        async for delivery in conn.deliveries():
+            conn.ack(delivery)
+            if delivery.correlation_data == correlation:
+                return delivery
+    return None
 
 
 def max_packet_size(config: Config) -> int:

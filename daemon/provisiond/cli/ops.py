@@ -74,14 +74,18 @@ async def ask_daemon(
     credentials and TLS settings as the daemon, read the same way, and no
     aiomqtt or paho needed.
     """
-    from provisiond.transport import Subscription, TransportError, connect_options, load_backend
+    from provisiond.transport import (
+        TransportError,
+        connect_options,
+        load_backend,
+        request_reply,
+    )
 
     timeout = wait_seconds
     mqtt = config.mqtt
     prefix = mqtt.topic_prefix
     tag = uuid.uuid4().hex[:12]
     reply_topic = f"{prefix}/replies/cli-{tag}"
-    correlation = uuid.uuid4().bytes
     where = f"{mqtt.host}:{mqtt.port}"
     options = await connect_options(
         config,
@@ -96,24 +100,20 @@ async def ask_daemon(
     except TransportError as exc:
         raise OperatorError(f"cannot talk to the broker at {where}: {exc}") from None
     try:
-        await conn.subscribe([Subscription(reply_topic, 1)])
-        await conn.publish(
+        reply = await request_reply(
+            conn,
             f"{prefix}/rpc/{operation}",
             json.dumps(body).encode(),
-            qos=1,
-            response_topic=reply_topic,
-            correlation_data=correlation,
+            reply_topic=reply_topic,
+            wait_seconds=timeout,
             user_properties=[("authorization", f"Bearer {key}")],
             # If the daemon is down, its persistent session would keep the request;
             # let the broker drop it once nobody waits for the answer.
             message_expiry=max(1, math.ceil(timeout)),
         )
-        async with asyncio.timeout(timeout):
-            async for delivery in conn.deliveries():
-                conn.ack(delivery)
-                if delivery.correlation_data == correlation:
-                    result: dict[str, Any] = json.loads(delivery.payload)
-                    return result
+        if reply is not None:
+            result: dict[str, Any] = json.loads(reply.payload)
+            return result
     except TimeoutError:
         raise OperatorError(
             f"no reply from the daemon within {timeout:g}s on {prefix}/rpc/{operation} "
@@ -303,8 +303,6 @@ def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[
         if isinstance(action, argparse._SubParsersAction):
             return action
     raise LookupError(f"{parser.prog} has no subcommands")
-
-
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
