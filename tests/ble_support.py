@@ -3,6 +3,7 @@ the bridge on a bumble LocalLink, and a fleet of simulated devices on that link.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,8 @@ from bumble.link import LocalLink
 from provisiond.config import Config
 from provisiond.server import Server
 from provisiond.wifi.service import GRANTS
-from provisiond_ble.central import LOCAL_LINKS
+from provisiond_ble import profile
+from provisiond_ble.central import LOCAL_LINKS, GattSession, Radio
 from provisiond_sim.device import Broker as SimBroker
 from provisiond_sim.fleet import Fleet
 from support import Broker, RpcClient, remember_secret
@@ -66,3 +68,18 @@ class BleEnv:
     def grants(self) -> Any:
         assert self.server.app is not None
         return self.server.app.services.get(GRANTS)
+
+    async def replay_over_gatt(self, device_id: int, grant: str) -> bytes:
+        """An attacker in radio range writes `grant` to the device: its answer."""
+        attacker = await Radio.open(f"local:{self.link}")
+        await attacker.start()
+        try:
+            sighting = await asyncio.wait_for(attacker.find(device_id, 5), 5)
+            session = GattSession(await attacker.connect(sighting.address, 5))
+            await session.setup()
+            await session.write_value(profile.WIFI_GRANT_UUID, grant.encode())
+            message = await asyncio.wait_for(session.next_message(), 5)
+            await session.close()
+            return message
+        finally:
+            await attacker.close()

@@ -13,16 +13,15 @@ import asyncio
 import contextlib
 import getpass
 import json
-import socket
 import ssl
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from mosquitto_proc import MosquittoProcess
 from tls_support import write_tls
 
 from provisiond import mqtt
@@ -30,7 +29,6 @@ from provisiond.broker_accounts.bootstrap import init_dynsec
 from provisiond.config import Config
 from support import (
     BROKER_PASSWORDS,
-    MOSQUITTO,
     RpcClient,
     free_port,
     make_config,
@@ -51,7 +49,7 @@ PASSWORDS = {
 }
 
 
-class DynsecBroker:
+class DynsecBroker(MosquittoProcess):
     def __init__(self, directory: Path, *, device_ca: Path | None = None) -> None:
         self.directory = directory
         directory.mkdir(parents=True)
@@ -96,33 +94,11 @@ class DynsecBroker:
     def start(self) -> DynsecBroker:
         if not self._prepared:
             self._prepare()
-        d = self.directory
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(d / "mosquitto.conf")],
-            stdout=subprocess.DEVNULL, stderr=(d / "stderr.log").open("ab"),
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("mosquitto refused the dynsec config: " + self.logs())
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.tls_port), 0.2).close()
-                socket.create_connection(("127.0.0.1", self.local_port), 0.2).close()
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening: " + self.logs())
-
-    def logs(self) -> str:
-        return "".join(
-            p.read_text()[-2000:]
-            for p in (self.directory / "stderr.log", self.directory / "mosquitto.log")
-            if p.exists()
-        )
+        self.launch("dynsec", stderr_mode="ab")
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        super().stop()
         self.proc = None
 
     def config(self, tmp_path: Path, **sections: dict[str, Any]) -> Config:

@@ -20,7 +20,6 @@ from provisiond.rpc import Router
 from provisiond.runtime.app import App
 from provisiond.runtime.features import FEATURES, Feature
 from provisiond_ble import profile
-from provisiond_ble.central import GattSession, Radio
 from provisiond_sim import SimDevice
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
 
@@ -112,18 +111,8 @@ async def test_upload_connects_and_grant_is_single_use(env: Env, logs: LogCaptur
     # Replaying the captured grant over GATT: the device refuses it, in plaintext.
     peripheral = env.fleet.peripheral(dev.device_id)
     [captured] = peripheral.received_grants
-    attacker = await Radio.open(f"local:{env.link}")
-    await attacker.start()
-    try:
-        sighting = await asyncio.wait_for(attacker.find(dev.device_id, 5), 5)
-        session = GattSession(await attacker.connect(sighting.address, 5))
-        await session.setup()
-        await session.write_value(profile.WIFI_GRANT_UUID, captured.encode())
-        message = await asyncio.wait_for(session.next_message(), 5)
-        assert message == profile.plain_status("failed", "replayed", "grant")
-        await session.close()
-    finally:
-        await attacker.close()
+    message = await env.replay_over_gatt(dev.device_id, captured)
+    assert message == profile.plain_status("failed", "replayed", "grant")
     assert dev.reference.state == "idle"
 
     # One log line for the request, without the password anywhere.

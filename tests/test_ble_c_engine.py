@@ -24,7 +24,6 @@ from provisiond.wifi.crypto import b64url_encode
 from provisiond.wifi.jws import GrantRejected
 from provisiond.wifi.uploader import Uploader
 from provisiond_ble import profile
-from provisiond_ble.central import GattSession, Radio
 from provisiond_sim.ble import BlePeripheral
 from provisiond_sim.c_engine import CEngine, FirmwareLibrary, load_library
 from provisiond_sim.device import SimDevice, provision
@@ -155,18 +154,8 @@ async def test_c_engine_replayed_grant(
         [captured] = dev.peripheral.received_grants
 
         # An attacker in radio range replays the captured grant over GATT.
-        attacker = await Radio.open(f"local:{env.link}")
-        await attacker.start()
-        try:
-            sighting = await asyncio.wait_for(attacker.find(dev.sim.device_id, 5), 5)
-            session = GattSession(await attacker.connect(sighting.address, 5))
-            await session.setup()
-            await session.write_value(profile.WIFI_GRANT_UUID, captured.encode())
-            message = await asyncio.wait_for(session.next_message(), 5)
-            assert message == profile.plain_status("failed", "replayed", "grant")
-            await session.close()
-        finally:
-            await attacker.close()
+        message = await env.replay_over_gatt(dev.sim.device_id, captured)
+        assert message == profile.plain_status("failed", "replayed", "grant")
         assert dev.engine.state == "idle" and len(dev.engine.persisted) == 1
 
         # After a reboot from what was persisted, still refused.

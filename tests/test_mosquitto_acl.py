@@ -12,10 +12,8 @@ import asyncio
 import contextlib
 import getpass
 import json
-import socket
 import ssl
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from mosquitto_proc import MosquittoProcess
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from structlog.testing import LogCapture
@@ -30,7 +29,7 @@ from tls_support import write_tls
 
 from provisiond import mqtt
 from provisiond.config import Config
-from support import MOSQUITTO, free_port, make_config, running, seed_key
+from support import free_port, make_config, running, seed_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "config" / "mosquitto" / "static"
@@ -43,7 +42,7 @@ PASSWORDS = {
 }
 
 
-class ExampleBroker:
+class ExampleBroker(MosquittoProcess):
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True)
@@ -73,32 +72,8 @@ class ExampleBroker:
         # read this test's private temp dir; on a gateway the files are its own.
         extra = f"log_dest file {d}/mosquitto.log\nuser {getpass.getuser()}\n"
         (d / "mosquitto.conf").write_text(conf + extra)
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(d / "mosquitto.conf")],
-            stdout=subprocess.DEVNULL, stderr=(d / "stderr.log").open("wb"),
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("mosquitto refused the example config: " + self.logs())
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.tls_port), 0.2).close()
-                socket.create_connection(("127.0.0.1", self.local_port), 0.2).close()
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening: " + self.logs())
-
-    def logs(self) -> str:
-        return "".join(
-            p.read_text()[-2000:]
-            for p in (self.directory / "stderr.log", self.directory / "mosquitto.log")
-            if p.exists()
-        )
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        self.launch("example", stderr_mode="wb")
+        return self
 
     @contextlib.asynccontextmanager
     async def client(self, user: str | None, *, tls: bool) -> AsyncIterator[aiomqtt.Client]:
