@@ -192,7 +192,8 @@ async def test_timeout_after_retries(config: Config, daemon: Server) -> None:
 async def test_ble_upload_through_the_client(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:
-    from test_ble_bridge import PASSWORD, SSID, ble_env
+    from ble_support import PASSWORD, SSID
+    from test_ble_bridge import ble_env
 
     async with ble_env(tmp_path, broker) as env:
         dev = await env.device()
