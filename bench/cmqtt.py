@@ -39,7 +39,8 @@ def build() -> Path:
     BUILD.mkdir(exist_ok=True)
     for name in PROGRAMS:
         source, binary = SOURCES / f"{name}.c", BUILD / name
-        if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        newest = max(p.stat().st_mtime for p in (source, *SOURCES.glob("*.h")))
+        if binary.exists() and binary.stat().st_mtime >= newest:
             continue
         subprocess.run(
             [cc, "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source), "-lmosquitto"],

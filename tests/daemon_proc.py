@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -152,6 +153,16 @@ class DaemonProcess:
 
     def tail(self) -> str:
         return "\n".join(self.output[-40:])
+
+
+def python_c(code: str, *pythonpath: Path, timeout: float = 60) -> str:
+    """Run `python -c code` in a fresh interpreter that sees only `pythonpath` of this
+    repository (what is imported is then the code's doing alone): its stdout."""
+    env = {**os.environ, "PYTHONPATH": ":".join(str(p) for p in pythonpath)}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+        timeout=timeout,
+    ).stdout  # fmt: skip
 
 
 async def provisiond(*argv: str, **env: str) -> tuple[int, str, str]:
