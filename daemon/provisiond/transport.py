@@ -313,14 +313,7 @@ class Transport:
             # A normal DISCONNECT makes the run loop's `async for` end.
             await conn.disconnect()
 
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        ack: Delivery | None = None,
-        **options: Unpack[PublishOptions],
-    ) -> None:
+    async def publish(self, topic: str, payload: bytes, **options: Unpack[PublishOptions]) -> None:
         """Publish; `ack`: a delivery to acknowledge together with it (see mqtt.Client.publish).
 
         Raises `PublishRefused` when the broker says no (not worth a retry) and
@@ -332,10 +325,11 @@ class Transport:
         conn = self._conn
         if conn is None:
             raise NotConnected(topic)
+        ack = options.get("ack")
         if ack is not None and ack.connection != self.connections:
-            ack = None  # came on an earlier connection: the broker redelivers it instead
+            options["ack"] = None  # came on an earlier connection: the broker redelivers it
         try:
-            await conn.publish(topic, payload, ack=ack, **options)
+            await conn.publish(topic, payload, **options)
         except (PublishRefused, NotConnected):
             raise
         except TransportError as exc:

@@ -156,14 +156,8 @@ class AiomqttConnection:
         granted: list[Any] = list(codes)
         return [int(getattr(code, "value", code)) for code in granted]
 
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        ack: Delivery | None = None,
-        **options: Unpack[PublishOptions],
-    ) -> None:
+    async def publish(self, topic: str, payload: bytes, **options: Unpack[PublishOptions]) -> None:
+        ack = options.get("ack")
         qos = options.get("qos", 0)
         retain = options.get("retain", False)
         correlation_data = options.get("correlation_data")

@@ -14,6 +14,7 @@ from provisiond import mqtt
 from provisiond.backends.types import (
     ConnectOptions,
     Delivery,
+    PacketOptions,
     PublishOptions,
     SessionInfo,
     Subscription,
@@ -95,17 +96,12 @@ class NativeConnection:
             [(s.topic, s.qos, s.retain_handling) for s in subscriptions]
         )
 
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        ack: Delivery | None = None,
-        **options: Unpack[PublishOptions],
-    ) -> None:
+    async def publish(self, topic: str, payload: bytes, **options: Unpack[PublishOptions]) -> None:
+        ack = options.pop("ack", None)
         handle = None if ack is None else ack.handle
+        packet: PacketOptions = options  # `ack` is popped: the rest goes into the packet
         await self._client.publish(
-            topic, payload, ack=handle if isinstance(handle, mqtt.Message) else None, **options
+            topic, payload, ack=handle if isinstance(handle, mqtt.Message) else None, **packet
         )
 
     def ack(self, delivery: Delivery) -> None:

@@ -146,10 +146,11 @@ class BrokerUnsuitable(TransportError):
 # --------------------------------------------------------------------- values
 
 
-class PublishOptions(TypedDict, total=False):
-    """A publish's optional parts, passed on unchanged from the transport through a
-    backend to the packet; each layer reads only those it acts on, and a missing key
-    means the codec's default (QoS 0 below the transport, which defaults to 1)."""
+class PacketOptions(TypedDict, total=False):
+    """A publish's optional parts that go into the PUBLISH packet, passed on unchanged
+    from the transport through a backend to the codec; each layer reads only those it
+    acts on, and a missing key means the codec's default (QoS 0 below the transport,
+    which defaults to 1)."""
 
     qos: int
     retain: bool
@@ -239,6 +240,13 @@ class Delivery:
     handle: object = None
 
 
+class PublishOptions(PacketOptions, total=False):
+    """A publish's options at the boundary: the packet's, and `ack`, a delivery to
+    acknowledge in the same write (see mqtt.Client.publish)."""
+
+    ack: Delivery | None
+
+
 class Connection(Protocol):
     """One broker connection as a backend provides it."""
 
@@ -259,14 +267,9 @@ class Connection(Protocol):
         """All filters in one SUBSCRIBE; the granted QoS (or reason code) of each."""
         ...
 
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        ack: Delivery | None = None,
-        **options: Unpack[PublishOptions],
-    ) -> None: ...
+    async def publish(self, topic: str, payload: bytes, **options: Unpack[PublishOptions]) -> None:
+        """`options`: the packet's, and `ack`, a delivery to acknowledge with it."""
+        ...
 
     def ack(self, delivery: Delivery) -> None: ...
 

@@ -35,7 +35,7 @@ from provisiond.backends.types import (
     BrokerNotMqtt5,
     ConnectionLost,
     ConnectRefused,
-    PublishOptions,
+    PacketOptions,
     PublishRefused,
     TransportError,
     Will,
@@ -289,7 +289,7 @@ class Client:
         payload: bytes,
         *,
         ack: Message | None = None,
-        **options: Unpack[PublishOptions],
+        **options: Unpack[PacketOptions],
     ) -> None:
         """Publish; at QoS 1, return once the broker acknowledged it.
 
