@@ -148,9 +148,9 @@ class BrokerUnsuitable(TransportError):
 
 class PacketOptions(TypedDict, total=False):
     """A publish's optional parts that go into the PUBLISH packet, passed on unchanged
-    from the transport through a backend to the codec; each layer reads only those it
-    acts on, and a missing key means the codec's default (QoS 0 below the transport,
-    which defaults to 1)."""
+    from the transport through a backend to the native client's own keywords (which
+    mypy holds this to); each layer reads only those it acts on, and a missing key
+    means the client's default (QoS 0 below the transport, which defaults to 1)."""
 
     qos: int
     retain: bool

@@ -28,14 +28,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Unpack
 
 from provisiond.backends.probe import probe_mqtt311
 from provisiond.backends.types import (
     BrokerNotMqtt5,
     ConnectionLost,
     ConnectRefused,
-    PacketOptions,
     PublishRefused,
     TransportError,
     Will,
@@ -288,8 +286,13 @@ class Client:
         topic: str,
         payload: bytes,
         *,
+        qos: int = 0,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        response_topic: str | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
+        message_expiry: int | None = None,
         ack: Message | None = None,
-        **options: Unpack[PacketOptions],
     ) -> None:
         """Publish; at QoS 1, return once the broker acknowledged it.
 
@@ -300,19 +303,28 @@ class Client:
         for the reply's own PUBACK first.
         """
         self._check()
-        qos = options.get("qos", 0)
         # The broker would answer either with a DISCONNECT (0x9B / 0x9A), dropping
         # every other message in flight: refuse this one alone instead.
         if qos > self.maximum_qos:
             raise PublishRefused(topic, 0x9B)
-        if options.get("retain") and not self.retain_available:
+        if retain and not self.retain_available:
             raise PublishRefused(topic, 0x9A)
         if not self._writable.is_set():
             await self._writable.wait()  # the socket's buffer is full: wait for it to drain
             self._check()
 
         def packet(mid: int) -> bytes:
-            return codec.publish(topic, payload, mid=mid, **options)
+            return codec.publish(
+                topic,
+                payload,
+                qos=qos,
+                retain=retain,
+                mid=mid,
+                correlation_data=correlation_data,
+                response_topic=response_topic,
+                user_properties=user_properties,
+                message_expiry=message_expiry,
+            )
 
         if qos == 0:
             data = packet(0)
