@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Unpack
+from typing import Any, Unpack
 
 from provisiond.backends import BACKENDS, BackendUnavailable, UnknownBackend, load_backend
 from provisiond.backends.types import (
@@ -373,6 +374,33 @@ async def request_reply(
             if delivery.correlation_data == correlation:
                 return delivery
     return None
+
+
+async def rpc_request(
+    conn: Connection,
+    prefix: str,
+    operation: str,
+    body: dict[str, Any],
+    *,
+    key: str | None,
+    reply_topic: str,
+    wait_seconds: float,
+    **options: Unpack[PublishOptions],
+) -> dict[str, Any] | None:
+    """One RPC request to the daemon as docs/protocol.md has it (a JSON body on
+    `{prefix}/rpc/{operation}`, the API key as a bearer user property when there is
+    one) by `request_reply`: the reply envelope, or None if the connection ends first."""
+    if key is not None:
+        options["user_properties"] = [("authorization", f"Bearer {key}")]
+    topic = f"{prefix}/rpc/{operation}"
+    payload = json.dumps(body).encode()
+    delivery = await request_reply(
+        conn, topic, payload, reply_topic=reply_topic, wait_seconds=wait_seconds, **options
+    )
+    if delivery is None:
+        return None
+    reply: dict[str, Any] = json.loads(delivery.payload)
+    return reply
 
 
 def max_packet_size(config: Config) -> int:

@@ -27,7 +27,7 @@ from provisiond.transport import (
     TransportError,
     Will,
     load_backend,
-    request_reply,
+    rpc_request,
 )
 from provisiond.wifi.crypto import CAP_WIFI_UPLOAD, b64url_encode
 from provisiond_sim.reference import ReferenceDevice
@@ -95,16 +95,16 @@ async def rpc_call(
     conn = broker.connection(f"sim-rpc-{uuid.uuid4().hex[:10]}", credentials=credentials)
     await conn.connect()
     try:
-        delivery = await request_reply(
+        reply = await rpc_request(
             conn,
-            f"{broker.prefix}/rpc/{operation}",
-            json.dumps(body).encode(),
+            broker.prefix,
+            operation,
+            body,
+            key=api_key,
             reply_topic=reply_topic,
             wait_seconds=wait_seconds,
-            user_properties=() if api_key is None else [("authorization", f"Bearer {api_key}")],
         )
-        if delivery is not None:
-            reply: dict[str, Any] = json.loads(delivery.payload)
+        if reply is not None:
             if reply.get("status") != 200:
                 raise RpcFailed(operation, reply)
             result: dict[str, Any] = reply["body"]

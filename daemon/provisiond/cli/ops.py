@@ -78,7 +78,7 @@ async def ask_daemon(
         TransportError,
         connect_options,
         load_backend,
-        request_reply,
+        rpc_request,
     )
 
     timeout = wait_seconds
@@ -100,20 +100,20 @@ async def ask_daemon(
     except TransportError as exc:
         raise OperatorError(f"cannot talk to the broker at {where}: {exc}") from None
     try:
-        reply = await request_reply(
+        reply = await rpc_request(
             conn,
-            f"{prefix}/rpc/{operation}",
-            json.dumps(body).encode(),
+            prefix,
+            operation,
+            body,
+            key=key,
             reply_topic=reply_topic,
             wait_seconds=timeout,
-            user_properties=[("authorization", f"Bearer {key}")],
             # If the daemon is down, its persistent session would keep the request;
             # let the broker drop it once nobody waits for the answer.
             message_expiry=max(1, math.ceil(timeout)),
         )
         if reply is not None:
-            result: dict[str, Any] = json.loads(reply.payload)
-            return result
+            return reply
     except TimeoutError:
         raise OperatorError(
             f"no reply from the daemon within {timeout:g}s on {prefix}/rpc/{operation} "
