@@ -15,11 +15,10 @@ import json
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
-from bench.common import LoadResult
+from bench.common import LoadOptions, LoadResult, load_shape, responder
 
 SOURCES = Path(__file__).resolve().parent / "c"
 BUILD = SOURCES / "build"
@@ -39,7 +38,8 @@ def build() -> Path:
     BUILD.mkdir(exist_ok=True)
     for name in PROGRAMS:
         source, binary = SOURCES / f"{name}.c", BUILD / name
-        if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+        newest = max(p.stat().st_mtime for p in (source, *SOURCES.glob("*.h")))
+        if binary.exists() and binary.stat().st_mtime >= newest:
             continue
         subprocess.run(
             [cc, "-O2", "-Wall", "-Wextra", "-o", str(binary), str(source), "-lmosquitto"],
@@ -48,30 +48,17 @@ def build() -> Path:
     return BUILD
 
 
-@contextlib.contextmanager
-def c_echo_process(port: int, topic: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [str(build() / "mqtt_echo"), str(port), topic],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(10)
+def c_echo_process(
+    port: int, topic: str
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    return responder([str(build() / "mqtt_echo"), str(port), topic])
 
 
 async def c_load(
-    port: int,
-    topic: str,
-    body: dict[str, Any] | bytes,
-    *,
-    key: str | None,
-    n: int,
-    concurrency: int = 32,
-    warmup: int = 200,
-    timeout: float = 120,
+    port: int, topic: str, body: dict[str, Any] | bytes, **options: Unpack[LoadOptions]
 ) -> LoadResult:
+    key, n = options["key"], options["n"]
+    concurrency, warmup, timeout = load_shape(options)
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         f.write(payload)

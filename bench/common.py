@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -144,19 +144,24 @@ def daemon_process(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]
 
 
 @contextlib.contextmanager
-def echo_process(
-    port: int, topic: str, client: str = "aiomqtt"
-) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.echo", "--port", str(port), "--topic", topic,
-         "--client", client],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+def responder(argv: list[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """`argv` running for the block, its output dropped (a responder's is noise)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, **popen)
     try:
         yield proc
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def echo_process(
+    port: int, topic: str, client: str = "aiomqtt"
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    return responder(
+        [sys.executable, "-m", "bench.echo", "--port", str(port), "--topic", topic,
+         "--client", client],
+        env=ENV,
+    )  # fmt: skip
 
 
 @dataclass
@@ -185,19 +190,29 @@ class LoadResult:
         }
 
 
+class LoadOptions(TypedDict, total=False):
+    """How a closed-loop load runs, whichever driver runs it (this one, or the C
+    one in bench.cmqtt); see `load_shape` for the defaults."""
+
+    key: Required[str | None]
+    n: Required[int]
+    concurrency: int
+    warmup: int
+    timeout: float
+
+
+def load_shape(options: LoadOptions) -> tuple[int, int, float]:
+    """(concurrency, warmup, timeout): the load's own, or the defaults."""
+    return options.get("concurrency", 32), options.get("warmup", 200), options.get("timeout", 120)
+
+
 async def rpc_load(
-    port: int,
-    topic: str,
-    body: dict[str, Any] | bytes,
-    *,
-    key: str | None,
-    n: int,
-    concurrency: int = 32,
-    warmup: int = 200,
-    timeout: float = 120,
+    port: int, topic: str, body: dict[str, Any] | bytes, **options: Unpack[LoadOptions]
 ) -> LoadResult:
     """Closed loop: `concurrency` workers each send a request and wait for its
     reply before sending the next; n measured requests after a warm-up."""
+    key, n = options["key"], options["n"]
+    concurrency, warmup, timeout = load_shape(options)
     reply_topic = f"bench-replies/{uuid.uuid4().hex}"
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
     pending: dict[bytes, asyncio.Future[int]] = {}

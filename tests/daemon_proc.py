@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -154,6 +155,16 @@ class DaemonProcess:
         return "\n".join(self.output[-40:])
 
 
+def python_c(code: str, *pythonpath: Path, timeout: float = 60) -> str:
+    """Run `python -c code` in a fresh interpreter that sees only `pythonpath` of this
+    repository (what is imported is then the code's doing alone): its stdout."""
+    env = {**os.environ, "PYTHONPATH": ":".join(str(p) for p in pythonpath)}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+        timeout=timeout,
+    ).stdout  # fmt: skip
+
+
 async def provisiond(*argv: str, **env: str) -> tuple[int, str, str]:
     """Run `provisiond *argv` to its end, with no PROVISIOND_* variable but `env`:
     (exit code, stdout, stderr)."""
@@ -167,6 +178,18 @@ async def provisiond(*argv: str, **env: str) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def reaped(proc: asyncio.subprocess.Process) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`proc` for the block; killed if the block leaves it running, and waited for,
+    so no test leaves a child process (or its pipes) behind."""
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
 
 
 @contextlib.asynccontextmanager
@@ -185,10 +208,5 @@ async def daemon_process(
         sys.executable, "-m", "provisiond", "run", "-c", str(config_file),
         env=environ, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
-    daemon = DaemonProcess(proc)
-    try:
-        yield daemon
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with reaped(proc):
+        yield DaemonProcess(proc)

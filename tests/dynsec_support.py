@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import getpass
-import ipaddress
 import json
-import socket
 import ssl
 import subprocess
 import time
@@ -25,17 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from mosquitto_proc import MosquittoProcess
+from tls_support import write_tls
 
 from provisiond import mqtt
 from provisiond.broker_accounts.bootstrap import init_dynsec
 from provisiond.config import Config
 from support import (
     BROKER_PASSWORDS,
-    MOSQUITTO,
     RpcClient,
     free_port,
     make_config,
@@ -56,49 +50,7 @@ PASSWORDS = {
 }
 
 
-def _cert(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None,
-    issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool,
-) -> x509.Certificate:  # fmt: skip
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer or name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def write_tls(certs: Path) -> None:
-    certs.mkdir()
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("provisiond test CA", ca_key, None, ca_key, ca=True)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _cert("localhost", server_key, ca.subject, ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    (certs / "ca.crt").write_bytes(ca.public_bytes(pem))
-    (certs / "server.crt").write_bytes(server.public_bytes(pem))
-    (certs / "server.key").write_bytes(
-        server_key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-
-
-class DynsecBroker:
+class DynsecBroker(MosquittoProcess):
     def __init__(self, directory: Path, *, device_ca: Path | None = None) -> None:
         self.directory = directory
         directory.mkdir(parents=True)
@@ -143,33 +95,11 @@ class DynsecBroker:
     def start(self) -> DynsecBroker:
         if not self._prepared:
             self._prepare()
-        d = self.directory
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(d / "mosquitto.conf")],
-            stdout=subprocess.DEVNULL, stderr=(d / "stderr.log").open("ab"),
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("mosquitto refused the dynsec config: " + self.logs())
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.tls_port), 0.2).close()
-                socket.create_connection(("127.0.0.1", self.local_port), 0.2).close()
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening: " + self.logs())
-
-    def logs(self) -> str:
-        return "".join(
-            p.read_text()[-2000:]
-            for p in (self.directory / "stderr.log", self.directory / "mosquitto.log")
-            if p.exists()
-        )
+        self.launch("dynsec", stderr_mode="ab")
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        super().stop()
         self.proc = None
 
     def config(self, tmp_path: Path, **sections: dict[str, Any]) -> Config:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -13,24 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bumble.link import LocalLink
+from ble_support import PASSWORD, WRONG, BleEnv, ble_fleet, bridge_settings, local_link
 from structlog.testing import LogCapture
 
 from provisiond.presence import PRESENCE
 from provisiond.rpc import Router
 from provisiond.runtime.app import App
 from provisiond.runtime.features import FEATURES, Feature
-from provisiond.server import Server
-from provisiond.wifi.service import GRANTS
 from provisiond_ble import profile
-from provisiond_ble.central import LOCAL_LINKS, GattSession, Radio
-from provisiond_sim import Broker as SimBroker
-from provisiond_sim import Fleet, SimDevice
-from support import Broker, RpcClient, eventually, make_config, remember_secret, running, seed_key
-
-SSID = "provisiond-lab"
-PASSWORD = remember_secret("correct horse battery staple")
-WRONG = remember_secret("not the right password")
+from provisiond_sim import SimDevice
+from support import Broker, RpcClient, eventually, make_config, running, seed_key
 
 
 class PresenceSpy:
@@ -53,12 +44,7 @@ class PresenceSpy:
 
 
 @dataclass
-class Env:
-    server: Server
-    rpc: RpcClient
-    fleet: Fleet
-    key: str
-    link: str
+class Env(BleEnv):
     presence: PresenceSpy
     devices: list[SimDevice] = field(default_factory=list)
 
@@ -68,41 +54,23 @@ class Env:
         )
         return dev
 
-    async def upload(
-        self, device_id: int, password: str = PASSWORD, **extra: Any
-    ) -> dict[str, Any]:
-        body = {"device_id": device_id, "ssid": SSID, "password": password, **extra}
-        return await self.rpc.call("wifi-config/upload", body, key=self.key, timeout=20)
-
-    @property
-    def grants(self) -> Any:
-        assert self.server.app is not None
-        return self.server.app.services.get(GRANTS)
-
 
 @asynccontextmanager
 async def ble_env(tmp_path: Path, broker: Broker, **bridge: Any) -> AsyncIterator[Env]:
-    link = f"test-{uuid.uuid4().hex[:8]}"
-    LOCAL_LINKS[link] = LocalLink()
     spy = PresenceSpy()
 
     def install_spy(app: App, _router: Router) -> None:
         spy.attach(app.services.get(PRESENCE))
 
-    settings = {
-        "transport": f"local:{link}",
-        "presence_timeout_seconds": 1.0,
-        "default_timeout_seconds": 10.0,
-        **bridge,
-    }
-    config = make_config(tmp_path, broker, plugins={"ble_bridge": settings})
-    _, key = seed_key(config, org=1, users=(1,))
-    fleet = Fleet(
-        SimBroker("127.0.0.1", broker.port, config.mqtt.topic_prefix), ble_transport=f"local:{link}"
-    )
-    try:
+    with local_link("test") as link:
+        settings = {**bridge_settings(link), **bridge}
+        config = make_config(tmp_path, broker, plugins={"ble_bridge": settings})
+        _, key = seed_key(config, org=1, users=(1,))
+        fleet = ble_fleet(config, broker, link)
         async with (
-            running(config, features=[*FEATURES, Feature("spy", install_spy, requires=(PRESENCE,))]) as server,
+            running(
+                config, features=[*FEATURES, Feature("spy", install_spy, requires=(PRESENCE,))]
+            ) as server,
             RpcClient(config) as rpc,
         ):
             env = Env(server, rpc, fleet, key, link, spy)
@@ -110,8 +78,6 @@ async def ble_env(tmp_path: Path, broker: Broker, **bridge: Any) -> AsyncIterato
                 yield env
             finally:
                 await fleet.stop()
-    finally:
-        LOCAL_LINKS.pop(link, None)
 
 
 @pytest.fixture
@@ -145,18 +111,8 @@ async def test_upload_connects_and_grant_is_single_use(env: Env, logs: LogCaptur
     # Replaying the captured grant over GATT: the device refuses it, in plaintext.
     peripheral = env.fleet.peripheral(dev.device_id)
     [captured] = peripheral.received_grants
-    attacker = await Radio.open(f"local:{env.link}")
-    await attacker.start()
-    try:
-        sighting = await asyncio.wait_for(attacker.find(dev.device_id, 5), 5)
-        session = GattSession(await attacker.connect(sighting.address, 5))
-        await session.setup()
-        await session.write_value(profile.WIFI_GRANT_UUID, captured.encode())
-        message = await asyncio.wait_for(session.next_message(), 5)
-        assert message == profile.plain_status("failed", "replayed", "grant")
-        await session.close()
-    finally:
-        await attacker.close()
+    message = await env.replay_over_gatt(dev.device_id, captured)
+    assert message == profile.plain_status("failed", "replayed", "grant")
     assert dev.reference.state == "idle"
 
     # One log line for the request, without the password anywhere.

@@ -8,7 +8,6 @@ import asyncio
 import ctypes
 import json
 import os
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,29 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bumble.link import LocalLink
+from ble_support import PASSWORD, SSID, WRONG, BleEnv, ble_fleet, bridge_settings, local_link
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from firmware_support import shared_library
 from structlog.testing import LogCapture
 
-from provisiond.server import Server
 from provisiond.wifi.crypto import b64url_encode
 from provisiond.wifi.jws import GrantRejected
-from provisiond.wifi.service import GRANTS
 from provisiond.wifi.uploader import Uploader
 from provisiond_ble import profile
-from provisiond_ble.central import LOCAL_LINKS, GattSession, Radio
 from provisiond_sim.ble import BlePeripheral
 from provisiond_sim.c_engine import CEngine, FirmwareLibrary, load_library
-from provisiond_sim.device import Broker as SimBroker
 from provisiond_sim.device import SimDevice, provision
-from provisiond_sim.fleet import Fleet
 from provisiond_sim.reference import ReferenceDevice
-from support import Broker, RpcClient, eventually, make_config, remember_secret, running, seed_key
+from support import Broker, RpcClient, eventually, make_config, running, seed_key
 
-SSID = "provisiond-lab"
-PASSWORD = remember_secret("correct horse battery staple")
-WRONG = remember_secret("not the right password")
 VECTORS = Path(__file__).parent / "vectors" / "wifi-grant-v1.json"
 
 
@@ -55,12 +46,7 @@ class CDevice:
 
 
 @dataclass
-class Env:
-    server: Server
-    rpc: RpcClient
-    fleet: Fleet
-    key: str
-    link: str
+class Env(BleEnv):
     firmware: FirmwareLibrary
 
     async def c_device(self) -> CDevice:
@@ -83,44 +69,23 @@ class Env:
         self.fleet.peripherals[identity.device_id] = peripheral
         return CDevice(sim, engine, peripheral)
 
-    async def upload(self, device_id: int, password: str = PASSWORD) -> dict[str, Any]:
-        body = {"device_id": device_id, "ssid": SSID, "password": password}
-        return await self.rpc.call("wifi-config/upload", body, key=self.key, timeout=20)
-
-    @property
-    def grants(self) -> Any:
-        assert self.server.app is not None
-        return self.server.app.services.get(GRANTS)
-
 
 @asynccontextmanager
 async def c_env(tmp_path: Path, broker: Broker, firmware: FirmwareLibrary) -> AsyncIterator[Env]:
-    link = f"c-{uuid.uuid4().hex[:8]}"
-    LOCAL_LINKS[link] = LocalLink()
-    config = make_config(
-        tmp_path,
-        broker,
-        wifi={"signing_algorithm": "ES256"},
-        plugins={
-            "ble_bridge": {
-                "transport": f"local:{link}",
-                "presence_timeout_seconds": 1.0,
-                "default_timeout_seconds": 10.0,
-            }
-        },
-    )
-    _, key = seed_key(config, org=1, users=(1,))
-    fleet = Fleet(
-        SimBroker("127.0.0.1", broker.port, config.mqtt.topic_prefix), ble_transport=f"local:{link}"
-    )
-    try:
+    with local_link("c") as link:
+        config = make_config(
+            tmp_path,
+            broker,
+            wifi={"signing_algorithm": "ES256"},
+            plugins={"ble_bridge": bridge_settings(link)},
+        )
+        _, key = seed_key(config, org=1, users=(1,))
+        fleet = ble_fleet(config, broker, link)
         async with running(config) as server, RpcClient(config) as rpc:
             try:
                 yield Env(server, rpc, fleet, key, link, firmware)
             finally:
                 await fleet.stop()
-    finally:
-        LOCAL_LINKS.pop(link, None)
 
 
 async def test_c_engine_connected(
@@ -189,18 +154,8 @@ async def test_c_engine_replayed_grant(
         [captured] = dev.peripheral.received_grants
 
         # An attacker in radio range replays the captured grant over GATT.
-        attacker = await Radio.open(f"local:{env.link}")
-        await attacker.start()
-        try:
-            sighting = await asyncio.wait_for(attacker.find(dev.sim.device_id, 5), 5)
-            session = GattSession(await attacker.connect(sighting.address, 5))
-            await session.setup()
-            await session.write_value(profile.WIFI_GRANT_UUID, captured.encode())
-            message = await asyncio.wait_for(session.next_message(), 5)
-            assert message == profile.plain_status("failed", "replayed", "grant")
-            await session.close()
-        finally:
-            await attacker.close()
+        message = await env.replay_over_gatt(dev.sim.device_id, captured)
+        assert message == profile.plain_status("failed", "replayed", "grant")
         assert dev.engine.state == "idle" and len(dev.engine.persisted) == 1
 
         # After a reboot from what was persisted, still refused.

@@ -458,13 +458,8 @@ async def test_decommission_cuts_the_device_off_and_clears_its_traces(
 # --- sync
 
 
-async def test_sync_reports_drift_and_fixes_it_only_with_apply(
-    dynsec: DynsecBroker, tmp_path: Path
-) -> None:
-    from provisiond.cli.main import main as cli_main
-
-    config = dynsec.config(tmp_path, broker_accounts={"sync_at_start": False})
-    key = org_key(config)
+def cli_config_file(dynsec: DynsecBroker, config: Config, tmp_path: Path) -> Path:
+    """The daemon's settings as a config file, for a CLI command to read."""
     config_file = tmp_path / "provisiond.toml"
     config_file.write_text(
         f"""
@@ -479,6 +474,17 @@ path = "{config.store.path}"
 backend = "mosquitto-dynsec"
 """
     )
+    return config_file
+
+
+async def test_sync_reports_drift_and_fixes_it_only_with_apply(
+    dynsec: DynsecBroker, tmp_path: Path
+) -> None:
+    from provisiond.cli.main import main as cli_main
+
+    config = dynsec.config(tmp_path, broker_accounts={"sync_at_start": False})
+    key = org_key(config)
+    config_file = cli_config_file(dynsec, config, tmp_path)
     async with running(config), ServiceRpc(config) as rpc:
         kept = await provision(rpc, key)
         lost = await provision(rpc, key)
@@ -587,20 +593,7 @@ async def test_cli_decommission_asks_the_running_daemon(
 
     config = dynsec.config(tmp_path)
     key = org_key(config)
-    config_file = tmp_path / "provisiond.toml"
-    config_file.write_text(
-        f"""
-[mqtt]
-port = {dynsec.local_port}
-topic_prefix = "{PREFIX}"
-username = "provisiond"
-password_file = "{tmp_path / "mqtt-password"}"
-[store]
-path = "{config.store.path}"
-[broker_accounts]
-backend = "mosquitto-dynsec"
-"""
-    )
+    config_file = cli_config_file(dynsec, config, tmp_path)
     async with running(config), ServiceRpc(config) as rpc:
         body, device = await activated_device(dynsec, rpc, key)
         argv = ["devices", "decommission", str(body["deviceId"]), "-c", str(config_file)]

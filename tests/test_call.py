@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-from daemon_proc import ROOT, write_toml
+from daemon_proc import ROOT, python_c, write_toml
 from provision_support import count, org_key
 
 from provisiond.config import Config
@@ -108,5 +106,4 @@ def test_daemon_does_not_import_the_client() -> None:
         "assert 'provisiond.client' not in sys.modules, 'client imported';"
         "assert 'provisiond.cli.call' in sys.modules"
     )
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'daemon'}:{ROOT / 'plugins'}"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+    python_c(code, ROOT / "daemon", ROOT / "plugins")

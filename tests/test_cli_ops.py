@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import jwt
 import pytest
-from daemon_proc import ROOT, NotifySocket, daemon_process, provisiond, write_toml
+from daemon_proc import ROOT, NotifySocket, daemon_process, provisiond, python_c, write_toml
 from provision_support import activate, org_key, provision
 
 from provisiond.config import Config
@@ -77,11 +74,7 @@ def test_status_needs_neither_aiomqtt_nor_paho() -> None:
         "provisiond.backends.native; "
         "print(sorted(m for m in sys.modules if m.startswith(('aiomqtt', 'paho'))))"
     )
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'daemon'}"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "[]"
+    assert python_c(code, ROOT / "daemon").strip() == "[]"
 
 
 # --- db backup

@@ -195,7 +195,8 @@ async def test_timeout_after_retries(config: Config, daemon: Server) -> None:
 async def test_ble_upload_through_the_client(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:
-    from test_ble_bridge import PASSWORD, SSID, ble_env
+    from ble_support import PASSWORD, SSID
+    from test_ble_bridge import ble_env
 
     async with ble_env(tmp_path, broker) as env:
         dev = await env.device()
@@ -208,12 +209,9 @@ async def test_ble_upload_through_the_client(
 def test_the_client_needs_only_aiomqtt_and_paho() -> None:
     """The `client` extra is enough: importing the client loads nothing else of
     the daemon's dependencies, nor any other provisiond module."""
-    import os
-    import subprocess
-    import sys
     import tomllib
 
-    from daemon_proc import ROOT
+    from daemon_proc import ROOT, python_c
 
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert extra["optional-dependencies"]["client"] == ["aiomqtt>=2.3,<3", "paho-mqtt>=2.1,<3"]
@@ -221,21 +219,11 @@ def test_the_client_needs_only_aiomqtt_and_paho() -> None:
         "import sys; import provisiond.client; "
         "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "daemon")}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    ).stdout.split()
+    out = python_c(code, ROOT / "daemon").split()
     allowed = {"aiomqtt", "paho", "provisiond", "typing_extensions", "__main__", "_distutils_hack"}
     assert set(out) <= allowed, out
-    loaded = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, provisiond.client; print(sorted(m for m in sys.modules if m.startswith('provisiond')))",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    loaded = python_c(
+        "import sys, provisiond.client; print(sorted(m for m in sys.modules if m.startswith('provisiond')))",
+        ROOT / "daemon",
+    ).strip()
     assert loaded == "['provisiond', 'provisiond.client']"

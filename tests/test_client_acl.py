@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from daemon_proc import write_toml
 from test_call import call
-from test_mosquitto_acl import PASSWORDS, PREFIX, ExampleBroker, daemon_config, example_broker
+from test_mosquitto_acl import PASSWORDS, PREFIX, ExampleBroker, daemon_and_key, example_broker
 
 from provisiond.client import CallTimeout, ProvisiondClient, RpcError
-from support import running, seed_key
+from support import running
 
 __all__ = ["example_broker"]  # the fixture, used by name
 
@@ -19,8 +19,7 @@ __all__ = ["example_broker"]  # the fixture, used by name
 async def test_service_account_and_device_over_tls(
     example_broker: ExampleBroker, tmp_path: Path
 ) -> None:
-    config = daemon_config(example_broker, tmp_path)
-    _id, key = seed_key(config, scopes=("daemon:read",))
+    config, key = daemon_and_key(example_broker, tmp_path)
     async with running(config):
         # A service: its default reply topic is under replies/<username>/, which the ACL allows.
         async with ProvisiondClient(
@@ -54,8 +53,7 @@ async def test_service_account_and_device_over_tls(
 async def test_call_uses_the_daemons_broker_account(
     example_broker: ExampleBroker, tmp_path: Path
 ) -> None:
-    config = daemon_config(example_broker, tmp_path)
-    _id, key = seed_key(config, scopes=("daemon:read",))
+    config, key = daemon_and_key(example_broker, tmp_path)
     config_file = write_toml(config, tmp_path / "p.toml")
     async with running(config):
         code, out, err = await call(

@@ -6,11 +6,28 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from provisiond.config import Config
 from provisiond.runtime.fairslots import FairSlots
 from provisiond.runtime.features import FEATURES
 from support import SLOW_FEATURE, Broker, RpcClient, make_config, running, seed_key
 
 SLOW = 0.4
+
+
+def two_keys(
+    tmp_path: Path, broker: Broker, *, slots: int, per_key: int
+) -> tuple[Config, str, str]:
+    """A daemon's config with `slots` request slots, `per_key` of them at most for
+    one key; and two keys: the flooder's and the polite one's."""
+    config = make_config(
+        tmp_path,
+        broker,
+        daemon={"max_concurrent_requests": slots},
+        limits={"max_inflight_per_key": per_key},
+    )
+    _, flooder = seed_key(config)
+    _, polite = seed_key(config)
+    return config, flooder, polite
 
 
 async def pending_when_done(
@@ -27,16 +44,9 @@ async def test_a_waiting_key_is_served_before_a_flooding_key_drains(
     tmp_path: Path, broker: Broker
 ) -> None:
     # Four slots, and each key may hold all four: only the turn order is tested.
-    config = make_config(
-        tmp_path, broker, daemon={"max_concurrent_requests": 4}, limits={"max_inflight_per_key": 4}
-    )
-    _, flooder = seed_key(config)
-    _, polite = seed_key(config)
-    features = [*FEATURES, SLOW_FEATURE]
-    async with running(config, features=features), RpcClient(config) as rpc:
-        flood = [
-            await rpc.send("test/slow", {"seconds": SLOW}, key=flooder) for _ in range(16)
-        ]
+    config, flooder, polite = two_keys(tmp_path, broker, slots=4, per_key=4)
+    async with running(config, features=[*FEATURES, SLOW_FEATURE]), RpcClient(config) as rpc:
+        flood = [await rpc.send("test/slow", {"seconds": SLOW}, key=flooder) for _ in range(16)]
         await asyncio.sleep(0.1)  # the flood holds every slot, twelve more wait
         mine = await rpc.send("test/slow", {"seconds": 0.0}, key=polite)
         # First in, first out would serve all sixteen first; in turn, the polite
@@ -45,13 +55,8 @@ async def test_a_waiting_key_is_served_before_a_flooding_key_drains(
 
 
 async def test_one_key_holds_at_most_its_share_of_slots(tmp_path: Path, broker: Broker) -> None:
-    config = make_config(
-        tmp_path, broker, daemon={"max_concurrent_requests": 8}, limits={"max_inflight_per_key": 2}
-    )
-    _, flooder = seed_key(config)
-    _, polite = seed_key(config)
-    features = [*FEATURES, SLOW_FEATURE]
-    async with running(config, features=features), RpcClient(config) as rpc:
+    config, flooder, polite = two_keys(tmp_path, broker, slots=8, per_key=2)
+    async with running(config, features=[*FEATURES, SLOW_FEATURE]), RpcClient(config) as rpc:
         flood = [await rpc.send("test/slow", {"seconds": SLOW}, key=flooder) for _ in range(8)]
         await asyncio.sleep(0.1)
         mine = await rpc.send("test/slow", {"seconds": SLOW}, key=polite)

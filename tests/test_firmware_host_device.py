@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from daemon_proc import reaped
 from firmware_support import host_device
 from presence_support import Watcher
 
@@ -81,13 +82,8 @@ async def host(
         # The one network in range: its password through the environment, not argv.
         env={**os.environ, "PD_WIFI_PASSWORD": PASSWORD},
     )
-    device = HostDevice(proc)
-    try:
-        yield device
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+    async with reaped(proc):
+        yield HostDevice(proc)
 
 
 async def test_c_host_device_against_the_real_daemon(tmp_path: Path, broker: Broker) -> None:

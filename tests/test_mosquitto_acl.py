@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import getpass
-import ipaddress
 import json
-import socket
 import ssl
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,17 +21,15 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from mosquitto_proc import MosquittoProcess
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from structlog.testing import LogCapture
+from tls_support import write_tls
 
 from provisiond import mqtt
 from provisiond.config import Config
-from support import MOSQUITTO, free_port, make_config, running, seed_key
+from support import free_port, make_config, running, seed_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "config" / "mosquitto" / "static"
@@ -48,49 +42,7 @@ PASSWORDS = {
 }
 
 
-def _cert(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None,
-    issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool,
-) -> x509.Certificate:  # fmt: skip
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer or name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write_tls(certs: Path) -> None:
-    certs.mkdir()
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("provisiond test CA", ca_key, None, ca_key, ca=True)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _cert("localhost", server_key, ca.subject, ca_key, ca=False)
-    pem = serialization.Encoding.PEM
-    (certs / "ca.crt").write_bytes(ca.public_bytes(pem))
-    (certs / "server.crt").write_bytes(server.public_bytes(pem))
-    (certs / "server.key").write_bytes(
-        server_key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-
-
-class ExampleBroker:
+class ExampleBroker(MosquittoProcess):
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True)
@@ -101,7 +53,7 @@ class ExampleBroker:
 
     def start(self) -> ExampleBroker:
         d = self.directory
-        _write_tls(d / "certs")
+        write_tls(d / "certs")
         (d / "provisiond.acl").write_text((SHIPPED / "provisiond.acl").read_text())
         passwd = d / "provisiond.passwd"
         passwd.touch(mode=0o600)
@@ -120,32 +72,8 @@ class ExampleBroker:
         # read this test's private temp dir; on a gateway the files are its own.
         extra = f"log_dest file {d}/mosquitto.log\nuser {getpass.getuser()}\n"
         (d / "mosquitto.conf").write_text(conf + extra)
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(d / "mosquitto.conf")],
-            stdout=subprocess.DEVNULL, stderr=(d / "stderr.log").open("wb"),
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("mosquitto refused the example config: " + self.logs())
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.tls_port), 0.2).close()
-                socket.create_connection(("127.0.0.1", self.local_port), 0.2).close()
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening: " + self.logs())
-
-    def logs(self) -> str:
-        return "".join(
-            p.read_text()[-2000:]
-            for p in (self.directory / "stderr.log", self.directory / "mosquitto.log")
-            if p.exists()
-        )
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        self.launch("example", stderr_mode="wb")
+        return self
 
     @contextlib.asynccontextmanager
     async def client(self, user: str | None, *, tls: bool) -> AsyncIterator[aiomqtt.Client]:
@@ -259,12 +187,18 @@ def daemon_config(example_broker: ExampleBroker, tmp_path: Path, **mqtt: Any) ->
     )
 
 
+def daemon_and_key(example_broker: ExampleBroker, tmp_path: Path) -> tuple[Config, str]:
+    """`daemon_config`, and an API key that may ask the daemon for its stats."""
+    config = daemon_config(example_broker, tmp_path)
+    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    return config, secret
+
+
 async def test_daemon_serves_through_the_example_broker(
     example_broker: ExampleBroker, tmp_path: Path
 ) -> None:
     """The daemon's account may do all it needs; a service and a device get their replies."""
-    config = daemon_config(example_broker, tmp_path)
-    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    config, secret = daemon_and_key(example_broker, tmp_path)
     async with running(config):
         replies: list[tuple[str, bytes]] = []
         async with (
@@ -326,7 +260,7 @@ async def test_daemon_connects_over_tls_and_refuses_a_broker_it_cannot_verify(
 
     # Another CA: the handshake fails and nothing is sent, the password included.
     other = tmp_path / "other-ca"
-    _write_tls(other)
+    write_tls(other)
     client = mqtt.Client(
         "localhost",
         example_broker.tls_port,
@@ -347,8 +281,7 @@ async def test_a_reply_the_acl_refuses_is_logged_and_the_request_acknowledged(
     """A Response Topic outside the daemon's ACL: mosquitto refuses the reply (0x87).
     The request is acknowledged all the same (a redelivery would only be refused
     again), the refusal is logged, and the daemon keeps serving."""
-    config = daemon_config(example_broker, tmp_path)
-    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    config, secret = daemon_and_key(example_broker, tmp_path)
     async with running(config) as server, example_broker.client("backend", tls=False) as backend:
         await backend.subscribe(f"{PREFIX}/replies/backend/#", qos=1)
         for topic, corr in (("outside/the/acl", b"c1"), (f"{PREFIX}/replies/backend/ok", b"c2")):

@@ -24,7 +24,7 @@ from paho.mqtt.properties import Properties
 
 from provisiond import mqtt
 from provisiond.mqtt import codec
-from tests.mqtt_peer import Peer, connack
+from tests.mqtt_peer import Peer, connack, read_packet
 from tests.support import Broker
 
 
@@ -331,16 +331,6 @@ def test_variable_byte_integers_round_trip_at_every_width(value: int) -> None:
     assert len(encoded) == 1 + (value >= 128) + (value >= 16_384) + (value >= 2_097_152)
     assert codec.read_varint(encoded, 0, len(encoded)) == (value, len(encoded))
     assert codec.read_varint(encoded[:-1], 0, len(encoded) - 1) is None
-
-
-async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    first = (await reader.readexactly(1))[0]
-    header = b""
-    while True:
-        header += await reader.readexactly(1)
-        found = codec.read_varint(header, 0, len(header))
-        if found is not None:
-            return first, await reader.readexactly(found[0])
 
 
 async def test_no_more_publishes_in_flight_than_the_peer_allows() -> None:

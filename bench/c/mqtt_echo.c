@@ -5,6 +5,8 @@
  *
  *   mqtt_echo PORT TOPIC
  */
+#include "bench_client.h"
+
 #include <mosquitto.h>
 #include <mqtt_protocol.h>
 #include <stdio.h>
@@ -12,16 +14,6 @@
 #include <string.h>
 
 static const char REPLY[] = "{\"status\":200,\"body\":{}}";
-static const char *topic;
-
-static void on_connect(struct mosquitto *m, void *obj, int rc, int flags, const mosquitto_property *props) {
-	(void)obj; (void)flags; (void)props;
-	if (rc != 0) {
-		fprintf(stderr, "mqtt_echo: connect refused: %d\n", rc);
-		exit(1);
-	}
-	mosquitto_subscribe_v5(m, NULL, topic, 1, 0, NULL);
-}
 
 static void on_message(struct mosquitto *m, void *obj, const struct mosquitto_message *msg, const mosquitto_property *props) {
 	(void)obj; (void)msg;
@@ -44,18 +36,10 @@ int main(int argc, char **argv) {
 		fprintf(stderr, "usage: mqtt_echo PORT TOPIC\n");
 		return 2;
 	}
-	topic = argv[2];
-	mosquitto_lib_init();
-	struct mosquitto *m = mosquitto_new(NULL, true, NULL);
-	mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5);
-	mosquitto_int_option(m, MOSQ_OPT_TCP_NODELAY, 1);
-	mosquitto_int_option(m, MOSQ_OPT_SEND_MAXIMUM, 65535);
-	mosquitto_connect_v5_callback_set(m, on_connect);
+	program = "mqtt_echo";
+	subscribe_to = argv[2];
+	struct mosquitto *m = bench_connect(argv[1]);
 	mosquitto_message_v5_callback_set(m, on_message);
-	if (mosquitto_connect_bind_v5(m, "127.0.0.1", atoi(argv[1]), 60, NULL, NULL) != MOSQ_ERR_SUCCESS) {
-		fprintf(stderr, "mqtt_echo: cannot connect\n");
-		return 1;
-	}
 	int rc = mosquitto_loop_forever(m, -1, 1);
 	mosquitto_destroy(m);
 	mosquitto_lib_cleanup();

@@ -10,6 +10,8 @@
  *
  *   mqtt_load PORT TOPIC PAYLOAD_FILE KEY N CONCURRENCY WARMUP TIMEOUT_S
  */
+#include "bench_client.h"
+
 #include <mosquitto.h>
 #include <mqtt_protocol.h>
 #include <stdint.h>
@@ -49,15 +51,6 @@ static void send_one(struct mosquitto *m) {
 	if (seq == warmup) measure_start = sent_at[seq];
 	mosquitto_publish_v5(m, NULL, topic, (int)payload_len, payload, 1, false, props);
 	mosquitto_property_free_all(&props);
-}
-
-static void on_connect(struct mosquitto *m, void *obj, int rc, int flags, const mosquitto_property *props) {
-	(void)obj; (void)flags; (void)props;
-	if (rc != 0) {
-		fprintf(stderr, "mqtt_load: connect refused: %d\n", rc);
-		exit(1);
-	}
-	mosquitto_subscribe_v5(m, NULL, reply_topic, 1, 0, NULL);
 }
 
 static void on_subscribe(struct mosquitto *m, void *obj, int mid, int count, const int *granted, const mosquitto_property *props) {
@@ -132,18 +125,11 @@ int main(int argc, char **argv) {
 	snprintf(reply_topic, sizeof reply_topic, "bench-replies/c-%02x%02x%02x%02x%02x%02x%02x%02x",
 	         run_id[0], run_id[1], run_id[2], run_id[3], run_id[4], run_id[5], run_id[6], run_id[7]);
 
-	mosquitto_lib_init();
-	struct mosquitto *m = mosquitto_new(NULL, true, NULL);
-	mosquitto_int_option(m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V5);
-	mosquitto_int_option(m, MOSQ_OPT_TCP_NODELAY, 1);
-	mosquitto_int_option(m, MOSQ_OPT_SEND_MAXIMUM, 65535);
-	mosquitto_connect_v5_callback_set(m, on_connect);
+	program = "mqtt_load";
+	subscribe_to = reply_topic;
+	struct mosquitto *m = bench_connect(argv[1]);
 	mosquitto_subscribe_v5_callback_set(m, on_subscribe);
 	mosquitto_message_v5_callback_set(m, on_message);
-	if (mosquitto_connect_bind_v5(m, "127.0.0.1", atoi(argv[1]), 60, NULL, NULL) != MOSQ_ERR_SUCCESS) {
-		fprintf(stderr, "mqtt_load: cannot connect\n");
-		return 1;
-	}
 	double deadline = now() + timeout;
 	while (received < total) {
 		int rc = mosquitto_loop(m, 100, 1);

@@ -137,6 +137,12 @@ def create_org(db: sqlite_utils.Database, org_id: int, name: str = "") -> None:
         )
 
 
+def user_org(db: sqlite_utils.Database, user_id: int) -> int | None:
+    """The organisation of a user, or None for an unknown user."""
+    row = db.execute("SELECT org_id FROM users WHERE id = ?", [user_id]).fetchone()
+    return None if row is None else int(row[0])
+
+
 def create_user(db: sqlite_utils.Database, org_id: int, user_id: int) -> None:
     if user_id <= 0:
         raise BadRequest("user id must be positive", field="id")

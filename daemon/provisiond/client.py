@@ -27,7 +27,7 @@ import secrets
 import ssl
 import uuid
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypedDict, Unpack
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -172,6 +172,14 @@ class Reply:
             error.get("field"),
             error.get("error_id"),
         )
+
+
+class CallOptions(TypedDict, total=False):
+    """What one call may set for itself, else the client's own (see `call`)."""
+
+    timeout: float | None
+    retries: int | None
+    correlation: bytes | None
 
 
 class ProvisiondClient:
@@ -374,18 +382,11 @@ class ProvisiondClient:
                 fut.cancel()
 
     async def request(
-        self,
-        operation: str,
-        body: dict[str, Any] | None = None,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - retries are spread within it
-        retries: int | None = None,
-        correlation: bytes | None = None,
+        self, operation: str, body: dict[str, Any] | None = None, **options: Unpack[CallOptions]
     ) -> dict[str, Any]:
-        """Call `operation` and return the reply body; an error reply raises RpcError."""
-        reply = await self.call(
-            operation, body, timeout=timeout, retries=retries, correlation=correlation
-        )
+        """Call `operation` and return the reply body; an error reply raises RpcError.
+        `options`: those of `call`."""
+        reply = await self.call(operation, body, **options)
         return reply.raise_for_status(operation)
 
     def _encode(

@@ -218,6 +218,18 @@ def drop_for_device(db: sqlite_utils.Database, device_id: int) -> int:
     return int(cur.rowcount)
 
 
+def live_counts(db: sqlite_utils.Database) -> dict[str, int]:
+    """Commands waiting now: queued (device offline) and sent but not yet acknowledged."""
+    # Only the live states: acked/expired/superseded rows pile up over time.
+    # Indexed by (state, expires_at).
+    rows = db.execute(
+        "SELECT state, COUNT(*) FROM commands WHERE state IN ('queued', 'sent') GROUP BY state"
+    ).fetchall()
+    found = {"queued": 0, "sent": 0}
+    found.update({str(state): int(n) for state, n in rows})
+    return found
+
+
 def queued_devices(db: sqlite_utils.Database) -> set[int]:
     return {
         int(r[0])

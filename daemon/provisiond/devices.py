@@ -263,6 +263,18 @@ def reserve_id(db: sqlite_utils.Database) -> int:
     return device_id
 
 
+def active_ids(db: sqlite_utils.Database) -> list[int]:
+    """The ids of every active device (presence tracks them from the start)."""
+    return [row[0] for row in db.execute("SELECT id FROM devices WHERE state = 'active'")]
+
+
+def active_among(db: sqlite_utils.Database, ids: list[int]) -> set[int]:
+    """Which of `ids` are active devices (one query for a batch of heartbeats)."""
+    marks = ",".join("?" * len(ids))
+    sql = f"SELECT id FROM devices WHERE state = 'active' AND id IN ({marks})"  # noqa: S608 - placeholders only
+    return {row[0] for row in db.execute(sql, ids).fetchall()}
+
+
 def states(db: sqlite_utils.Database) -> dict[int, str]:
     """Every device's state, by id (broker-account sync compares them with the broker)."""
     return {int(row[0]): str(row[1]) for row in db.execute("SELECT id, state FROM devices")}

@@ -167,14 +167,15 @@ class Metrics:
             "inflight": self.router.inflight,
             "started_at": app.started_at,
         }
-        # Here, not at the top: the store imports this module, and presence the store.
+        # Here, not at the top: the store imports this module, and these the store.
+        from provisiond import commands
         from provisiond.presence import PRESENCE
 
         presence = app.services.find(PRESENCE)
         if presence is not None:
             snapshot["presence"] = await presence.stats()
         with contextlib.suppress(StoreUnavailable):
-            snapshot["commands"] = await app.store.call(_command_states)
+            snapshot["commands"] = await app.store.call(commands.live_counts)
         self._snapshot = snapshot
 
     def render(self) -> bytes:
@@ -185,17 +186,6 @@ class Metrics:
 
 # Found by the router's request hook; provided only while metrics are served.
 METRICS: ServiceKey[Metrics] = ServiceKey("metrics")
-
-
-def _command_states(db: Any) -> dict[str, int]:
-    # Only the live states: acked/expired/superseded rows pile up over time,
-    # and their totals are counters below. Indexed by (state, expires_at).
-    rows = db.execute(
-        "SELECT state, COUNT(*) FROM commands WHERE state IN ('queued', 'sent') GROUP BY state"
-    ).fetchall()
-    found = {"queued": 0, "sent": 0}
-    found.update({str(state): int(n) for state, n in rows})
-    return found
 
 
 class _StateCollector:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite_utils
 
-from provisiond.auth import Principal
+from provisiond.auth import Principal, user_org
 from provisiond.devices import Device, get_device
 from provisiond.errors import BadRequest, Forbidden
 
@@ -76,8 +76,7 @@ def owner_filter(principal: Principal) -> int | None:
 def check_owner_in_org(db: sqlite_utils.Database, *, org_id: int, owner_id: int) -> None:
     """`provision/token`: ownerId must be a user of orgId. Run only after `check_provision`,
     so a key that may not look at other users cannot probe which ones exist."""
-    row = db.execute("SELECT org_id FROM users WHERE id = ?", [owner_id]).fetchone()
-    if row is None or row[0] != org_id:
+    if user_org(db, owner_id) != org_id:
         raise BadRequest(
             f"ownerId {owner_id} is not a user of organisation {org_id}",
             code="unknown_user",

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
+from provisiond import devices
 from provisiond.clock import iso_utc_or_none
 from provisiond.config import Config, PresenceConfig
 from provisiond.errors import StoreUnavailable
@@ -546,7 +547,7 @@ class Presence:
                     del self._pending[device_id]
                 self._counters["presence.lookups"] += 1
                 try:
-                    active = await self._app.store.call(partial(_active_among, ids=list(batch)))
+                    active = await self._app.store.call(partial(devices.active_among, ids=list(batch)))
                 except StoreUnavailable:
                     self._counters["presence.lookups.failed"] += 1
                     await asyncio.sleep(1.0)
@@ -594,19 +595,18 @@ class Presence:
 def _load(
     db: sqlite_utils.Database,
 ) -> list[tuple[int, int, float | None, float | None, float | None]]:
-    return [
-        (row[0], row[1] or 0, row[2], row[3], row[4])
+    """Every active device, with its saved presence where there is one."""
+    saved = {
+        row[0]: row[1:]
         for row in db.execute(
-            "SELECT d.id, p.online, p.last_seen, p.since, p.deadline FROM devices d"
-            " LEFT JOIN presence p ON p.device_id = d.id WHERE d.state = 'active'"
+            "SELECT device_id, online, last_seen, since, deadline FROM presence"
         ).fetchall()
-    ]
-
-
-def _active_among(db: sqlite_utils.Database, ids: list[int]) -> set[int]:
-    marks = ",".join("?" * len(ids))
-    sql = f"SELECT id FROM devices WHERE state = 'active' AND id IN ({marks})"  # noqa: S608 - placeholders only
-    return {row[0] for row in db.execute(sql, ids).fetchall()}
+    }
+    loaded = []
+    for device_id in devices.active_ids(db):
+        online, last_seen, since, deadline = saved.get(device_id, (0, None, None, None))
+        loaded.append((device_id, online or 0, last_seen, since, deadline))
+    return loaded
 
 
 def forget_row(db: sqlite_utils.Database, device_id: int) -> None:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import ssl
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Unpack
 
 from provisiond.backends import BACKENDS, BackendUnavailable, UnknownBackend, load_backend
 from provisiond.backends.types import (
@@ -34,6 +37,7 @@ from provisiond.backends.types import (
     ConnectRefused,
     Delivery,
     NotConnected,
+    PublishOptions,
     PublishRefused,
     SessionInfo,
     SubscribeRefused,
@@ -310,19 +314,7 @@ class Transport:
             # A normal DISCONNECT makes the run loop's `async for` end.
             await conn.disconnect()
 
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-        message_expiry: int | None = None,
-        ack: Delivery | None = None,
-    ) -> None:
+    async def publish(self, topic: str, payload: bytes, **options: Unpack[PublishOptions]) -> None:
         """Publish; `ack`: a delivery to acknowledge together with it (see mqtt.Client.publish).
 
         Raises `PublishRefused` when the broker says no (not worth a retry) and
@@ -330,23 +322,15 @@ class Transport:
         QoS 1 publish cut off that way is not sent again by the transport (see
         docs/architecture.md, "What a disconnect loses", for each kind).
         """
+        options.setdefault("qos", 1)  # the daemon's messages matter unless a caller says not
         conn = self._conn
         if conn is None:
             raise NotConnected(topic)
+        ack = options.get("ack")
         if ack is not None and ack.connection != self.connections:
-            ack = None  # came on an earlier connection: the broker redelivers it instead
+            options["ack"] = None  # came on an earlier connection: the broker redelivers it
         try:
-            await conn.publish(
-                topic,
-                payload,
-                qos=qos,
-                retain=retain,
-                correlation_data=correlation_data,
-                response_topic=response_topic,
-                user_properties=user_properties,
-                message_expiry=message_expiry,
-                ack=ack,
-            )
+            await conn.publish(topic, payload, **options)
         except (PublishRefused, NotConnected):
             raise
         except TransportError as exc:
@@ -363,6 +347,60 @@ class Transport:
         conn = self._conn
         if conn is not None and delivery.connection == self.connections:
             conn.ack(delivery)
+
+
+async def request_reply(
+    conn: Connection,
+    topic: str,
+    payload: bytes,
+    *,
+    reply_topic: str,
+    wait_seconds: float,
+    **options: Unpack[PublishOptions],
+) -> Delivery | None:
+    """One MQTT v5 request on a connection of its own: the reply (the delivery whose
+    correlation data is this request's, which a fresh random value makes unguessable),
+    or None if the connection ends first. Anything else delivered meanwhile is acked
+    and dropped. `wait_seconds` bounds the wait for the reply, not the sending."""
+    correlation = uuid.uuid4().bytes
+    await conn.subscribe([Subscription(reply_topic, 1)])
+    options["qos"] = 1
+    options["response_topic"] = reply_topic
+    options["correlation_data"] = correlation
+    await conn.publish(topic, payload, **options)
+    async with asyncio.timeout(wait_seconds):
+        async for delivery in conn.deliveries():
+            conn.ack(delivery)
+            if delivery.correlation_data == correlation:
+                return delivery
+    return None
+
+
+async def rpc_request(
+    conn: Connection,
+    prefix: str,
+    operation: str,
+    body: dict[str, Any],
+    *,
+    key: str | None,
+    reply_topic: str,
+    wait_seconds: float,
+    **options: Unpack[PublishOptions],
+) -> dict[str, Any] | None:
+    """One RPC request to the daemon as docs/protocol.md has it (a JSON body on
+    `{prefix}/rpc/{operation}`, the API key as a bearer user property when there is
+    one) by `request_reply`: the reply envelope, or None if the connection ends first."""
+    if key is not None:
+        options["user_properties"] = [("authorization", f"Bearer {key}")]
+    topic = f"{prefix}/rpc/{operation}"
+    payload = json.dumps(body).encode()
+    delivery = await request_reply(
+        conn, topic, payload, reply_topic=reply_topic, wait_seconds=wait_seconds, **options
+    )
+    if delivery is None:
+        return None
+    reply: dict[str, Any] = json.loads(delivery.payload)
+    return reply
 
 
 def max_packet_size(config: Config) -> int:

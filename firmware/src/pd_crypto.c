@@ -165,35 +165,39 @@ int pd_es256_verify(const uint8_t point[65], const uint8_t *msg, size_t n, const
     return ret == 0 ? 0 : -1;
 }
 
-int pd_gcm_seal(const uint8_t key[32], const uint8_t nonce[12], const char *aad, const uint8_t *in,
-                size_t n, uint8_t *out)
+/* AES-256-GCM with the 16-byte tag after the text, one context set up and
+ * freed the same way both ways. Sealing: `in` is n bytes, `out` gets n + 16.
+ * Opening: `in` is n bytes with the tag, `out` gets n - 16, wiped unless the
+ * tag verifies (no unauthenticated plaintext is left behind). */
+static int gcm(int seal, const uint8_t key[32], const uint8_t nonce[12], const char *aad,
+               const uint8_t *in, size_t n, uint8_t *out)
 {
     mbedtls_gcm_context gcm;
     int ret;
+    if (!seal && n < 16) return -1;
     mbedtls_gcm_init(&gcm);
     ret = mbedtls_gcm_setkey(&gcm, MBEDTLS_CIPHER_ID_AES, key, 256);
-    if (ret == 0) {
+    if (ret == 0 && seal) {
         ret = mbedtls_gcm_crypt_and_tag(&gcm, MBEDTLS_GCM_ENCRYPT, n, nonce, 12,
                                         (const unsigned char *)aad, strlen(aad), in, out, 16,
                                         out + n);
+    } else if (ret == 0) {
+        ret = mbedtls_gcm_auth_decrypt(&gcm, n - 16, nonce, 12, (const unsigned char *)aad,
+                                       strlen(aad), in + n - 16, 16, in, out);
     }
     mbedtls_gcm_free(&gcm);
+    if (ret != 0 && !seal) pd_wipe(out, n - 16);
     return ret == 0 ? 0 : -1;
+}
+
+int pd_gcm_seal(const uint8_t key[32], const uint8_t nonce[12], const char *aad, const uint8_t *in,
+                size_t n, uint8_t *out)
+{
+    return gcm(1, key, nonce, aad, in, n, out);
 }
 
 int pd_gcm_open(const uint8_t key[32], const uint8_t nonce[12], const char *aad, const uint8_t *in,
                 size_t n, uint8_t *out)
 {
-    mbedtls_gcm_context gcm;
-    int ret;
-    if (n < 16) return -1;
-    mbedtls_gcm_init(&gcm);
-    ret = mbedtls_gcm_setkey(&gcm, MBEDTLS_CIPHER_ID_AES, key, 256);
-    if (ret == 0) {
-        ret = mbedtls_gcm_auth_decrypt(&gcm, n - 16, nonce, 12, (const unsigned char *)aad,
-                                       strlen(aad), in + n - 16, 16, in, out);
-    }
-    mbedtls_gcm_free(&gcm);
-    if (ret != 0) pd_wipe(out, n - 16);
-    return ret == 0 ? 0 : -1;
+    return gcm(0, key, nonce, aad, in, n, out);
 }

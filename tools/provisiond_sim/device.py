@@ -27,6 +27,7 @@ from provisiond.transport import (
     TransportError,
     Will,
     load_backend,
+    rpc_request,
 )
 from provisiond.wifi.crypto import CAP_WIFI_UPLOAD, b64url_encode
 from provisiond_sim.reference import ReferenceDevice
@@ -91,29 +92,23 @@ async def rpc_call(
     credentials: Credentials | None = None,
 ) -> dict[str, Any]:
     """One MQTT v5 request/response; returns the reply body or raises RpcFailed."""
-    correlation = uuid.uuid4().bytes
     conn = broker.connection(f"sim-rpc-{uuid.uuid4().hex[:10]}", credentials=credentials)
     await conn.connect()
     try:
-        await conn.subscribe([Subscription(reply_topic, 1)])
-        await conn.publish(
-            f"{broker.prefix}/rpc/{operation}",
-            json.dumps(body).encode(),
-            qos=1,
-            response_topic=reply_topic,
-            correlation_data=correlation,
-            user_properties=() if api_key is None else [("authorization", f"Bearer {api_key}")],
+        reply = await rpc_request(
+            conn,
+            broker.prefix,
+            operation,
+            body,
+            key=api_key,
+            reply_topic=reply_topic,
+            wait_seconds=wait_seconds,
         )
-        async with asyncio.timeout(wait_seconds):
-            async for delivery in conn.deliveries():
-                conn.ack(delivery)
-                if delivery.correlation_data != correlation:
-                    continue
-                reply: dict[str, Any] = json.loads(delivery.payload)
-                if reply.get("status") != 200:
-                    raise RpcFailed(operation, reply)
-                result: dict[str, Any] = reply["body"]
-                return result
+        if reply is not None:
+            if reply.get("status") != 200:
+                raise RpcFailed(operation, reply)
+            result: dict[str, Any] = reply["body"]
+            return result
     finally:
         await conn.disconnect()
     raise RpcFailed(operation, {"status": None})  # pragma: no cover - the loop only ends by timeout

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -36,6 +36,7 @@ from provisiond.backends.types import (
     ConnectOptions,
     ConnectRefused,
     Delivery,
+    PublishOptions,
     PublishRefused,
     SessionInfo,
     Subscription,
@@ -155,19 +156,14 @@ class AiomqttConnection:
         granted: list[Any] = list(codes)
         return [int(getattr(code, "value", code)) for code in granted]
 
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-        message_expiry: int | None = None,
-        ack: Delivery | None = None,
-    ) -> None:
+    async def publish(self, topic: str, payload: bytes, **options: Unpack[PublishOptions]) -> None:
+        ack = options.get("ack")
+        qos = options.get("qos", 0)
+        retain = options.get("retain", False)
+        correlation_data = options.get("correlation_data")
+        response_topic = options.get("response_topic")
+        user_properties = options.get("user_properties", ())
+        message_expiry = options.get("message_expiry")
         if qos > (self.session.maximum_qos if self.session.maximum_qos is not None else 2):
             raise PublishRefused(topic, 0x9B)
         if retain and self.session.retain_available is False:

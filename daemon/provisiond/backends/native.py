@@ -8,9 +8,17 @@ write (`publish(..., ack=request)`).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import Unpack
 
 from provisiond import mqtt
-from provisiond.backends.types import ConnectOptions, Delivery, SessionInfo, Subscription
+from provisiond.backends.types import (
+    ConnectOptions,
+    Delivery,
+    PacketOptions,
+    PublishOptions,
+    SessionInfo,
+    Subscription,
+)
 from provisiond.mqtt import codec
 
 
@@ -46,7 +54,6 @@ def session_info(connack: mqtt.ConnAck) -> SessionInfo:
 
 class NativeConnection:
     def __init__(self, options: ConnectOptions, number: int) -> None:
-        will = options.will
         self._client = mqtt.Client(
             options.host,
             options.port,
@@ -56,9 +63,7 @@ class NativeConnection:
             session_expiry=options.session_expiry,
             receive_maximum=options.receive_maximum,
             maximum_packet_size=options.maximum_packet_size,
-            will=None
-            if will is None
-            else mqtt.Will(will.topic, will.payload, qos=will.qos, retain=will.retain),
+            will=options.will,
             username=options.username,
             password=options.password,
             tls=options.tls,
@@ -91,30 +96,12 @@ class NativeConnection:
             [(s.topic, s.qos, s.retain_handling) for s in subscriptions]
         )
 
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-        message_expiry: int | None = None,
-        ack: Delivery | None = None,
-    ) -> None:
+    async def publish(self, topic: str, payload: bytes, **options: Unpack[PublishOptions]) -> None:
+        ack = options.pop("ack", None)
         handle = None if ack is None else ack.handle
+        packet: PacketOptions = options  # `ack` is popped: the rest goes into the packet
         await self._client.publish(
-            topic,
-            payload,
-            qos=qos,
-            retain=retain,
-            correlation_data=correlation_data,
-            response_topic=response_topic,
-            user_properties=user_properties,
-            message_expiry=message_expiry,
-            ack=handle if isinstance(handle, mqtt.Message) else None,
+            topic, payload, ack=handle if isinstance(handle, mqtt.Message) else None, **packet
         )
 
     def ack(self, delivery: Delivery) -> None:

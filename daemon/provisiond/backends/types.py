@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypedDict, Unpack
 
 # MQTT 5 reason codes (section 2.4) by value; the same table serves CONNACK,
 # PUBACK, SUBACK and DISCONNECT, which share one numbering.
@@ -146,6 +146,20 @@ class BrokerUnsuitable(TransportError):
 # --------------------------------------------------------------------- values
 
 
+class PacketOptions(TypedDict, total=False):
+    """A publish's optional parts that go into the PUBLISH packet, passed on unchanged
+    from the transport through a backend to the native client's own keywords (which
+    mypy holds this to); each layer reads only those it acts on, and a missing key
+    means the client's default (QoS 0 below the transport, which defaults to 1)."""
+
+    qos: int
+    retain: bool
+    correlation_data: bytes | None
+    response_topic: str | None
+    user_properties: Sequence[tuple[str, str]]
+    message_expiry: int | None
+
+
 @dataclass(frozen=True, slots=True)
 class Will:
     topic: str
@@ -226,6 +240,13 @@ class Delivery:
     handle: object = None
 
 
+class PublishOptions(PacketOptions, total=False):
+    """A publish's options at the boundary: the packet's, and `ack`, a delivery to
+    acknowledge in the same write (see mqtt.Client.publish)."""
+
+    ack: Delivery | None
+
+
 class Connection(Protocol):
     """One broker connection as a backend provides it."""
 
@@ -246,19 +267,9 @@ class Connection(Protocol):
         """All filters in one SUBSCRIBE; the granted QoS (or reason code) of each."""
         ...
 
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        user_properties: Sequence[tuple[str, str]] = (),
-        message_expiry: int | None = None,
-        ack: Delivery | None = None,
-    ) -> None: ...
+    async def publish(self, topic: str, payload: bytes, **options: Unpack[PublishOptions]) -> None:
+        """`options`: the packet's, and `ack`, a delivery to acknowledge with it."""
+        ...
 
     def ack(self, delivery: Delivery) -> None: ...
 

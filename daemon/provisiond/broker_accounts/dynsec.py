@@ -285,6 +285,12 @@ class MosquittoDynsec:
             self.username(device_id), password, self._host, self._port, self._tls_port
         )
 
+    def _role(self, command: str, device_id: int, *, active: bool) -> dict[str, Any]:
+        """`command` (createRole, modifyRole) for the device's own role, with the ACLs
+        of its state: activation only until it is active, then its whole topic tree."""
+        acls = (active_acls if active else pending_acls)(self._topics, device_id)
+        return {"command": command, "rolename": self.username(device_id), "acls": acls}
+
     async def _run(
         self, operation: str, commands: list[dict[str, Any]], *, tolerate: tuple[str, ...] = ()
     ) -> list[str | None]:
@@ -296,11 +302,7 @@ class MosquittoDynsec:
         password = new_password()
         operation = f"creating the account of device {device_id}"
         commands: list[dict[str, Any]] = [
-            {
-                "command": "createRole",
-                "rolename": name,
-                "acls": pending_acls(self._topics, device_id),
-            },
+            self._role("createRole", device_id, active=False),
             {
                 "command": "createClient",
                 "username": name,
@@ -330,11 +332,7 @@ class MosquittoDynsec:
         # Role first: the disconnect that setClientPassword causes must find
         # the device already limited to activation when it comes back.
         commands: list[dict[str, Any]] = [
-            {
-                "command": "modifyRole",
-                "rolename": name,
-                "acls": pending_acls(self._topics, device_id),
-            },
+            self._role("modifyRole", device_id, active=False),
             {"command": "setClientPassword", "username": name, "password": password},
         ]
         errors = await self._run(operation, commands, tolerate=NOT_FOUND)
@@ -354,11 +352,7 @@ class MosquittoDynsec:
 
     async def activate(self, device_id: int) -> None:
         name = self.username(device_id)
-        command = {
-            "command": "modifyRole",
-            "rolename": name,
-            "acls": active_acls(self._topics, device_id),
-        }
+        command = self._role("modifyRole", device_id, active=True)
         errors = await self._run(
             f"activating the account of device {device_id}", [command], tolerate=NOT_FOUND
         )
@@ -401,9 +395,8 @@ class MosquittoDynsec:
         commands += [{"command": "deleteRole", "rolename": name} for name in plan.delete_roles]
         for repair in plan.repairs:
             name = self.username(repair.device_id)
-            acls = (active_acls if repair.active else pending_acls)(self._topics, repair.device_id)
             if repair.create_role:
-                commands.append({"command": "createRole", "rolename": name, "acls": acls})
+                commands.append(self._role("createRole", repair.device_id, active=repair.active))
             if repair.create_client:
                 # No password: nobody could know one. The device connects
                 # again once a re-provision gives it credentials.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -20,39 +19,19 @@ from typing import Any
 
 from provisiond.broker_accounts import BrokerAccountsUnavailable, make_backend
 from provisiond.broker_accounts.sync import sync
-from provisiond.cli.common import open_db
-from provisiond.cli.ops import OperatorError, ask_daemon
+from provisiond.cli.common import EXIT_OK, fail, open_db
+from provisiond.cli.ops import OperatorError, ask_with_key
 from provisiond.config import ENV_KEY, config_path, load
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
 DEFAULT_TIMEOUT = 10.0
 
 
-def _fail(message: str) -> int:
-    print(f"provisiond: {message}", file=sys.stderr)
-    return EXIT_FAILURE
-
-
 def cmd_devices_decommission(args: argparse.Namespace) -> int:
-    key = args.key or os.environ.get(ENV_KEY, "")
-    if not key:
-        return _fail(
-            f"decommission needs an API key with scope provision:write: --key or ${ENV_KEY}"
-        )
-    config = load(config_path(args.config))
+    body = {"deviceId": args.id}
     try:
-        reply = asyncio.run(
-            ask_daemon(config, key, "device/decommission", {"deviceId": args.id}, args.timeout)
-        )
+        ask_with_key(args, "decommission", "provision:write", "device/decommission", body)
     except OperatorError as exc:
-        return _fail(str(exc))
-    if reply.get("status") != 200:
-        error = reply.get("error") or {}
-        return _fail(
-            f"the daemon answered {reply.get('status')} {error.get('code', '')}: "
-            f"{error.get('message', '')}"
-        )
+        return fail(str(exc))
     print(f"device {args.id} decommissioned")
     return EXIT_OK
 
@@ -62,7 +41,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     config = load(config_path(args.config))
     if config.broker_accounts.backend == "none":
-        return _fail('broker_accounts.backend is "none": accounts are managed elsewhere')
+        return fail('broker_accounts.backend is "none": accounts are managed elsewhere')
     db = open_db(config)
 
     async def store_call(fn: Any) -> Any:
@@ -86,7 +65,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     try:
         summary = asyncio.run(run())
     except BrokerAccountsUnavailable as exc:
-        return _fail(exc.message)
+        return fail(exc.message)
     finally:
         db.conn.close()
     print(json.dumps(summary, indent=2, sort_keys=True))
@@ -104,15 +83,15 @@ def cmd_init_dynsec(args: argparse.Namespace) -> int:
     for item in args.password or ():
         username, sep, path = item.partition("=")
         if not sep or not username or not path:
-            return _fail(f"--password wants USERNAME=FILE, not {item!r}")
+            return fail(f"--password wants USERNAME=FILE, not {item!r}")
         try:
             passwords[username] = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
-            return _fail(f"cannot read the password file of {username}: {exc.strerror}")
+            return fail(f"cannot read the password file of {username}: {exc.strerror}")
     try:
         names = init_dynsec(Path(args.template), Path(args.out), passwords)
     except (BootstrapError, OSError, ValueError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(f"{args.out} written; passwords set for: {', '.join(names) or '(none)'}")
     return EXIT_OK
 

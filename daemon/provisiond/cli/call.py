@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from provisiond.cli.common import number_argument
 from provisiond.config import (
     ENV_KEY,
     Config,
     config_path,
     load,
     read_secret,
-    resolve_path,
-    secret_path,
 )
 from provisiond.errors import ConfigError
 
@@ -70,41 +69,13 @@ def _read_body(text: str | None) -> dict[str, Any]:
 
 
 def _tls(config: Config) -> ssl.SSLContext | bool:
-    tls = config.mqtt.tls
-    if not tls.enabled:
-        return False
-    ctx = ssl.create_default_context(
-        cafile=str(resolve_path(config, tls.ca_file)) if tls.ca_file else None
-    )
-    if tls.cert_file:
-        ctx.load_cert_chain(
-            str(resolve_path(config, tls.cert_file)),
-            str(secret_path(config, tls.key_file)) if tls.key_file else None,
-        )
-    if tls.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    from provisiond.transport import tls_context
+
+    return tls_context(config) if config.mqtt.tls.enabled else False
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text}")
-    return value
-
-
-def _retries(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be 0..100: {value}")
-    return value
+_positive_float = number_argument(float, "positive", lambda value: value > 0)
+_retries = number_argument(int, "0..100", lambda value: 0 <= value <= 100)
 
 
 def cmd_call(args: argparse.Namespace) -> int:

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import sqlite_utils
 
 from provisiond.config import Config, config_path, load, resolve_path
 from provisiond.schema import all_migrations
 from provisiond.store import connect, migrate
+
+N = TypeVar("N", int, float)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+def fail(message: str) -> int:
+    """Print what the operator must fix as one line; the failure exit status."""
+    print(f"provisiond: {message}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def load_config(args: argparse.Namespace) -> Config:
@@ -37,3 +50,22 @@ def command_group(
         name, parents=[common], help=summary
     ).add_subparsers(dest="action", required=True, metavar="ACTION")
     return group
+
+
+def number_argument(kind: type[N], rule: str, accept: Callable[[N], bool]) -> Callable[[str], N]:
+    """An argparse `type`: the `kind` number in the text, refused unless `accept`-ed
+    (the message says it `must be {rule}`)."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {noun}: {text!r}") from None
+        if not accept(value):
+            # A float is echoed as typed ("0", not "0.0"), an integer as read.
+            shown = value if kind is int else text
+            raise argparse.ArgumentTypeError(f"must be {rule}: {shown}")
+        return value
+
+    return parse

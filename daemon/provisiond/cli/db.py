@@ -15,8 +15,8 @@ from typing import Any
 
 import sqlite_utils
 
-from provisiond.cli.common import load_config
-from provisiond.cli.ops import EXIT_FAILURE, EXIT_OK, OperatorError, _fail, _subcommands
+from provisiond.cli.common import EXIT_FAILURE, EXIT_OK, fail, load_config
+from provisiond.cli.ops import OperatorError, _subcommands
 from provisiond.schema import all_migrations
 from provisiond.store import (
     copy_finished,
@@ -78,7 +78,7 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
             src.conn.close()
             dst.conn.close()
     except OperatorError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     total = sum(counts.values())
     detail = ", ".join(f"{t} {n}" for t, n in counts.items())
     print(f"copied {total} rows ({detail}); counts and a sample of rows match")

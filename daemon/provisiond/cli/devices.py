@@ -14,7 +14,7 @@ from typing import Any
 import sqlite_utils
 
 from provisiond import tokens
-from provisiond.cli.common import command_group, load_config, open_db, print_json
+from provisiond.cli.common import command_group, load_config, number_argument, open_db, print_json
 from provisiond.devices import device_view, find_device, list_devices
 from provisiond.errors import NotFound
 from provisiond.store import transaction
@@ -61,14 +61,7 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
-    return value
+_positive_int = number_argument(int, "positive", lambda value: value > 0)
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:

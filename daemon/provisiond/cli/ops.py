@@ -14,18 +14,15 @@ import json
 import math
 import os
 import sqlite3
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from provisiond.cli.common import command_group, load_config
+from provisiond.cli.common import EXIT_OK, command_group, fail, load_config
 from provisiond.clock import iso_utc
 from provisiond.config import ENV_KEY, Config, resolve_path
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
 DEFAULT_STATUS_TIMEOUT = 5.0
 
 
@@ -33,30 +30,14 @@ class OperatorError(Exception):
     """Something the operator must fix; printed as one line, exit 1."""
 
 
-def _fail(message: str) -> int:
-    print(f"provisiond: {message}", file=sys.stderr)
-    return EXIT_FAILURE
-
-
 # --- status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    key = args.key or os.environ.get(ENV_KEY, "")
-    if not key:
-        return _fail(f"status needs an API key with scope daemon:read: --key or ${ENV_KEY}")
-    config = load_config(args)
     try:
-        reply = asyncio.run(ask_stats(config, key, args.timeout))
+        body = ask_with_key(args, "status", "daemon:read", "daemon/stats", {})
     except OperatorError as exc:
-        return _fail(str(exc))
-    if reply.get("status") != 200:
-        error = reply.get("error") or {}
-        return _fail(
-            f"the daemon answered {reply.get('status')} {error.get('code', '')}: "
-            f"{error.get('message', '')}"
-        )
-    body = reply.get("body") or {}
+        return fail(str(exc))
     if args.json:
         print(json.dumps(body, indent=2, sort_keys=True))
     else:
@@ -64,9 +45,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def ask_stats(config: Config, key: str, wait_seconds: float) -> dict[str, Any]:
-    """One `daemon/stats` request; the reply envelope."""
-    return await ask_daemon(config, key, "daemon/stats", {}, wait_seconds)
+def ask_with_key(
+    args: argparse.Namespace, what: str, scope: str, operation: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """The body of the daemon's 200 reply to one request made with the operator's
+    API key (`--key` or $PROVISIOND_KEY); `OperatorError` for anything else."""
+    key = args.key or os.environ.get(ENV_KEY, "")
+    if not key:
+        raise OperatorError(f"{what} needs an API key with scope {scope}: --key or ${ENV_KEY}")
+    config = load_config(args)
+    reply = asyncio.run(ask_daemon(config, key, operation, body, args.timeout))
+    if reply.get("status") != 200:
+        error = reply.get("error") or {}
+        raise OperatorError(
+            f"the daemon answered {reply.get('status')} {error.get('code', '')}: "
+            f"{error.get('message', '')}"
+        )
+    answer: dict[str, Any] = reply.get("body") or {}
+    return answer
 
 
 async def ask_daemon(
@@ -78,14 +74,18 @@ async def ask_daemon(
     credentials and TLS settings as the daemon, read the same way, and no
     aiomqtt or paho needed.
     """
-    from provisiond.transport import Subscription, TransportError, connect_options, load_backend
+    from provisiond.transport import (
+        TransportError,
+        connect_options,
+        load_backend,
+        rpc_request,
+    )
 
     timeout = wait_seconds
     mqtt = config.mqtt
     prefix = mqtt.topic_prefix
     tag = uuid.uuid4().hex[:12]
     reply_topic = f"{prefix}/replies/cli-{tag}"
-    correlation = uuid.uuid4().bytes
     where = f"{mqtt.host}:{mqtt.port}"
     options = await connect_options(
         config,
@@ -100,24 +100,20 @@ async def ask_daemon(
     except TransportError as exc:
         raise OperatorError(f"cannot talk to the broker at {where}: {exc}") from None
     try:
-        await conn.subscribe([Subscription(reply_topic, 1)])
-        await conn.publish(
-            f"{prefix}/rpc/{operation}",
-            json.dumps(body).encode(),
-            qos=1,
-            response_topic=reply_topic,
-            correlation_data=correlation,
-            user_properties=[("authorization", f"Bearer {key}")],
+        reply = await rpc_request(
+            conn,
+            prefix,
+            operation,
+            body,
+            key=key,
+            reply_topic=reply_topic,
+            wait_seconds=timeout,
             # If the daemon is down, its persistent session would keep the request;
             # let the broker drop it once nobody waits for the answer.
             message_expiry=max(1, math.ceil(timeout)),
         )
-        async with asyncio.timeout(timeout):
-            async for delivery in conn.deliveries():
-                conn.ack(delivery)
-                if delivery.correlation_data == correlation:
-                    result: dict[str, Any] = json.loads(delivery.payload)
-                    return result
+        if reply is not None:
+            return reply
     except TimeoutError:
         raise OperatorError(
             f"no reply from the daemon within {timeout:g}s on {prefix}/rpc/{operation} "
@@ -185,12 +181,12 @@ def _duration(seconds: float) -> str:
 def cmd_db_backup(args: argparse.Namespace) -> int:
     config = load_config(args)
     if config.store.url.startswith(("postgresql://", "postgres://")):
-        return _fail("db backup copies a SQLite file; back PostgreSQL up with pg_dump")
+        return fail("db backup copies a SQLite file; back PostgreSQL up with pg_dump")
     source = resolve_path(config, config.store.path)
     try:
         pages = backup_database(source, Path(args.path), overwrite=args.force)
     except OperatorError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(f"backed up {source} to {args.path} ({pages} pages, integrity ok)")
     return EXIT_OK
 
@@ -248,7 +244,7 @@ def cmd_keys_rotate_signing(args: argparse.Namespace) -> int:
     try:
         new_kid, retired = rotate_signing(config, time.time())
     except OperatorError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(f"new signing key {new_kid} is active on disk")
     for kid, until in retired:
         print(f"key {kid} now only verifies, until {iso_utc(until)}")
@@ -309,8 +305,6 @@ def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[
         if isinstance(action, argparse._SubParsersAction):
             return action
     raise LookupError(f"{parser.prog} has no subcommands")
-
-
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:

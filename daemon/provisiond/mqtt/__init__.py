@@ -9,9 +9,10 @@ from provisiond.backends.types import (
     ConnectionLost,
     ConnectRefused,
     PublishRefused,
+    Will,
 )
 from provisiond.mqtt.client import Client, MqttError
-from provisiond.mqtt.codec import ConnAck, Message, ProtocolError, Will
+from provisiond.mqtt.codec import ConnAck, Message, ProtocolError
 
 __all__ = [
     "BrokerNotMqtt5",

@@ -36,11 +36,12 @@ from provisiond.backends.types import (
     ConnectRefused,
     PublishRefused,
     TransportError,
+    Will,
     reason_name,
 )
 from provisiond.logs import get_logger
 from provisiond.mqtt import codec
-from provisiond.mqtt.codec import ConnAck, Message, ProtocolError, Will
+from provisiond.mqtt.codec import ConnAck, Message, ProtocolError
 
 log = get_logger("provisiond.mqtt")
 

@@ -17,6 +17,9 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+# The boundary's own will, so a backend hands it down unchanged.
+from provisiond.backends.types import Will
+
 CONNECT = 0x10
 CONNACK = 0x20
 PUBLISH = 0x30
@@ -88,14 +91,6 @@ class Message:
     # Set once PUBACK is written: a packet id is reused after its ack, so a
     # second ack could acknowledge a different, unhandled message.
     acked: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Will:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
 
 
 @dataclass(slots=True)
