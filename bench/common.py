@@ -128,10 +128,16 @@ def seeded_broker(users: int = 1) -> Iterator[tuple[Path, int, str]]:
 
 
 @contextlib.contextmanager
-def daemon_process(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def daemon_process(
+    config: Path, log: Path, *, code: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`provisiond run` on `config`; from another checkout's tree with `code`."""
+    env = ENV
+    if code is not None:
+        env = {**os.environ, "PYTHONPATH": f"{code / 'daemon'}:{code / 'plugins'}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "provisiond", "run", "-c", str(config)],
-        env=ENV, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=code,
     )  # fmt: skip
     try:
         yield proc

@@ -18,18 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    ENV,
-    daemon_process,
-    mosquitto,
-    ratio,
-    report,
-    rpc_load,
-    seed,
-    wait_rpc_ready,
-    workdir,
-    write_config,
-)  # fmt: skip
+from bench import common
 
 FLOOD_CONCURRENCY = 256
 
@@ -48,23 +37,23 @@ def flood_process(port: int, key: str) -> subprocess.Popen[bytes]:
     """The flood runs in its own process, so the polite client's latency is the daemon's."""
     return subprocess.Popen(
         [sys.executable, "-m", "bench.fairness", "--flood", str(port), key],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        env=common.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
 
 
 async def flood(port: int, key: str) -> None:
-    await rpc_load(
+    await common.rpc_load(
         port, "bench/rpc/provision/token", {"orgId": 1, "ownerId": 1}, key=key,
         n=10_000_000, concurrency=FLOOD_CONCURRENCY, warmup=0, timeout=3600,
     )  # fmt: skip
 
 
 async def polite_during_flood(port: int, polite: str, flooder: str, n: int) -> dict[str, Any]:
-    idle = await rpc_load(port, "bench/rpc/keys/whoami", {}, key=polite, n=n, concurrency=1)
+    idle = await common.rpc_load(port, "bench/rpc/keys/whoami", {}, key=polite, n=n, concurrency=1)
     proc = flood_process(port, flooder)
     try:
         await asyncio.sleep(2.0)  # the flood's pipeline is full
-        loaded = await rpc_load(
+        loaded = await common.rpc_load(
             port, "bench/rpc/keys/whoami", {}, key=polite, n=n, concurrency=1, warmup=20
         )
     finally:
@@ -73,8 +62,8 @@ async def polite_during_flood(port: int, polite: str, flooder: str, n: int) -> d
     return {
         "idle": idle.summary(),
         "during_flood": loaded.summary(),
-        "p50_vs_idle": ratio(loaded.pct(0.5), idle.pct(0.5)),
-        "p99_vs_idle": ratio(loaded.pct(0.99), idle.pct(0.99)),
+        "p50_vs_idle": common.ratio(loaded.pct(0.5), idle.pct(0.5)),
+        "p99_vs_idle": common.ratio(loaded.pct(0.99), idle.pct(0.99)),
     }
 
 
@@ -86,14 +75,14 @@ async def run(quick: bool = False) -> dict[str, Any]:
         ("share_8", 8),
         ("one_key_may_take_all_256", 256),
     ):
-        with workdir() as d, mosquitto(d) as port:
-            polite = seed(d, users=1)
+        with common.workdir() as d, common.mosquitto(d) as port:
+            polite = common.seed(d, users=1)
             flooder = second_key(d)
             extra = f"[limits]\nmax_inflight_per_key = {share}\n"
-            with daemon_process(write_config(d, port, extra=extra), d / "daemon.log"):
-                await wait_rpc_ready(port, "bench/rpc/keys/whoami", polite)
+            with common.daemon_process(common.write_config(d, port, extra=extra), d / "daemon.log"):
+                await common.wait_rpc_ready(port, "bench/rpc/keys/whoami", polite)
                 results[label] = await polite_during_flood(port, polite, flooder, n)
-    return report("fairness", results)
+    return common.report("fairness", results)
 
 
 def main(quick: bool = False) -> dict[str, Any]:

@@ -16,9 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 
 from bench.common import (
     ROOT,
+    daemon_process,
     mosquitto,
     ratio,
     report,
@@ -53,21 +52,8 @@ def tree(rev: str) -> Iterator[Path]:
         yield Path(d)
 
 
-@contextlib.contextmanager
-def daemon(code: Path, config: Path, log: Path) -> Iterator[None]:
-    env = {**os.environ, "PYTHONPATH": f"{code / 'daemon'}:{code / 'plugins'}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "provisiond", "run", "-c", str(config)],
-        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=code,
-    )  # fmt: skip
-    try:
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def daemon(code: Path, config: Path, log: Path) -> contextlib.AbstractContextManager[object]:
+    return daemon_process(config, log, code=code)
 
 
 async def run(base: str, quick: bool = False, rounds: int = 2) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import hashlib
 import signal
 import sqlite3
 import subprocess
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 import sqlite_utils
+from store_support import held
 from test_faults import (
     PatientRequester,
     _daemon,
@@ -60,19 +60,6 @@ async def open_store(path: Path, **kwargs: Any) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.close()
-
-
-@contextlib.asynccontextmanager
-async def held(store: Store) -> AsyncIterator[None]:
-    """Keep the store thread busy until the block ends, so writes queue up behind it."""
-    release = threading.Event()
-    busy = asyncio.ensure_future(store.call(lambda _db: release.wait(10)))
-    await asyncio.sleep(0.05)
-    try:
-        yield
-    finally:
-        release.set()
-        await busy
 
 
 def insert(name: str) -> Callable[[sqlite_utils.Database], str]:

@@ -8,7 +8,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +17,7 @@ from typing import Any
 import pg_cluster
 import pytest
 import sqlite_utils
+from store_support import held
 
 from provisiond import auth, devices, replay, tokens
 from provisiond.errors import NotFound
@@ -130,18 +130,6 @@ async def open_store(target: str) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.close()
-
-
-@contextlib.asynccontextmanager
-async def held(store: Store) -> AsyncIterator[None]:
-    release = threading.Event()
-    busy = asyncio.ensure_future(store.call(lambda _db: release.wait(10)))
-    await asyncio.sleep(0.05)
-    try:
-        yield
-    finally:
-        release.set()
-        await busy
 
 
 def provision(fail: bool = False) -> Callable[[sqlite_utils.Database], int]:
