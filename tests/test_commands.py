@@ -1,4 +1,4 @@
-"""Reconfigure commands: stored first, delivered when the device is online (DESIGN §5, §6)."""
+"""Reconfigure commands: stored first, delivered when the device is online (docs/protocol.md §4, §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The seed's permission rules (DESIGN §5), one case per rule, over a real mosquitto.
+"""The seed's permission rules (docs/protocol.md §4), one case per rule, over a real mosquitto.
 
 World: organisation 1 with users 10 (the caller of user-scoped keys) and 11;
 organisation 2 with user 20. Devices: "own" (org 1, owner 10), "other"

@@ -1,4 +1,4 @@
-"""Presence from heartbeats and last wills, over a real mosquitto (DESIGN §4, §6)."""
+"""Presence from heartbeats and last wills, over a real mosquitto (docs/protocol.md §1, §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Provisioning lifecycle over a real mosquitto: tokens, activation, re-provisioning (DESIGN §6)."""
+"""Provisioning lifecycle over a real mosquitto: tokens, activation, re-provisioning (docs/protocol.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The RPC path end to end over a real mosquitto (DESIGN §2)."""
+"""The RPC path end to end over a real mosquitto (docs/protocol.md §2)."""
 
 from __future__ import annotations
 

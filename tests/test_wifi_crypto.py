@@ -1,4 +1,4 @@
-"""WiFi grant crypto end to end, with real keys and no mocks (DESIGN §3)."""
+"""WiFi grant crypto end to end, with real keys and no mocks (docs/wifi-crypto.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WiFi grants through the running daemon over a real mosquitto (DESIGN §2-§4)."""
+"""WiFi grants through the running daemon over a real mosquitto (docs/protocol.md §1, §2, §7)."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ PREFIX_PARAM: Final = {
 }
 DEVICE_PARAM: Final = {"description": "The device's integer `deviceId`."}
 
-# Payloads of the device-facing topics (DESIGN §4). The daemon parses these
+# Payloads of the device-facing topics (docs/protocol.md §1). The daemon parses these
 # by hand, not with a pydantic model, so they are written out here.
 _HEARTBEAT: Final = {
     "description": "Optional JSON; an empty payload is a heartbeat too. Unknown keys are ignored.",

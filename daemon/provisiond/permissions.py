@@ -1,4 +1,4 @@
-"""Who may do what (DESIGN §5, the provisioning seed's rules).
+"""Who may do what (docs/protocol.md §4, the provisioning seed's rules).
 
 Organisation-level keys (no user) are governed by scopes alone; user-scoped
 keys also need the seed's permissions. A device of another organisation is

@@ -1,4 +1,4 @@
-"""Device presence from heartbeats, last wills and plugin-reported channels (DESIGN §6).
+"""Device presence from heartbeats, last wills and plugin-reported channels (docs/protocol.md §6).
 
 Built for fleets of 100k devices on one gateway, which shapes everything here:
 

@@ -1,4 +1,4 @@
-"""RPC over MQTT: parse a request, authenticate, dispatch, reply (DESIGN §2).
+"""RPC over MQTT: parse a request, authenticate, dispatch, reply (docs/protocol.md §2).
 
 This module is the one boundary where exceptions become reply codes. Each
 request runs as its own task under a concurrency bound; a handler that fails

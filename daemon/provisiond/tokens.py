@@ -1,4 +1,4 @@
-"""Provision tokens (DESIGN §6): issued, revoked, consumed; stored only as SHA-256.
+"""Provision tokens (docs/protocol.md §6): issued, revoked, consumed; stored only as SHA-256.
 
 A token is 32 characters of `[A-Za-z0-9]` from `secrets` (~190 bits), which
 is why an unsalted SHA-256 is enough: nobody can enumerate that space, and a

@@ -278,7 +278,7 @@ class SimDevice:
         await client.publish(self.topic("commands", "ack"), json.dumps(ack).encode(), qos=1)
 
     async def report_wifi(self, report: dict[str, Any]) -> None:
-        """`P/devices/N/wifi/status` after an attempt (DESIGN §4)."""
+        """`P/devices/N/wifi/status` after an attempt (docs/protocol.md §1)."""
         self.wifi_reports.append(report)
         doc = {
             "grant_id": report["grant_id"],

@@ -1,4 +1,4 @@
-"""Reference implementation of both ends of a WiFi credential upload (DESIGN §3).
+"""Reference implementation of both ends of a WiFi credential upload (docs/wifi-crypto.md).
 
 This module is written to be read by firmware authors. `ReferenceDevice` is
 what a device must do with a grant and a credential message; the other end
@@ -220,7 +220,7 @@ class ReferenceDevice:
         # `nonce` is injectable only so test vectors can pin it; real devices
         # draw a fresh one at boot.
         self._nonce = nonce if nonce is not None else os.urandom(DEVICE_NONCE_LEN)
-        # The plaintext result for P/devices/N/wifi/status (DESIGN §4).
+        # The plaintext result for P/devices/N/wifi/status (docs/protocol.md §1).
         self.last_report: dict[str, str | None] | None = None
 
     # ---- identity

@@ -1,4 +1,4 @@
-"""`P/rpc/provision/reconfigure` and the device-side `commands/ack` topic (DESIGN §2, §5, §6)."""
+"""`P/rpc/provision/reconfigure` and the device-side `commands/ack` topic (docs/protocol.md §2, §4, §6)."""
 
 from __future__ import annotations
 

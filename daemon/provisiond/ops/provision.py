@@ -1,4 +1,4 @@
-"""Provisioning (the provisioning seed, DESIGN §2, §5, §6).
+"""Provisioning (the provisioning seed, docs/protocol.md §2, §4, §6).
 
 - `provision/token`: create a pending device and its first provision token.
 - `provision/reprovision/token`: a new token for an existing device; the

@@ -1,4 +1,4 @@
-"""WiFi configuration grants over RPC, and devices' reports of using them (DESIGN §2-§4).
+"""WiFi configuration grants over RPC, and devices' reports of using them (docs/protocol.md §1, §2, §7).
 
 - `P/rpc/wifi-config/grant` (scope devices:write): sign a grant.
 - `P/rpc/wifi-config/keys` (scope devices:read): the public verification keys.

@@ -1,4 +1,4 @@
-"""WiFi configuration grants and the session-key crypto behind them (DESIGN §3).
+"""WiFi configuration grants and the session-key crypto behind them (docs/wifi-crypto.md).
 
 `crypto` holds the pure primitives shared by every party, `jws` reads a grant
 without trusting it, `signing` is the gateway side (key ring, grant issue),

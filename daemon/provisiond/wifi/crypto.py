@@ -1,4 +1,4 @@
-"""Pure cryptographic primitives of the WiFi grant protocol (DESIGN §3, v1).
+"""Pure cryptographic primitives of the WiFi grant protocol (docs/wifi-crypto.md, v1).
 
 Everything in this module is deterministic given its inputs (random nonces
 can be injected), synchronous and free of I/O, so that the gateway, the BLE
@@ -33,7 +33,7 @@ from provisiond.payloads import REASON_CODE
 # Domain-separation strings. They carry the protocol version, so a future v2
 # can never be confused with v1 even if the message layout stays the same.
 SESSION_INFO: Final = b"provisiond wifi-session v1"
-# Grant claims both sides agree on (DESIGN §3).
+# Grant claims both sides agree on (docs/wifi-crypto.md).
 GRANT_AUDIENCE: Final = "wifi-config"
 CAP_WIFI_UPLOAD: Final = 0x02
 # The longest life a grant may claim; devices without a clock rely on it.

@@ -1,4 +1,4 @@
-"""Reading a grant's compact JWS without trusting it (DESIGN §3).
+"""Reading a grant's compact JWS without trusting it (docs/wifi-crypto.md).
 
 Shared by the uploader, which needs `jti` and `epk` from a grant it did not
 sign, and by device implementations, which must then verify the signature

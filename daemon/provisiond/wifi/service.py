@@ -197,7 +197,7 @@ class GrantService:
         `principal` is the API key of an RPC caller; in-process callers (the
         BLE bridge) pass None and are trusted for `org_id`. A user-scoped key
         needs OWN_DEVICES_VIEW on its own devices or ORG_DEVICES_VIEW — the
-        same device rules as DESIGN §5 gives reconfigure, applied here too.
+        same device rules as docs/protocol.md §4 gives reconfigure, applied here too.
 
         The device comes from the app's device cache, read from the store
         only on a miss. The signing runs on the event loop: it is a fixed,

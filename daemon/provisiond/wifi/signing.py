@@ -1,4 +1,4 @@
-"""Gateway side of WiFi grants: the signing key ring and grant issue (DESIGN §3).
+"""Gateway side of WiFi grants: the signing key ring and grant issue (docs/wifi-crypto.md).
 
 All functions are synchronous and CPU-bound (key generation, signing,
 X25519); the daemon calls them from a worker thread. `KeyRing` guards its own

@@ -1,4 +1,4 @@
-"""The uploader's side of a WiFi credential upload (DESIGN §3).
+"""The uploader's side of a WiFi credential upload (docs/wifi-crypto.md).
 
 What a phone app, or the gateway's BLE bridge, does with a grant: derive the
 session keys, encrypt the credentials once, read the device's sealed status
