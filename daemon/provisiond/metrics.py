@@ -3,10 +3,9 @@
 Most metrics are read at scrape time from state the daemon keeps anyway
 (`app.counters`, `router.inflight`, the transport, the presence and command
 services), by a custom collector: nothing on the hot path updates them. Two
-things are only known as they happen, so the core calls in here for them,
-one line each: a finished request (`observe_request`, from the router) and a
-store call (`timed`, from the store). Both cost one dictionary lookup when
-metrics are off.
+things are only known as they happen: a finished request and a store call.
+The router and the store each take one observer callback for them, which
+this feature sets; with metrics off nothing is called.
 
 The endpoint is served on the daemon's event loop by a small asyncio HTTP
 server, so the collector reads state on the thread that owns it. Label
@@ -20,15 +19,15 @@ import asyncio
 import contextlib
 import os
 import socket
-import time
-import weakref
-from collections.abc import Awaitable, Iterable
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from collections.abc import Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
 
+from provisiond import commands
 from provisiond.config import Config, parse_listen
 from provisiond.errors import ConfigError, StoreUnavailable
 from provisiond.logs import get_logger
-from provisiond.runtime.services import ServiceKey
+from provisiond.presence import PRESENCE
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -36,11 +35,9 @@ if TYPE_CHECKING:
 
     from provisiond.rpc import Router
     from provisiond.runtime.app import App
-    from provisiond.store import Store
 
 log = get_logger("provisiond.metrics")
 
-T = TypeVar("T")
 
 # The FileDescriptorName= of systemd/provisiond-metrics.socket.
 SOCKET_NAME: Final = "metrics"
@@ -55,33 +52,7 @@ HTTP_TIMEOUT: Final = 5.0
 MAX_CONNECTIONS: Final = 8
 MAX_REQUEST_BYTES: Final = 8192
 
-# Each open store -> the metrics of the daemon that owns it (several daemons
-# may share a process in tests; a store nobody registered is not measured).
-_STORES: weakref.WeakKeyDictionary[Store, Metrics] = weakref.WeakKeyDictionary()
 
-
-# --- the two hooks the core calls
-
-
-def observe_request(
-    router: Router, op: str, status: int | str, started: float, fields: dict[str, Any]
-) -> None:
-    """A request finished (the router's one hook line); `started` is its perf_counter()."""
-    metrics = router.app.services.find(METRICS)
-    if metrics is not None:
-        metrics.request(router, op, status, time.perf_counter() - started, fields)
-
-
-async def timed(store: Store, pending: Awaitable[T]) -> T:
-    """Await a store call, recording how long it took (the store's one hook line)."""
-    metrics = _STORES.get(store)
-    if metrics is None:
-        return await pending
-    started = time.perf_counter()
-    try:
-        return await pending
-    finally:
-        metrics.store_seconds.observe(time.perf_counter() - started)
 
 
 # --- the metrics of one daemon
@@ -167,10 +138,6 @@ class Metrics:
             "inflight": self.router.inflight,
             "started_at": app.started_at,
         }
-        # Here, not at the top: the store imports this module, and these the store.
-        from provisiond import commands
-        from provisiond.presence import PRESENCE
-
         presence = app.services.find(PRESENCE)
         if presence is not None:
             snapshot["presence"] = await presence.stats()
@@ -182,10 +149,6 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
-
-
-# Found by the router's request hook; provided only while metrics are served.
-METRICS: ServiceKey[Metrics] = ServiceKey("metrics")
 
 
 class _StateCollector:
@@ -353,8 +316,9 @@ def setup(app: App, router: Router) -> None:
     if not listen and inherited is None:
         return
     metrics = Metrics(app, router)
-    app.services.provide(METRICS, metrics)
-    _STORES[app.store] = metrics
+    # The two things only known as they happen are reported to it as they do.
+    router.on_finished = partial(metrics.request, router)
+    app.store.on_call = metrics.store_seconds.observe
     server = MetricsServer(metrics, listen, inherited)
     app.on_start.append(server.start)
     app.on_stop.append(server.stop)

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import sqlite_utils
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from provisiond import auth, metrics, replay
+from provisiond import auth, replay
 from provisiond.config import Config
 from provisiond.errors import (
     BadRequest,
@@ -58,6 +58,9 @@ class EmptyBody(Body):
 
 
 Handler = Callable[["Request", Any], Awaitable[dict[str, Any]]]
+
+
+RequestObserver = Callable[[str, "int | str", float, dict[str, Any]], None]
 
 
 class Reply(Protocol):
@@ -159,6 +162,8 @@ class Router:
         self.replays = replay.Replays(app.store, app.clock)
         self.keys = app.caches.keys
         self.rpc_prefix = app.topic("rpc") + "/"
+        # Told of every finished request (operation, status, seconds, log fields).
+        self.on_finished: RequestObserver | None = None
         app.on_reload.append(self._reload)
 
     async def _reload(self, config: Config) -> None:
@@ -251,7 +256,8 @@ class Router:
             self.app.counters["rpc.requests"] += 1
             fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
             log.info("rpc", status=status, **fields)
-            metrics.observe_request(self, name, status, started, fields)
+            if self.on_finished is not None:
+                self.on_finished(name, status, time.perf_counter() - started, fields)
 
     async def _in_turn(
         self, delivery: Delivery, name: str, fields: dict[str, Any]

@@ -25,7 +25,6 @@ from typing import Any, TypeVar, cast
 
 import sqlite_utils
 
-from provisiond import metrics
 from provisiond.config import Config, read_secret, resolve_path
 from provisiond.errors import StoreUnavailable
 
@@ -251,6 +250,8 @@ class Store:
         self._lock = threading.Lock()
         self._scheduled = False
         self.stats = StoreStats()
+        # Told how long each call took (seconds), e.g. by the metrics feature.
+        self.on_call: Callable[[float], None] | None = None
 
     async def open(self, migrations: Sequence[Migration]) -> list[str]:
         def _open() -> list[str]:
@@ -423,13 +424,17 @@ class Store:
 
     async def _run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
-            return await metrics.timed(self, loop.run_in_executor(self._executor, fn))
+            return await loop.run_in_executor(self._executor, fn)
         except BaseException as exc:
             error = _translate(exc)
             if error is exc:
                 raise
             raise error from exc
+        finally:
+            if self.on_call is not None:
+                self.on_call(time.perf_counter() - started)
 
 
 def _translate(exc: BaseException) -> BaseException:
