@@ -10,6 +10,10 @@ Delivery is at least once (publish, then record `sent`): a crash between the
 two re-sends the command after the restart, and devices de-duplicate by `id`.
 One delivery runs per device at a time, which is what keeps a command from
 being published twice by the daemon's own paths (RPC, presence, sweeper).
+When several daemons share the fleet (`[mqtt] shared_group`), only the
+leader (`provisiond.cluster`) delivers and sweeps: a command queued through
+another daemon is found by the leader's next sweep (`SHARED_SWEEP_SECONDS`),
+so no two daemons publish it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import sqlite_utils
 
 from provisiond.clock import iso_utc
+from provisiond.cluster import Cluster
 from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
 from provisiond.payloads import json_object
@@ -37,6 +42,7 @@ log = get_logger("provisiond.commands")
 RECONFIGURE = "reconfigure"
 MAX_ACK_BYTES = 4096
 SWEEP_SECONDS = 1.0
+SHARED_SWEEP_SECONDS = 0.5
 COMMAND_ID = re.compile(r"cmd_[0-9a-f]{16}")
 
 MIGRATIONS: list[Migration] = [
@@ -243,9 +249,10 @@ def queued_devices(db: sqlite_utils.Database) -> set[int]:
 class Commands:
     """Delivers queued commands when their device's MQTT channel is online."""
 
-    def __init__(self, app: App, presence: Presence) -> None:
+    def __init__(self, app: App, presence: Presence, cluster: Cluster) -> None:
         self._app = app
         self._presence = presence
+        self._cluster = cluster
         # Devices that may have queued commands: a hint kept exact enough that a
         # device coming online costs a store call only when it has something due.
         self._pending: set[int] = set()
@@ -275,6 +282,8 @@ class Commands:
     def kick(self, device_id: int) -> None:
         """Deliver (or expire) the device's queued commands, one delivery per device at a time."""
         self._pending.add(device_id)
+        if not self._cluster.is_leader:
+            return  # the leader's sweep delivers it
         if device_id in self._busy:
             self._again.add(device_id)
             return
@@ -334,9 +343,15 @@ class Commands:
         self._pending.discard(device_id)
 
     async def _sweep_loop(self) -> None:
+        shared = self._cluster.shared
         while True:
-            await asyncio.sleep(SWEEP_SECONDS)
+            await asyncio.sleep(SHARED_SWEEP_SECONDS if shared else SWEEP_SECONDS)
+            if not self._cluster.is_leader:
+                continue
             try:
+                if shared:
+                    # Commands queued through the other daemons of the group.
+                    self._pending |= await self._app.store.call(queued_devices)
                 await self.sweep()
             except StoreUnavailable as exc:
                 log.warning("commands.sweep_failed", error=str(exc))

@@ -53,8 +53,6 @@ MAX_CONNECTIONS: Final = 8
 MAX_REQUEST_BYTES: Final = 8192
 
 
-
-
 # --- the metrics of one daemon
 
 
@@ -249,9 +247,7 @@ def _presence_metrics(presence: dict[str, Any]) -> Iterable[Metric]:
     yield heartbeats
 
 
-def _command_metrics(
-    commands: dict[str, int] | None, counters: dict[str, int]
-) -> Iterable[Metric]:
+def _command_metrics(commands: dict[str, int] | None, counters: dict[str, int]) -> Iterable[Metric]:
     from prometheus_client.core import GaugeMetricFamily
 
     if commands is not None:

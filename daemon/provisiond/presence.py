@@ -25,8 +25,9 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlite_utils
 
@@ -81,10 +82,26 @@ MIGRATIONS: list[Migration] = [
         );
         """,
     ),
+    # For daemons that share a fleet (provisiond.presence_shared): the state
+    # last published (`mqtt_up`, `online`, `channels`) apart from what the
+    # heartbeats say (`deadline`), plugin channels, and a revision per change
+    # that the other daemons follow.
+    Migration(
+        "presence-2",
+        """
+        ALTER TABLE presence ADD COLUMN mqtt_up INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE presence ADD COLUMN extra TEXT;
+        ALTER TABLE presence ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE presence ADD COLUMN unpublished INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE presence ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+        UPDATE presence SET mqtt_up = 1 WHERE deadline IS NOT NULL;
+        CREATE INDEX presence_mqtt ON presence(mqtt_up, deadline);
+        CREATE INDEX presence_rev ON presence(rev);
+        CREATE INDEX presence_pending ON presence(device_id) WHERE pending = 1;
+        CREATE INDEX presence_unpublished ON presence(device_id) WHERE unpublished = 1;
+        """,
+    ),
 ]
-
-if TYPE_CHECKING:
-    from provisiond.rpc import Router
 
 Listener = Callable[[int], None]
 
@@ -114,6 +131,12 @@ def parse_device_id(raw: str) -> int | None:
     if raw[0] == "0":
         return None
     return int(raw)
+
+
+def check_channel(channel: str) -> None:
+    """A plugin channel's name: ValueError for the reserved `mqtt` or a bad length."""
+    if channel == MQTT or not channel or len(channel) > MAX_CHANNEL_NAME:
+        raise ValueError(f"channel must be 1..{MAX_CHANNEL_NAME} characters and not {MQTT!r}")
 
 
 class RateLimitedLog:
@@ -206,8 +229,7 @@ class Presence:
         Returns False (and changes nothing) for a device that is not active.
         Plugin channels have no deadline: the plugin reports them down itself.
         """
-        if channel == MQTT or not channel or len(channel) > MAX_CHANNEL_NAME:
-            raise ValueError(f"channel must be 1..{MAX_CHANNEL_NAME} characters and not {MQTT!r}")
+        check_channel(channel)
         dev = self._devices.get(device_id)
         if dev is None:
             return False
@@ -291,10 +313,14 @@ class Presence:
             return
         if online:
             self._beat(device_id, dev, now_m, self._clock.now(), self._default_interval)
-        elif dev.mqtt:
-            was = True
+        else:
+            self._will(device_id, dev)
+
+    def _will(self, device_id: int, dev: _Dev) -> None:
+        """The device's `offline` (its last will, or said on purpose): MQTT is down now."""
+        if dev.mqtt:
             dev.mqtt = False
-            self._changed(device_id, dev, was, self._clock.now())
+            self._changed(device_id, dev, True, self._clock.now())
 
     # --- internals
 
@@ -472,6 +498,7 @@ class Presence:
                     dev.last_seen,
                     dev.since,
                     deadline,
+                    int(dev.mqtt),
                 )
             )
             if len(rows) % 5000 == 0:
@@ -547,7 +574,9 @@ class Presence:
                     del self._pending[device_id]
                 self._counters["presence.lookups"] += 1
                 try:
-                    active = await self._app.store.call(partial(devices.active_among, ids=list(batch)))
+                    active = await self._app.store.call(
+                        partial(devices.active_among, ids=list(batch))
+                    )
                 except StoreUnavailable:
                     self._counters["presence.lookups.failed"] += 1
                     await asyncio.sleep(1.0)
@@ -616,25 +645,189 @@ def forget_row(db: sqlite_utils.Database, device_id: int) -> None:
 
 def _save(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:
     db.conn.executemany(
-        "INSERT INTO presence (device_id, online, channels, last_seen, since, deadline)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
+        "INSERT INTO presence (device_id, online, channels, last_seen, since, deadline, mqtt_up)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
         " online = excluded.online, channels = excluded.channels,"
-        " last_seen = excluded.last_seen, since = excluded.since, deadline = excluded.deadline",
+        " last_seen = excluded.last_seen, since = excluded.since, deadline = excluded.deadline,"
+        " mqtt_up = excluded.mqtt_up",
         rows,
     )
 
 
+# --- store functions of presence shared by several daemons (presence_shared.py)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A device's presence as the daemons of a group share it."""
+
+    device_id: int
+    mqtt: bool
+    extra: tuple[str, ...]
+    last_seen: float | None
+    since: float | None
+
+    @property
+    def channels(self) -> list[str]:
+        return ([MQTT] if self.mqtt else []) + sorted(self.extra)
+
+
+def record_beats(
+    db: sqlite_utils.Database,
+    beats: list[tuple[int, float, float]],
+    wills: list[tuple[int, float]],
+) -> None:
+    """Heartbeats push a device's deadline later (never earlier: another daemon
+    may have seen a newer one); an `offline` brings it forward to its time."""
+    if beats:
+        db.conn.executemany(
+            "INSERT INTO presence (device_id, online, channels, deadline, last_seen)"
+            " VALUES (?, 0, '[]', ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
+            " deadline = CASE WHEN presence.deadline IS NULL"
+            "  OR presence.deadline < excluded.deadline THEN excluded.deadline"
+            "  ELSE presence.deadline END,"
+            " last_seen = CASE WHEN presence.last_seen IS NULL"
+            "  OR presence.last_seen < excluded.last_seen THEN excluded.last_seen"
+            "  ELSE presence.last_seen END",
+            beats,
+        )
+    if wills:
+        db.conn.executemany(
+            "UPDATE presence SET deadline = ? WHERE device_id = ? AND deadline > ?",
+            [(at, device_id, at) for device_id, at in wills],
+        )
+
+
+def record_channels(db: sqlite_utils.Database, reports: list[tuple[int, str, bool]]) -> None:
+    """Plugin channels up or down; the leader publishes the change."""
+    for device_id, channel, online in reports:
+        row = db.execute("SELECT extra FROM presence WHERE device_id = ?", [device_id]).fetchone()
+        extra = set(json.loads(row[0])) if row and row[0] else set()
+        if online:
+            extra.add(channel)
+        else:
+            extra.discard(channel)
+        db.execute(
+            "INSERT INTO presence (device_id, online, channels, extra, pending)"
+            " VALUES (?, 0, '[]', ?, 1) ON CONFLICT(device_id) DO UPDATE SET"
+            " extra = excluded.extra, pending = 1",
+            [device_id, json.dumps(sorted(extra))],
+        )
+
+
+def decide(db: sqlite_utils.Database, *, now: float) -> tuple[int, list[Row]]:
+    """The leader's sweep: every device whose channels differ from what was last
+    published becomes a new revision, to be published; returns (revision, rows).
+
+    Devices that are no longer active lose their row instead.
+    """
+    found: dict[int, tuple[Any, ...]] = {}
+    select = "SELECT device_id, deadline, extra, last_seen, since, online FROM presence WHERE "
+    for where, params in _undecided(now):
+        for row in db.execute(select + where, params).fetchall():
+            found[int(row[0])] = row
+    if not found:
+        return 0, []
+    ids = list(found)
+    active: set[int] = set()
+    for start in range(0, len(ids), LOOKUP_CHUNK):
+        active |= devices.active_among(db, ids[start : start + LOOKUP_CHUNK])
+    gone = [(device_id,) for device_id in found if device_id not in active]
+    if gone:
+        db.conn.executemany("DELETE FROM presence WHERE device_id = ?", gone)
+    rev = int(db.execute("SELECT COALESCE(MAX(rev), 0) FROM presence").fetchone()[0]) + 1
+    decided: list[Row] = []
+    updates: list[tuple[Any, ...]] = []
+    for device_id, deadline, extra, last_seen, since, online in found.values():
+        if device_id not in active:
+            continue
+        mqtt = deadline is not None and deadline > now
+        row = Row(int(device_id), mqtt, tuple(json.loads(extra) if extra else ()), last_seen, since)
+        now_online = bool(row.channels)
+        if now_online != bool(online):
+            # Offline by expiry is dated by its deadline, not by when it was noticed.
+            at = deadline if not now_online and deadline is not None and deadline <= now else now
+            row = Row(row.device_id, row.mqtt, row.extra, row.last_seen, at)
+        decided.append(row)
+        updates.append(
+            (int(mqtt), int(now_online), json.dumps(row.channels), row.since, rev, row.device_id)
+        )
+    db.conn.executemany(
+        "UPDATE presence SET mqtt_up = ?, online = ?, channels = ?, since = ?, pending = 0,"
+        " unpublished = 1, rev = ? WHERE device_id = ?",
+        updates,
+    )
+    return rev, decided
+
+
+def changed_since(db: sqlite_utils.Database, rev: int) -> tuple[int, list[Row]]:
+    """Revisions after `rev` (what other daemons decided): (latest revision, rows)."""
+    rows = db.execute(
+        "SELECT device_id, mqtt_up, extra, last_seen, since, rev FROM presence"
+        " WHERE rev > ? ORDER BY rev",
+        [rev],
+    ).fetchall()
+    latest = max((int(r[5]) for r in rows), default=rev)
+    return latest, [
+        Row(int(r[0]), bool(r[1]), tuple(json.loads(r[2]) if r[2] else ()), r[3], r[4])
+        for r in rows
+    ]
+
+
+def load_shared(db: sqlite_utils.Database) -> tuple[int, list[Row]]:
+    """Every active device as last decided, and the latest revision."""
+    saved = {
+        int(r[0]): r
+        for r in db.execute(
+            "SELECT device_id, mqtt_up, extra, last_seen, since FROM presence"
+        ).fetchall()
+    }
+    rows = []
+    for device_id in devices.active_ids(db):
+        r = saved.get(device_id)
+        if r is None:
+            rows.append(Row(device_id, False, (), None, None))
+        else:
+            rows.append(
+                Row(device_id, bool(r[1]), tuple(json.loads(r[2]) if r[2] else ()), r[3], r[4])
+            )
+    return int(db.execute("SELECT COALESCE(MAX(rev), 0) FROM presence").fetchone()[0]), rows
+
+
+def due(db: sqlite_utils.Database, *, now: float) -> bool:
+    """Whether the leader has anything to decide (reads, so an idle fleet takes no write lock).
+
+    Three probes rather than one OR: each uses an index, where the OR would
+    scan the whole table four times a second.
+    """
+    return any(
+        db.execute(f"SELECT 1 FROM presence WHERE {where} LIMIT 1", params).fetchone()  # noqa: S608 - fixed text
+        for where, params in _undecided(now)
+    )
+
+
+def _undecided(now: float) -> list[tuple[str, list[Any]]]:
+    """The three ways a device's presence can differ from what was published."""
+    return [
+        ("mqtt_up = 1 AND (deadline IS NULL OR deadline <= ?)", [now]),
+        ("mqtt_up = 0 AND deadline > ?", [now]),
+        ("pending = 1", []),
+    ]
+
+
+def unpublished(db: sqlite_utils.Database) -> list[tuple[int, int]]:
+    """Decisions a leader made and may not have published: (device_id, rev)."""
+    return [
+        (int(r[0]), int(r[1]))
+        for r in db.execute("SELECT device_id, rev FROM presence WHERE unpublished = 1")
+    ]
+
+
+def mark_published(db: sqlite_utils.Database, published: list[tuple[int, int]]) -> None:
+    """Published; a newer decision about the same device stays to be published."""
+    db.conn.executemany(
+        "UPDATE presence SET unpublished = 0 WHERE device_id = ? AND rev = ?", published
+    )
+
+
 PRESENCE: ServiceKey[Presence] = ServiceKey("presence")
-
-
-def setup(app: App, _router: Router) -> None:
-    """Track presence from heartbeats and status messages; provides PRESENCE."""
-    presence = Presence(app)
-    app.services.provide(PRESENCE, presence)
-    app.stats_probes["presence"] = presence.stats
-    app.route("devices/+/heartbeat", presence.on_heartbeat, qos=0)
-    # QoS 1: a last will must not be lost while the daemon reconnects.
-    app.route("devices/+/status", presence.on_status, qos=1)
-    app.on_start.append(presence.start)
-    app.on_stop.append(presence.stop)
-    app.on_reload.append(presence.reload)

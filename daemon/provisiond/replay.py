@@ -190,7 +190,6 @@ class ReplayBuffer:
                 self._pending = {**batch, **self._pending}
 
 
-
 class Replays:
     """The one owner of idempotent replays in a running daemon.
 
@@ -271,7 +270,9 @@ class Replays:
     def begin(self, rid: str) -> None:
         self._running[rid] = asyncio.get_running_loop().create_future()
 
-    def finish(self, rid: str, reply: bytes | None = None, exc: BaseException | None = None) -> None:
+    def finish(
+        self, rid: str, reply: bytes | None = None, exc: BaseException | None = None
+    ) -> None:
         """Hand the outcome to duplicates waiting on `rid` and forget it."""
         future = self._running.pop(rid, None)
         if future is None or future.done():

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import replace
 from typing import Any
 
 from provisiond import plugins as plugin_api
@@ -77,6 +78,9 @@ class Server:
         self._reloads: set[asyncio.Task[bool]] = set()
         self._started: list[Callable[[], Awaitable[None]]] = []
         self._conn_task: asyncio.Task[None] | None = None
+        # With `[mqtt] shared_group`: the link that receives the device topics.
+        self.devices_link: Transport | None = None
+        self._link_task: asyncio.Task[None] | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -224,15 +228,12 @@ class Server:
         await app.caches.start()
         app.spawn(app.caches.run(), name="watch-store")
         await router.start()
-        rpc_filter = app.topic("rpc", "#")
-        if self.config.mqtt.shared_group:
-            rpc_filter = f"$share/{self.config.mqtt.shared_group}/{rpc_filter}"
-        subs = [Subscription(rpc_filter, 1), *app.topics.subscriptions()]
         app.topics.serve_rpc(router.submit, lambda coro, name: app.spawn(coro, name=name))
         self.notify(f"STATUS=connecting to {self.config.mqtt.host}:{self.config.mqtt.port}")
-        conn_task = asyncio.create_task(app.transport.run(subs, app.topics.dispatch))
-        self._conn_task = conn_task
+        conn_task = self._connect(app)
         await self._wait_ready(app.transport, conn_task)
+        if self.devices_link is not None and self._link_task is not None:
+            await self._wait_ready(self.devices_link, self._link_task)
         # What startup built (modules, models, schemas) lives as long as the
         # process: freezing it keeps the collector's full passes, which stop
         # the loop, down to what requests allocate (tens of ms less at p99).
@@ -244,6 +245,29 @@ class Server:
         self.notify("READY=1\nSTATUS=serving")
         app.spawn(self._report_connection(app.transport), name="status-report")
         await self._until_stop(conn_task)
+
+    def _connect(self, app: App) -> asyncio.Task[None]:
+        """Start the broker link(s): one, or with `shared_group` a second for device topics.
+
+        Each request and each device message then reaches one daemon of the
+        group. Device topics get a link of their own because the main link's
+        session outlives a dead daemon (its requests must wait for it), while a
+        heartbeat handed to a dead daemon's session would be lost.
+        """
+        group = self.config.mqtt.shared_group
+        rpc = Subscription(app.topic("rpc", "#"), 1)
+        device_subs = app.topics.subscriptions()
+        if group:
+            rpc = Subscription(f"$share/{group}/{rpc.topic}", 1)
+            link = self.devices_link = Transport(self.config, link="devices")
+            shared = [replace(s, topic=f"$share/{group}/{s.topic}") for s in device_subs]
+            self._link_task = asyncio.create_task(
+                link.run(shared, lambda d: app.topics.dispatch_from(d, link.ack))
+            )
+            device_subs = []
+        conn_task = asyncio.create_task(app.transport.run([rpc, *device_subs], app.topics.dispatch))
+        self._conn_task = conn_task
+        return conn_task
 
     async def shutdown(self, app: App, router: Router) -> None:
         """Drain, stop hooks in reverse, disconnect cleanly, close the store."""
@@ -257,10 +281,15 @@ class Server:
                 await hook()
             except Exception:
                 log.exception("daemon.stop_hook_failed", hook=getattr(hook, "__qualname__", "?"))
+        if self.devices_link is not None:
+            await self.devices_link.stop()
         await app.transport.stop()
         if self._conn_task is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._conn_task, timeout=5)
+        if self._link_task is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._link_task, timeout=5)
         await app.cancel_tasks()
         with contextlib.suppress(StoreUnavailable):
             await router.replays.flush()

@@ -138,8 +138,21 @@ def tls_context(config: Config) -> ssl.SSLContext:
 
 
 class Transport:
-    def __init__(self, config: Config, backend: Backend | None = None) -> None:
+    """One broker connection of the daemon: connect, subscribe, deliver, publish, reconnect.
+
+    The daemon's main link keeps a persistent session and announces the daemon
+    on `P/daemon/status` (with a will). A `link` for device topics shared by a
+    group of daemons (`[mqtt] shared_group`) starts clean each time and says
+    nothing: when its daemon dies, the broker stops handing it heartbeats at
+    once, instead of keeping them for a session nobody reads.
+    """
+
+    def __init__(
+        self, config: Config, backend: Backend | None = None, *, link: str | None = None
+    ) -> None:
         self._config = config
+        # A named extra link: its own client id, a clean session, no status topic.
+        self.link = link
         self.backend = backend if backend is not None else load_backend(config.mqtt.client)
         self._conn: Connection | None = None
         self.connected = asyncio.Event()
@@ -178,10 +191,16 @@ class Transport:
         while not self._stopping:
             retry_in = 0.0
             up_since: float | None = None
-            options = await connect_options(
-                self._config,
-                will=Will(self.status_topic, b"offline", qos=self._will_qos, retain=self._retain),
-            )
+            if self.link is None:
+                options = await connect_options(
+                    self._config,
+                    will=Will(
+                        self.status_topic, b"offline", qos=self._will_qos, retain=self._retain
+                    ),
+                )
+            else:
+                client_id = f"{self._config.mqtt.client_id}-{self.link}"
+                options = await connect_options(self._config, client_id=client_id, clean_start=True)
             conn = self.backend.connection(options, self.connections + 1)
             try:
                 session = await conn.connect()
@@ -235,11 +254,13 @@ class Transport:
             granted = await conn.subscribe(subs)
             check_granted(subs, granted)
             self._subscribed_filters = subs
-        await conn.publish(self.status_topic, b"online", qos=1, retain=self._retain)
+        if self.link is None:
+            await conn.publish(self.status_topic, b"online", qos=1, retain=self._retain)
         self.connected.set()
         self.subscribed.set()
         log.info(
             "mqtt.connected",
+            link=self.link or "main",
             host=cfg.host,
             port=cfg.port,
             client=self.backend.name,
@@ -293,7 +314,7 @@ class Transport:
                 granted=session.session_expiry,
                 effect="requests queued for the daemon are kept only this long while it is away",
             )
-        if session.session_present is False and asked > 0:
+        if session.session_present is False and asked > 0 and self.link is None:
             if self.connections > 1:
                 log.warning(
                     "mqtt.session_lost",
@@ -308,9 +329,12 @@ class Transport:
         self._stopping = True
         conn = self._conn
         if conn is not None:
-            with contextlib.suppress(TransportError, TimeoutError):
-                async with asyncio.timeout(2):
-                    await conn.publish(self.status_topic, b"offline", qos=1, retain=self._retain)
+            if self.link is None:
+                with contextlib.suppress(TransportError, TimeoutError):
+                    async with asyncio.timeout(2):
+                        await conn.publish(
+                            self.status_topic, b"offline", qos=1, retain=self._retain
+                        )
             # A normal DISCONNECT makes the run loop's `async for` end.
             await conn.disconnect()
 

@@ -9,6 +9,7 @@ from typing import Any
 import sqlite_utils
 
 from provisiond import devices, permissions
+from provisiond.cluster import CLUSTER
 from provisiond.commands import RECONFIGURE, Commands, queue_command
 from provisiond.devices import DeviceId
 from provisiond.errors import Conflict
@@ -93,8 +94,8 @@ class Reconfigure:
 
 
 def setup(app: App, router: Router) -> None:
-    """Queue and deliver reconfigure commands; requires PRESENCE."""
-    service = Commands(app, app.services.get(PRESENCE))
+    """Queue and deliver reconfigure commands; requires PRESENCE and CLUSTER."""
+    service = Commands(app, app.services.get(PRESENCE), app.services.get(CLUSTER))
     ops = Reconfigure(app, service)
     router.register(
         Operation(

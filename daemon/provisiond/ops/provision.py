@@ -283,7 +283,9 @@ class Provisioning:
         identity = self.app.services.find(BROKER_ACCOUNTS)
         if identity is None:
             if csr is not None:
-                raise BadRequest("certificates are not enabled here", code="certificates_disabled", field="csr")
+                raise BadRequest(
+                    "certificates are not enabled here", code="certificates_disabled", field="csr"
+                )
             return None
         certificate = None if csr is None else await identity.sign_csr(device_id, csr)
         if identity.accounts is not None:
@@ -312,7 +314,9 @@ class Provisioning:
 def setup(app: App, router: Router) -> None:
     ops = Provisioning(app)
     router.register(
-        Operation("provision/token", ops.provision_token, body=ProvisionBody, scope="provision:write")
+        Operation(
+            "provision/token", ops.provision_token, body=ProvisionBody, scope="provision:write"
+        )
     )
     router.register(
         Operation(

@@ -117,6 +117,10 @@ class Dispatcher:
 
     async def dispatch(self, delivery: Delivery) -> None:
         """Hand one message to its owner; never raises."""
+        await self.dispatch_from(delivery, self._ack)
+
+    async def dispatch_from(self, delivery: Delivery, ack: Callable[[Delivery], None]) -> None:
+        """`dispatch` for a message from another link, whose acks go back to it."""
         self.last_delivery = asyncio.get_running_loop().time()
         topic = delivery.topic
         if self._submit is not None and topic.startswith(self._rpc_prefix):
@@ -124,29 +128,31 @@ class Dispatcher:
             return
         found = self.match(topic)
         if found is None:
-            self._ack(delivery)
+            ack(delivery)
             return
         route, values = found
         try:
             pending = route.handler(delivery, values)
             if pending is not None and self._spawn is not None:
                 await self._slots.acquire()
-                self._spawn(self._finish(pending, delivery), "topic-handler")
+                self._spawn(self._finish(pending, delivery, ack), "topic-handler")
                 return
             if pending is not None:
                 await pending
         except Exception:
             self._failed(topic)
-        self._ack(delivery)
+        ack(delivery)
 
-    async def _finish(self, pending: Awaitable[None], delivery: Delivery) -> None:
+    async def _finish(
+        self, pending: Awaitable[None], delivery: Delivery, ack: Callable[[Delivery], None]
+    ) -> None:
         try:
             await pending
         except Exception:
             self._failed(delivery.topic)
         finally:
             self._slots.release()
-        self._ack(delivery)
+        ack(delivery)
 
     def _failed(self, topic: str) -> None:
         self._counters["topics.handler_failed"] += 1

@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from provisiond import metrics, presence
+from provisiond import cluster, metrics, presence_shared
 from provisiond.broker_accounts import feature as broker_accounts
 from provisiond.broker_accounts.feature import BROKER_ACCOUNTS
+from provisiond.cluster import CLUSTER
 from provisiond.ops import commands, daemon, decommission, devices, keys, provision, wifi
 from provisiond.presence import PRESENCE
 from provisiond.rpc import Router
@@ -73,13 +74,14 @@ def set_up(features: Sequence[Feature], app: App, router: Router) -> None:
 
 FEATURES: list[Feature] = [
     Feature("keys", keys.setup),
-    Feature("presence", presence.setup, provides=(PRESENCE,)),
+    Feature("cluster", cluster.setup, provides=(CLUSTER,)),
+    Feature("presence", presence_shared.setup, provides=(PRESENCE,), requires=(CLUSTER,)),
     Feature("wifi", wifi.setup, provides=(GRANTS,)),
     Feature("daemon", daemon.setup),
     Feature("broker_accounts", broker_accounts.setup, provides=(BROKER_ACCOUNTS,)),
     Feature("provision", provision.setup, uses=(PRESENCE, GRANTS, BROKER_ACCOUNTS)),
     Feature("devices", devices.setup, uses=(PRESENCE,)),
-    Feature("commands", commands.setup, requires=(PRESENCE,)),
+    Feature("commands", commands.setup, requires=(PRESENCE, CLUSTER)),
     Feature("decommission", decommission.setup, uses=(BROKER_ACCOUNTS, PRESENCE)),
     Feature("metrics", metrics.setup, uses=(PRESENCE,)),
 ]
