@@ -11,13 +11,16 @@ import contextlib
 import json
 import signal
 import time
+import tomllib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiomqtt
-from daemon_proc import DaemonProcess, daemon_process, write_toml
+import pytest
+from daemon_proc import ROOT, DaemonProcess, daemon_process, provisiond, write_toml
 from presence_support import FakeDevice, seed_devices
+from test_docs import blocks
 
 from provisiond.config import Config
 from support import Broker, RpcClient, eventually, make_config, rows, seed_key
@@ -232,3 +235,43 @@ async def test_each_request_is_served_once_by_the_group(tmp_path: Path, broker: 
         served = [len(p.named("rpc")) for p in procs]
     assert rows(configs[0], "SELECT COUNT(*) FROM devices") == [(60,)]
     assert all(n > 0 for n in served), served
+
+
+async def test_the_three_node_example_runs_as_written(
+    tmp_path: Path, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/scaling.md's worked example: its SQL sets up the database, and its node
+    config, pointed at this test's broker and cluster, starts a daemon of the group
+    that leads it (`provisiond call daemon/stats` shows it)."""
+    import pg_cluster
+
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    example = doc[doc.index("## Worked example: three nodes") :]
+    sql = blocks(example, "sql")[0]
+    node = tomllib.loads(blocks(example, "toml")[0])
+    cluster = pg_cluster.shared()
+    for statement in filter(str.strip, sql.split(";")):
+        cluster.sql(statement)
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "store-password").write_text("change-me\n")
+    (credentials / "mqtt-password").write_text("unused\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    # Only where the example's hosts are: this machine's broker (no TLS, no
+    # account) and this test's PostgreSQL cluster.
+    assert node["store"]["url"] == "postgresql://provisiond@db:5432/provisiond"
+    node["store"]["url"] = f"postgresql://provisiond@127.0.0.1:{cluster.port}/provisiond"
+    node["store"]["path"] = str(tmp_path / "unused.db")
+    node["mqtt"].update(host="127.0.0.1", port=broker.port, username="", tls={"enabled": False})
+    node["mqtt"]["topic_prefix"] = f"t{uuid.uuid4().hex[:10]}"
+    config = Config.model_validate(node)
+    _, key = seed_key(config)
+    toml = write_toml(config, tmp_path / "provisiond.toml")
+    async with daemon_process(toml, CREDENTIALS_DIRECTORY=str(credentials)) as proc:
+        await proc.wait_event("cluster.elected", timeout=30)
+        code, out, err = await provisiond(
+            "call", "-c", str(toml), "daemon/stats", PROVISIOND_KEY=key
+        )
+    assert code == 0, err
+    stats = json.loads(out)["body"]
+    assert stats["cluster"] == {"group": "provisiond", "leader": True, "elections": 1}

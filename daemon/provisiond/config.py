@@ -75,9 +75,10 @@ class MqttConfig(Section):
     reconnect_min_seconds: float = Field(default=0.2, gt=0, le=60)
     reconnect_max_seconds: float = Field(default=30.0, gt=0, le=3600)
     receive_maximum: int = Field(default=1000, ge=1, le=65535)
-    # Non-empty: subscribe to RPC topics as `$share/<group>/...` so several
-    # daemons split the request load.
-    shared_group: str = ""
+    # Non-empty: one daemon of a group that shares requests and device topics
+    # (`$share/<group>/...`) and one store (docs/scaling.md). A share name:
+    # MQTT forbids "/", "+" and "#" in it.
+    shared_group: str = Field(default="", max_length=64, pattern=r"^[^/+#]*$")
     tls: TlsConfig = TlsConfig()
 
     @field_validator("topic_prefix")
