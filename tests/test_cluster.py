@@ -14,6 +14,7 @@ import time
 import tomllib
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import aiomqtt
@@ -275,3 +276,30 @@ async def test_the_three_node_example_runs_as_written(
     assert code == 0, err
     stats = json.loads(out)["body"]
     assert stats["cluster"] == {"group": "provisiond", "leader": True, "elections": 1}
+
+
+async def test_every_daemon_shows_presence_and_last_seen_of_heartbeats_it_did_not_receive(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """`device/get` on any daemon of the group: online, and `last_seen` from the
+    latest heartbeat, whichever daemon received it."""
+    configs = node_configs(tmp_path, broker)
+    seed_devices(configs[0], [7])
+    _, key = seed_key(configs[0])
+    async with (
+        nodes(tmp_path, configs),
+        RpcClient(configs[0]) as rpc,
+        FakeDevice(configs[0], 7) as device,
+    ):
+        for _ in range(6):
+            await device.heartbeat({"interval": 5})
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(3.0)  # later than the first heartbeats by whole seconds
+        sent = time.time()
+        await device.heartbeat({"interval": 5})
+        await asyncio.sleep(1.0)
+        views = [(await rpc.call("device/get", {"deviceId": 7}, key=key))["body"] for _ in range(9)]
+    for view in views:
+        assert view["presence"]["online"] is True
+        last_seen = datetime.fromisoformat(view["presence"]["last_seen"]).timestamp()
+        assert last_seen >= int(sent), view["presence"]

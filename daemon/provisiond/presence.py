@@ -97,6 +97,7 @@ MIGRATIONS: list[Migration] = [
         UPDATE presence SET mqtt_up = 1 WHERE deadline IS NOT NULL;
         CREATE INDEX presence_mqtt ON presence(mqtt_up, deadline);
         CREATE INDEX presence_rev ON presence(rev);
+        CREATE INDEX presence_seen ON presence(last_seen);
         CREATE INDEX presence_pending ON presence(device_id) WHERE pending = 1;
         CREATE INDEX presence_unpublished ON presence(device_id) WHERE unpublished = 1;
         """,
@@ -812,6 +813,16 @@ def _undecided(now: float) -> list[tuple[str, list[Any]]]:
         ("mqtt_up = 1 AND (deadline IS NULL OR deadline <= ?)", [now]),
         ("mqtt_up = 0 AND deadline > ?", [now]),
         ("pending = 1", []),
+    ]
+
+
+def seen_since(db: sqlite_utils.Database, since: float) -> list[tuple[int, float]]:
+    """Devices heard from after `since` (by any daemon): (device_id, last_seen)."""
+    return [
+        (int(r[0]), float(r[1]))
+        for r in db.execute(
+            "SELECT device_id, last_seen FROM presence WHERE last_seen > ?", [since]
+        ).fetchall()
     ]
 
 

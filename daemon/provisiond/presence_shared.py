@@ -42,6 +42,9 @@ log = get_logger("provisiond.presence")
 # leader) can see it; a device's deadline is seconds after its heartbeat.
 FLUSH_SECONDS = 0.2
 SWEEP_SECONDS = 0.25
+# `last_seen` is read back with this much overlap: another daemon's flush may
+# land after rows with later heartbeats were already read.
+SEEN_OVERLAP_SECONDS = 1.0
 
 
 class SharedPresence(Presence):
@@ -57,6 +60,7 @@ class SharedPresence(Presence):
         self._revs: dict[int, int] = {}  # leader: the revision each queued publish carries
         self._rev = 0
         self._leading = False
+        self._seen = 0.0  # the latest `last_seen` read back from the store
 
     # --- intake (every daemon): remember, the flush writes
 
@@ -120,6 +124,7 @@ class SharedPresence(Presence):
         for row in rows:
             dev = self._devices[row.device_id] = _Dev()
             self._set(row, dev)
+        self._seen = max((row.last_seen or 0.0 for row in rows), default=0.0)
         log.info("presence.loaded", tracked=len(self._devices), online=self._online, shared=True)
         app = self._app
         app.spawn(self._flush_loop(), name="presence-flush")
@@ -140,10 +145,11 @@ class SharedPresence(Presence):
                 if not self._cluster.is_leader:
                     self._leading = False
                     await self._follow()
-                    continue
-                if not self._leading:
-                    await self._take_over()
-                await self._decide()
+                else:
+                    if not self._leading:
+                        await self._take_over()
+                    await self._decide()
+                await self._read_seen()
             except StoreUnavailable as exc:
                 self._counters["presence.sweep.failed"] += 1
                 log.warning("presence.sweep_failed", error=str(exc))
@@ -173,13 +179,27 @@ class SharedPresence(Presence):
         for row in rows:
             self._apply(row, leading=False)
 
+    async def _read_seen(self) -> None:
+        """Every daemon's heartbeats into this daemon's `last_seen` (what `device/get` shows)."""
+        seen = await self._app.store.call(
+            partial(p.seen_since, since=self._seen - SEEN_OVERLAP_SECONDS)
+        )
+        devices = self._devices
+        for device_id, last_seen in seen:
+            dev = devices.get(device_id)
+            if dev is not None and (dev.last_seen is None or dev.last_seen < last_seen):
+                dev.last_seen = last_seen
+            self._seen = max(self._seen, last_seen)
+
     # --- the view
 
     def _set(self, row: Row, dev: _Dev) -> bool:
         """Take `row` into the view; True when the device went online or offline."""
         device_id = row.device_id
         was = dev.mqtt or device_id in self._extra
-        dev.mqtt, dev.last_seen, dev.since = row.mqtt, row.last_seen, row.since
+        dev.mqtt, dev.since = row.mqtt, row.since
+        if row.last_seen is not None and (dev.last_seen is None or dev.last_seen < row.last_seen):
+            dev.last_seen = row.last_seen
         if row.extra:
             self._extra[device_id] = set(row.extra)
         else:

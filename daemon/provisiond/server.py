@@ -300,11 +300,13 @@ class Server:
         # The connection task ends by itself only on a bug: exit non-zero then,
         # so systemd restarts us instead of keeping a daemon that hears nothing.
         stop = asyncio.create_task(self._stop.wait())
-        await asyncio.wait({stop, conn_task}, return_when=asyncio.FIRST_COMPLETED)
+        links = {conn_task} if self._link_task is None else {conn_task, self._link_task}
+        await asyncio.wait({stop, *links}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
-        if conn_task.done() and not self._stop.is_set():
-            conn_task.result()
-            raise RuntimeError("the broker connection task ended unexpectedly")
+        for task in links:
+            if task.done() and not self._stop.is_set():
+                task.result()
+                raise RuntimeError("the broker connection task ended unexpectedly")
 
     async def _drain(self, router: Router, grace: float) -> int:
         loop = asyncio.get_running_loop()
