@@ -255,8 +255,8 @@ async def settled(presence: Any) -> None:
 
 async def memory_per_device(config: Any, n: int) -> dict[str, float]:
     """Bytes held by presence.py per active device: loaded, then each heartbeated once."""
-    from provisiond import presence as presence_mod
     from provisiond.clock import Clock
+    from provisiond.presence import tracker as presence_mod
     from provisiond.runtime.app import App
     from provisiond.schema import all_migrations
     from provisiond.store import Store

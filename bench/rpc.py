@@ -42,7 +42,9 @@ async def run(quick: bool = False) -> dict[str, Any]:
                     c_driven = await c_load(port, f"bench/rpc/{op}", body, key=key, n=n)
                     results[f"{op} (C driver)"] = {
                         **c_driven.summary(),
-                        "throughput_vs_c_limit": common.ratio(c_driven.throughput, limit.throughput),
+                        "throughput_vs_c_limit": common.ratio(
+                            c_driven.throughput, limit.throughput
+                        ),
                         "p99_vs_c_limit": common.ratio(c_driven.pct(0.99), limit.pct(0.99)),
                     }
     return common.report("rpc", results)

@@ -103,7 +103,9 @@ def broker_config(state: Path, port: int) -> Path:
     """The shipped dynamic-security setup (config/mosquitto/): the daemon and the
     `backend` service log in with passwords made here once; every simulated
     device gets its own account from provisiond when it is provisioned."""
-    passwords = {name: secret_file(state / f"{name}-password") for name in ("provisiond", "backend")}
+    passwords = {
+        name: secret_file(state / f"{name}-password") for name in ("provisiond", "backend")
+    }
     dynsec_state = state / "dynamic-security.json"
     if not dynsec_state.exists():
         sys.path.insert(0, str(ROOT / "daemon"))

@@ -159,9 +159,9 @@ async def test_offline_commands_use_the_given_file(
     config_file = write_toml(config, tmp_path / "my.toml")
     env, log = guarded_env(tmp_path)
     argv = [
-        a.replace("{key_id}", key_id).replace("{tmp}", str(tmp_path)).replace(
-            "{store}", config.store.url or f"sqlite:///{config.store.path}"
-        )
+        a.replace("{key_id}", key_id)
+        .replace("{tmp}", str(tmp_path))
+        .replace("{store}", config.store.url or f"sqlite:///{config.store.path}")
         for a in COMMANDS[command]
     ]
     code, out, err = await run_cli(place(position, config_file, argv), env)

@@ -13,9 +13,9 @@ import aiomqtt
 from presence_support import FakeDevice, Watcher, seed_devices
 from structlog.testing import LogCapture
 
-from provisiond import presence as presence_mod
 from provisiond.config import Config
 from provisiond.presence import PRESENCE, Presence
+from provisiond.presence import tracker as presence_mod
 from support import Broker, RpcClient, eventually, make_config, rows, running, seed_key
 
 FAST = {"heartbeat_interval_seconds": 0.3, "timeout_factor": 2, "min_interval_seconds": 0.1}

@@ -186,8 +186,6 @@ async def test_reload_from_a_file_that_does_not_load_keeps_the_old_config(
 # --- the drain in-process, with requests that are certainly in flight
 
 
-
-
 async def test_drain_finishes_accepted_requests_and_refuses_later_ones(
     broker: object, tmp_path: Path, logs: LogCapture
 ) -> None:

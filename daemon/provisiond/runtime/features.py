@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from provisiond import cluster, metrics, presence_shared
+from provisiond import cluster, metrics
 from provisiond.broker_accounts import feature as broker_accounts
 from provisiond.broker_accounts.feature import BROKER_ACCOUNTS
 from provisiond.cluster import CLUSTER
 from provisiond.ops import commands, daemon, decommission, devices, keys, provision, wifi
 from provisiond.presence import PRESENCE
+from provisiond.presence import feature as presence
 from provisiond.rpc import Router
 from provisiond.runtime.app import App
 from provisiond.runtime.services import FeatureError, ServiceKey
@@ -75,7 +76,7 @@ def set_up(features: Sequence[Feature], app: App, router: Router) -> None:
 FEATURES: list[Feature] = [
     Feature("keys", keys.setup),
     Feature("cluster", cluster.setup, provides=(CLUSTER,)),
-    Feature("presence", presence_shared.setup, provides=(PRESENCE,), requires=(CLUSTER,)),
+    Feature("presence", presence.setup, provides=(PRESENCE,), requires=(CLUSTER,)),
     Feature("wifi", wifi.setup, provides=(GRANTS,)),
     Feature("daemon", daemon.setup),
     Feature("broker_accounts", broker_accounts.setup, provides=(BROKER_ACCOUNTS,)),

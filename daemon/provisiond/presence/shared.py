@@ -22,19 +22,17 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
-from typing import TYPE_CHECKING
 
 import sqlite_utils
 
-from provisiond import presence as p
-from provisiond.cluster import CLUSTER, Cluster
+from provisiond.cluster import Cluster
 from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
-from provisiond.presence import PRESENCE, Presence, Row, _Dev
+from provisiond.presence import table as p
+from provisiond.presence import tracker
+from provisiond.presence.table import Row
+from provisiond.presence.tracker import Presence, _Dev
 from provisiond.runtime.app import App
-
-if TYPE_CHECKING:
-    from provisiond.rpc import Router
 
 log = get_logger("provisiond.presence")
 
@@ -76,7 +74,7 @@ class SharedPresence(Presence):
         self._wills[device_id] = self._clock.now()
 
     def set_channel(self, device_id: int, channel: str, online: bool) -> bool:
-        p.check_channel(channel)
+        tracker.check_channel(channel)
         if device_id not in self._devices:
             return False
         self._reports.append((device_id, channel, online))
@@ -129,7 +127,7 @@ class SharedPresence(Presence):
         app = self._app
         app.spawn(self._flush_loop(), name="presence-flush")
         app.spawn(self._sweep_loop(), name="presence-sweep")
-        for n in range(p.PUBLISHERS):
+        for n in range(tracker.PUBLISHERS):
             app.spawn(self._publish_loop(), name=f"presence-publish-{n}")
         app.spawn(self._lookup_loop(), name="presence-lookup")
 
@@ -248,21 +246,3 @@ def _record(
     p.record_beats(db, beats, wills)
     p.record_channels(db, reports)
     p.mark_published(db, marks)
-
-
-def setup(app: App, _router: Router) -> None:
-    """Track presence from heartbeats and status messages; provides PRESENCE.
-
-    Shared with the other daemons of `[mqtt] shared_group` when one is set
-    (requires CLUSTER); this daemon's own otherwise.
-    """
-    cluster = app.services.get(CLUSTER)
-    presence = SharedPresence(app, cluster) if cluster.shared else Presence(app)
-    app.services.provide(PRESENCE, presence)
-    app.stats_probes["presence"] = presence.stats
-    app.route("devices/+/heartbeat", presence.on_heartbeat, qos=0)
-    # QoS 1: a last will must not be lost while the daemon reconnects.
-    app.route("devices/+/status", presence.on_status, qos=1)
-    app.on_start.append(presence.start)
-    app.on_stop.append(presence.stop)
-    app.on_reload.append(presence.reload)
