@@ -15,7 +15,7 @@ from typing import Any
 
 BENCHES = [
     "rpc", "grant", "presence", "startup", "scale", "ble_upload", "fairness",
-    "broker_accounts", "group_commit",
+    "broker_accounts", "group_commit", "presence_cluster",
 ]  # fmt: skip
 
 

@@ -67,8 +67,11 @@ async def nodes(tmp_path: Path, configs: list[Config]) -> AsyncIterator[list[Dae
         for i, config in enumerate(configs):
             toml = write_toml(config, tmp_path / f"node{i}" / "provisiond.toml")
             procs.append(await stack.enter_async_context(daemon_process(toml)))
-        for proc in procs:
-            await proc.wait_event("daemon.ready", timeout=30)
+        for i, proc in enumerate(procs):
+            try:
+                await proc.wait_event("daemon.ready", timeout=30)
+            except TimeoutError:
+                raise AssertionError(f"node{i} not ready:\n{proc.tail()}") from None
         yield procs
 
 
@@ -303,3 +306,26 @@ async def test_every_daemon_shows_presence_and_last_seen_of_heartbeats_it_did_no
         assert view["presence"]["online"] is True
         last_seen = datetime.fromisoformat(view["presence"]["last_seen"]).timestamp()
         assert last_seen >= int(sent), view["presence"]
+
+
+async def test_in_a_group_the_newest_heartbeat_sets_the_deadline_even_an_earlier_one(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """As with one daemon, each heartbeat stands alone: a device that announced
+    30 s and then 1 s is offline 1 s times the factor after its last heartbeat, not 30 s."""
+    configs = node_configs(tmp_path, broker)
+    seed_devices(configs[0], [9])
+    async with (
+        nodes(tmp_path, configs),
+        PresenceLog(configs[0]) as published,
+        FakeDevice(configs[0], 9) as device,
+    ):
+        await device.heartbeat({"interval": 30})
+        await eventually(lambda: published.count(True).get(9) == 1, timeout=5)
+        for _ in range(3):  # over the daemons of the group
+            await device.heartbeat({"interval": INTERVAL})
+            await asyncio.sleep(0.3)
+        last = time.time()
+        await eventually(lambda: published.count(False).get(9) == 1, timeout=10)
+    offline_at = next(at for online, at in published.seen[9] if not online)
+    assert offline_at - (last + INTERVAL * FACTOR) <= 1.0

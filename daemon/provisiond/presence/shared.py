@@ -4,7 +4,7 @@ Each daemon of a `shared_group` receives a share of the device topics, so no
 daemon sees all of a device's heartbeats. What they share is the store:
 
 - every daemon records the heartbeats it receives, batched every
-  `FLUSH_SECONDS`; a heartbeat only ever pushes a device's deadline later;
+  `FLUSH_SECONDS`; the newest heartbeat of a device sets its deadline;
 - the leader (`provisiond.cluster`) decides every `SWEEP_SECONDS`: each device
   whose deadline or plugin channels no longer match what was last published
   becomes a new revision, written before it is published, and published once;
@@ -63,11 +63,10 @@ class SharedPresence(Presence):
     # --- intake (every daemon): remember, the flush writes
 
     def _beat(self, device_id: int, dev: _Dev, now_m: float, now_w: float, interval: float) -> None:
-        deadline = now_w + interval * self._factor
         self._wills.pop(device_id, None)
         seen = self._beats.get(device_id)
-        if seen is None or seen[0] < deadline:
-            self._beats[device_id] = (deadline, now_w)
+        if seen is None or seen[1] <= now_w:  # the newest heartbeat sets the deadline
+            self._beats[device_id] = (now_w + interval * self._factor, now_w)
 
     def _will(self, device_id: int, dev: _Dev) -> None:
         self._beats.pop(device_id, None)

@@ -117,14 +117,16 @@ def record_beats(
     beats: list[tuple[int, float, float]],
     wills: list[tuple[int, float]],
 ) -> None:
-    """Heartbeats push a device's deadline later (never earlier: another daemon
-    may have seen a newer one); an `offline` brings it forward to its time."""
+    """A heartbeat newer than the one the row holds sets the device's deadline
+    (later or earlier: each heartbeat stands alone, as with one daemon); an
+    older one, flushed late by another daemon, changes nothing. An `offline`
+    brings the deadline forward to its time."""
     if beats:
         db.conn.executemany(
             "INSERT INTO presence (device_id, online, channels, deadline, last_seen)"
             " VALUES (?, 0, '[]', ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
-            " deadline = CASE WHEN presence.deadline IS NULL"
-            "  OR presence.deadline < excluded.deadline THEN excluded.deadline"
+            " deadline = CASE WHEN presence.last_seen IS NULL"
+            "  OR presence.last_seen <= excluded.last_seen THEN excluded.deadline"
             "  ELSE presence.deadline END,"
             " last_seen = CASE WHEN presence.last_seen IS NULL"
             "  OR presence.last_seen < excluded.last_seen THEN excluded.last_seen"
