@@ -166,8 +166,8 @@ class BrokerIdentity:
         config = self._app.config
         if config.broker_accounts.certificates:
             name = f"provisiond device CA ({config.daemon.gateway_id})"
-            self.ca = await asyncio.to_thread(
-                DeviceCA.load_or_create, certificates.ca_dir(config), name=name
+            self.ca = await certificates.open_ca(
+                self._app.store, config, name=name, now=self._app.clock.now()
             )
             await self.refresh_crl()
         accounts = self.accounts
