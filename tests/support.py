@@ -183,6 +183,10 @@ def make_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> C
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
+    if raw["store"].get("url", "").startswith("postgresql://"):
+        # On PostgreSQL the signing keys and the device CA live in the store,
+        # sealed under this file's content (docs/scaling.md).
+        raw["store"].setdefault("key_encryption_key_file", str(kek_file()))
     STORE_FILES.add(raw["store"]["path"])
     return Config.model_validate(raw)
 
@@ -192,12 +196,7 @@ def _store_url() -> dict[str, str]:
     import pg_cluster
 
     if pg_cluster.store_under_test() == "postgresql":
-        # On PostgreSQL the signing keys and the device CA live in the store,
-        # sealed under this file's content (docs/scaling.md).
-        return {
-            "url": pg_cluster.shared().new_database(),
-            "key_encryption_key_file": str(kek_file()),
-        }
+        return {"url": pg_cluster.shared().new_database()}
     return {}
 
 

@@ -208,6 +208,9 @@ class GrantService:
                 # E.g. a row sealed under another KEK: keep what we have; the
                 # staleness bound stops this daemon before it could mislead.
                 log.error("wifi.keys_refresh_failed", error=str(exc))
+            except Exception:
+                # Keep trying: a dead loop would leave this daemon stale for good.
+                log.exception("wifi.keys_refresh_failed")
 
     async def refresh(self) -> None:
         """Read the stored ring again if it changed (a no-op for file rings)."""
