@@ -32,6 +32,7 @@ from test_broker_accounts import _csr
 from test_wifi_grants import Dev
 
 from provisiond.broker_accounts.certificates import read_stored_ca
+from provisiond.broker_accounts.feature import CRL_POLL_SECONDS
 from provisiond.config import Config
 from provisiond.keyvault import KeyEncryptionKey
 from provisiond.store import open_database, transaction
@@ -40,6 +41,7 @@ from provisiond.wifi.crypto import GRANT_AUDIENCE, b64url_decode
 from support import (
     Broker,
     RpcClient,
+    eventually,
     kek_file,
     make_config,
     remember_secret,
@@ -245,7 +247,7 @@ async def test_the_check_catches_a_key_that_signs_before_every_daemon_has_it(
     assert violations, "a key that signs at once went unnoticed"
 
 
-async def test_the_device_ca_is_the_same_on_both_daemons(
+async def test_the_device_ca_and_its_crl_are_the_same_on_both_daemons(
     tmp_path: Path, broker: Broker, cluster: pg_cluster.PgCluster, logs: LogCapture
 ) -> None:
     url = cluster.new_database()
@@ -262,6 +264,16 @@ async def test_the_device_ca_is_the_same_on_both_daemons(
         token_b, _ = await provision(rb, key)
         reply_b = await activate(rb, token_b, csr=_csr()[1])
         assert reply_b["status"] == 200, reply_b
+        # Revoked through A, on B's CRL too (B's broker reads it on reload).
+        gone = await ra.call("device/decommission", {"deviceId": device_id}, key=key)
+        assert gone["status"] == 200, gone
+        crl_b = Path(b.store.path).parent / "device_ca" / "crl.pem"
+
+        def revoked_on_b() -> bool:
+            crl = x509.load_pem_x509_crl(crl_b.read_bytes())
+            return crl.get_revoked_certificate_by_serial_number(issued.serial_number) is not None
+
+        await eventually(revoked_on_b, timeout=CRL_POLL_SECONDS + 3)
     assert reply["body"]["ca_certificate"] == reply_b["body"]["ca_certificate"]
     # What B's broker loads as its cafile verifies what A issued.
     ca_b = x509.load_pem_x509_certificate(

@@ -24,7 +24,8 @@ table, owned here): the key sealed under the KEK (`keyvault`), made by the
 first daemon to start, or imported from that host's `device_ca/` files (a
 gateway moving to a cluster keeps the CA its devices' certificates chain
 to). Each daemon writes only the certificate and the CRL into its local
-`device_ca/` for its broker, never the key. The CRL is valid for a year
+`device_ca/` for its broker, never the key (and follows revocations made
+through other daemons, `BrokerIdentity.follow_crl`). The CRL is valid for a year
 and written again at every start and every revocation: a CRL past its next
 update makes OpenSSL refuse every certificate of the CA.
 """
@@ -339,3 +340,11 @@ def revoked_serials(db: sqlite_utils.Database) -> list[int]:
             "SELECT serial FROM device_certificates WHERE revoked_at IS NOT NULL"
         ).fetchall()
     ]
+
+
+def revoked_count(db: sqlite_utils.Database) -> int:
+    return int(
+        db.execute(
+            "SELECT COUNT(*) FROM device_certificates WHERE revoked_at IS NOT NULL"
+        ).fetchone()[0]
+    )

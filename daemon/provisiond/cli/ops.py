@@ -387,6 +387,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = keys.add_parser(
         "rotate-signing",
         parents=[common],
-        help="make a new WiFi grant signing key; the old one verifies for one grant lifetime",
+        help="make a new WiFi grant signing key; the old one verifies for one grant lifetime "
+        "(on PostgreSQL: for every daemon, signing after wifi.key_propagation_seconds)",
     )
     p.set_defaults(fn=cmd_keys_rotate_signing)
