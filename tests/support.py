@@ -183,6 +183,10 @@ def make_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> C
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
+    if raw["store"].get("url", "").startswith("postgresql://"):
+        # On PostgreSQL the signing keys and the device CA live in the store,
+        # sealed under this file's content (docs/scaling.md).
+        raw["store"].setdefault("key_encryption_key_file", str(kek_file()))
     STORE_FILES.add(raw["store"]["path"])
     return Config.model_validate(raw)
 
@@ -194,6 +198,33 @@ def _store_url() -> dict[str, str]:
     if pg_cluster.store_under_test() == "postgresql":
         return {"url": pg_cluster.shared().new_database()}
     return {}
+
+
+def file_keys_only() -> pytest.MarkDecorator:
+    """For tests of the file key ring: on PostgreSQL the ring lives in the store."""
+    import pg_cluster
+
+    return pytest.mark.skipif(
+        pg_cluster.store_under_test() == "postgresql",
+        reason="on PostgreSQL the signing keys live in the store (tests/test_shared_keys.py)",
+    )
+
+
+_KEK: list[Path] = []
+
+
+def kek_file() -> Path:
+    """The session's key-encryption key file (made on first use; remembered as a secret)."""
+    if not _KEK:
+        import base64
+        import tempfile
+
+        path = Path(tempfile.mkdtemp(prefix="pvd-kek-")) / "kek"
+        text = remember_secret(base64.b64encode(os.urandom(32)).decode())
+        path.write_text(text + "\n")
+        path.chmod(0o600)
+        _KEK.append(path)
+    return _KEK[0]
 
 
 def open_db(config: Config) -> sqlite_utils.Database:

@@ -23,7 +23,7 @@ from daemon_proc import ROOT, write_toml
 
 from provisiond.cli.main import build_parser
 from provisiond.config import Config
-from support import Broker, make_config, running, seed_key
+from support import Broker, make_config, rows, running, seed_key
 
 PROVISIOND = ROOT / ".venv" / "bin" / "provisiond"
 
@@ -188,7 +188,11 @@ async def test_offline_commands_use_the_given_file(
         row = db.execute("SELECT revoked_at FROM api_keys WHERE id = ?", [key_id]).fetchone()
         assert row[0] is not None
     elif command == "keys rotate-signing":
-        assert any((Path(config.store.path).parent / "signing_keys").iterdir())
+        if config.store.url:
+            # PostgreSQL: the ring lives in the store the file names (test_shared_keys.py).
+            assert rows(config, "SELECT COUNT(*) FROM signing_keys") == [(1,)]
+        else:
+            assert any((Path(config.store.path).parent / "signing_keys").iterdir())
     elif command in ("devices list", "devices show"):
         assert '"deviceId": 1' in out
     elif command == "tokens revoke":

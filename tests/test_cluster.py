@@ -7,8 +7,10 @@ message reaches one of them. The leader is killed with SIGKILL mid-run.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import os
 import signal
 import time
 import tomllib
@@ -260,6 +262,7 @@ async def test_the_three_node_example_runs_as_written(
     credentials.mkdir()
     (credentials / "store-password").write_text("change-me\n")
     (credentials / "mqtt-password").write_text("unused\n")
+    (credentials / "key-encryption-key").write_text(base64.b64encode(os.urandom(32)).decode())
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
     # Only where the example's hosts are: this machine's broker (no TLS, no
     # account) and this test's PostgreSQL cluster.

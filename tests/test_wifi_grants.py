@@ -583,6 +583,7 @@ class ShiftedClock(Clock):
         return time.time() + self.offset
 
 
+@support.file_keys_only()
 async def test_key_rotation_keeps_old_key_listed_until_verify_until(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:
@@ -621,6 +622,7 @@ async def test_key_rotation_keeps_old_key_listed_until_verify_until(
         assert not (keys_dir / f"{old_jwks[0]['kid']}.pem").exists()
 
 
+@support.file_keys_only()
 async def test_generated_keys_are_private_and_survive_restart(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:

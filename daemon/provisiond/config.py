@@ -100,6 +100,9 @@ class StoreConfig(Section):
     # comes from `password_file` (a secret file, like the others), never the URL.
     url: str = ""
     password_file: str = ""
+    # On PostgreSQL: the secret file whose content seals the private keys kept
+    # in the store (grant signing keys, device CA); the same on every host.
+    key_encryption_key_file: str = ""
 
     @field_validator("url")
     @classmethod
@@ -139,6 +142,9 @@ class WifiConfig(Section):
     hs256_master_secret_file: str = ""
     allow_server_generated: bool = True
     default_expires_in_seconds: int = Field(default=900, ge=60, le=3600)
+    # Keys in a shared store: a rotated key is published at once and signs only
+    # this much later, after every daemon has loaded it (docs/scaling.md).
+    key_propagation_seconds: float = Field(default=60.0, ge=1, le=86_400)
 
 
 class LimitsConfig(Section):

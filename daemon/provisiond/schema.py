@@ -8,8 +8,10 @@ never renumbers another's.
 from __future__ import annotations
 
 from provisiond import auth, commands, devices, presence, replay, tokens
+from provisiond.broker_accounts import certificates
 from provisiond.broker_accounts import store as broker_accounts_store
 from provisiond.store import Migration
+from provisiond.wifi import keystore as wifi_keystore
 from provisiond.wifi import service as wifi_service
 
 
@@ -23,4 +25,6 @@ def all_migrations() -> list[Migration]:
         *presence.MIGRATIONS,
         *commands.MIGRATIONS,
         *broker_accounts_store.MIGRATIONS,
+        *wifi_keystore.MIGRATIONS,
+        *certificates.MIGRATIONS,
     ]

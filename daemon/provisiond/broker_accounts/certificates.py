@@ -17,14 +17,22 @@ it when the file changes). The daemon cannot signal the broker itself: it
 runs as another user.
 
 Revoked at decommission and at re-provision (the old credentials end with the
-old token, as the password does). The CA key lives in `device_ca/` beside the
-database (0600), like the grant signing keys. The CRL is valid for a year
+old token, as the password does). On SQLite the CA key lives in `device_ca/`
+beside the database (0600), like the grant signing keys. On PostgreSQL every
+daemon must issue from the same CA, so it lives in the store (`device_ca`
+table, owned here): the key sealed under the KEK (`keyvault`), made by the
+first daemon to start, or imported from that host's `device_ca/` files (a
+gateway moving to a cluster keeps the CA its devices' certificates chain
+to). Each daemon writes only the certificate and the CRL into its local
+`device_ca/` for its broker, never the key (and follows revocations made
+through other daemons, `BrokerIdentity.follow_crl`). The CRL is valid for a year
 and written again at every start and every revocation: a CRL past its next
 update makes OpenSSL refuse every certificate of the CA.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 from dataclasses import dataclass
@@ -37,7 +45,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from provisiond.config import Config, resolve_path
-from provisiond.errors import BadRequest
+from provisiond.errors import BadRequest, ConfigError
+from provisiond.keyvault import KeyEncryptionKey, keys_in_store, load_kek
+from provisiond.store import Migration, Store
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        "broker-accounts-3-device-ca",
+        """
+        CREATE TABLE device_ca (
+            name TEXT PRIMARY KEY,
+            cert_pem TEXT NOT NULL,
+            sealed_key BLOB NOT NULL,
+            kek_id TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        """,
+    ),
+]
+# The one row of `device_ca` (a name, so a second CA could be added later).
+CA_ROW = "device"
 
 CERT_DAYS = 365
 CA_DAYS = 3650
@@ -111,37 +138,19 @@ class DeviceCA:
         # Readable by the broker (it loads the CA certificate and the CRL); the
         # key file itself is 0600.
         directory.mkdir(parents=True, exist_ok=True, mode=0o755)
-        key_path, cert_path = directory / "device-ca.key", directory / "device-ca.crt"
-        if key_path.exists() and cert_path.exists():
-            key = serialization.load_pem_private_key(key_path.read_bytes(), None)
-            assert isinstance(key, ec.EllipticCurvePrivateKey)
-            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            return cls(key, cert, directory)
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_CA_KEY_USAGE, critical=True)
-            .sign(key, hashes.SHA256())
-        )
-        _write_private(
-            key_path,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-        )
-        _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-        return cls(key, cert, directory)
+        existing = _read_files(directory)
+        if existing is not None:
+            return cls(*existing, directory)
+        key, cert = _new_ca(name)
+        _write_private(directory / "device-ca.key", _pkcs8(key, serialization.Encoding.PEM))
+        ca = cls(key, cert, directory)
+        ca.write_cert()
+        return ca
+
+    def write_cert(self) -> None:
+        """Blocking: the CA certificate where the broker's `cafile` points."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+        _write_atomic(self.cert_path, self.cert.public_bytes(serialization.Encoding.PEM))
 
     def sign(self, csr_pem: str, username: str) -> tuple[str, int]:
         """A client certificate for `username` from the CSR's key; (PEM, serial)."""
@@ -192,6 +201,118 @@ class DeviceCA:
         _write_atomic(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
 
 
+def _pkcs8(key: ec.EllipticCurvePrivateKey, encoding: serialization.Encoding) -> bytes:
+    return key.private_bytes(
+        encoding, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _new_ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _read_files(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
+    key_path, cert_path = directory / "device-ca.key", directory / "device-ca.crt"
+    if not (key_path.exists() and cert_path.exists()):
+        return None
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key, x509.load_pem_x509_certificate(cert_path.read_bytes())
+
+
+# --- the CA in a shared store
+
+
+class StoredCaCorrupt(ConfigError):
+    """The stored CA key is not the key of the stored CA certificate."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the device CA in the store: {reason}")
+        self.reason = reason
+
+
+_CA_LABEL = f"device CA {CA_ROW}"
+
+
+def stored_ca(
+    db: sqlite_utils.Database,
+    kek: KeyEncryptionKey,
+    candidate: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
+    *,
+    now: float,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """In a write transaction: the store's CA, `candidate` becoming it if there is none.
+
+    Daemons starting together each bring a candidate; the write lock lets the
+    first one in, and the others read what it stored.
+    """
+    db.execute(
+        "INSERT OR IGNORE INTO device_ca (name, cert_pem, sealed_key, kek_id, created_at)"
+        " VALUES (?, ?, ?, ?, ?)",
+        [
+            CA_ROW,
+            candidate[1].public_bytes(serialization.Encoding.PEM).decode(),
+            kek.seal(_CA_LABEL, _pkcs8(candidate[0], serialization.Encoding.DER)),
+            kek.id,
+            now,
+        ],
+    )
+    found = read_stored_ca(db, kek)
+    assert found is not None, "inserted above, or by whoever won"
+    return found
+
+
+def read_stored_ca(
+    db: sqlite_utils.Database, kek: KeyEncryptionKey
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
+    """The store's CA, unsealed and checked (None if there is none yet)."""
+    row = db.execute(
+        "SELECT cert_pem, sealed_key, kek_id FROM device_ca WHERE name = ?", [CA_ROW]
+    ).fetchone()
+    if row is None:
+        return None
+    cert_pem, sealed, kek_id = row
+    key = serialization.load_der_private_key(kek.unseal(_CA_LABEL, kek_id, bytes(sealed)), None)
+    cert = x509.load_pem_x509_certificate(str(cert_pem).encode())
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+        raise StoredCaCorrupt("the key does not belong to the certificate")
+    return key, cert
+
+
+async def open_ca(store: Store, config: Config, *, name: str, now: float) -> DeviceCA:
+    """The device CA: files on SQLite, the store's (sealed) on PostgreSQL."""
+    directory = ca_dir(config)
+    if not keys_in_store(config):
+        return await asyncio.to_thread(DeviceCA.load_or_create, directory, name=name)
+    kek = await asyncio.to_thread(
+        load_kek, config, why="broker_accounts.certificates: the device CA lives in the store"
+    )
+
+    def bring() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        return _read_files(directory) or _new_ca(name)
+
+    candidate = await asyncio.to_thread(bring)
+    key, cert = await store.write(lambda db: stored_ca(db, kek, candidate, now=now))
+    ca = DeviceCA(key, cert, directory)
+    await asyncio.to_thread(ca.write_cert)
+    return ca
+
+
 # --- store functions (the caller owns the transaction)
 
 
@@ -219,3 +340,11 @@ def revoked_serials(db: sqlite_utils.Database) -> list[int]:
             "SELECT serial FROM device_certificates WHERE revoked_at IS NOT NULL"
         ).fetchall()
     ]
+
+
+def revoked_count(db: sqlite_utils.Database) -> int:
+    return int(
+        db.execute(
+            "SELECT COUNT(*) FROM device_certificates WHERE revoked_at IS NOT NULL"
+        ).fetchone()[0]
+    )

@@ -41,13 +41,17 @@ from provisiond.broker_accounts import (
 from provisiond.broker_accounts import store as account_store
 from provisiond.broker_accounts.certificates import DeviceCA
 from provisiond.broker_accounts.sync import sync
-from provisiond.errors import BadRequest
+from provisiond.errors import BadRequest, StoreUnavailable
+from provisiond.keyvault import keys_in_store
 from provisiond.logs import get_logger
 from provisiond.rpc import Router
 from provisiond.runtime.app import App
 from provisiond.runtime.services import ServiceKey
 
 log = get_logger("provisiond.broker_accounts")
+
+# On a shared store: how often a daemon looks for revocations made through others.
+CRL_POLL_SECONDS = 5.0
 
 R = TypeVar("R")
 
@@ -98,6 +102,8 @@ class BrokerIdentity:
         self.backend = accounts
         self.ca: DeviceCA | None = None
         self._locks = DeviceLocks()
+        # How many revocations the CRL file written last holds.
+        self._crl_revoked = -1
 
     @property
     def accounts(self) -> BrokerAccounts | None:
@@ -160,16 +166,34 @@ class BrokerIdentity:
             return
         serials = await self._app.store.call(certificates.revoked_serials)
         await asyncio.to_thread(self.ca.write_crl, serials)
+        self._crl_revoked = len(serials)
         log.info("broker_accounts.crl_written", revoked=len(serials), path=str(self.ca.crl_path))
+
+    async def follow_crl(self) -> None:
+        """On a shared store: revocations made through other daemons reach this host's CRL."""
+        while True:
+            await asyncio.sleep(CRL_POLL_SECONDS)
+            try:
+                # Revocations are only ever added: a count that moved means a new one.
+                revoked = await self._app.store.call(certificates.revoked_count)
+                if revoked != self._crl_revoked:
+                    await self.refresh_crl()
+            except StoreUnavailable:
+                continue
+            except Exception:
+                # Keep following: a dead loop would leave revoked certificates accepted.
+                log.exception("broker_accounts.crl_follow_failed")
 
     async def start(self) -> None:
         config = self._app.config
         if config.broker_accounts.certificates:
             name = f"provisiond device CA ({config.daemon.gateway_id})"
-            self.ca = await asyncio.to_thread(
-                DeviceCA.load_or_create, certificates.ca_dir(config), name=name
+            self.ca = await certificates.open_ca(
+                self._app.store, config, name=name, now=self._app.clock.now()
             )
             await self.refresh_crl()
+            if keys_in_store(config):
+                self._app.spawn(self.follow_crl(), name="broker-accounts-crl")
         accounts = self.accounts
         if accounts is not None and config.broker_accounts.sync_at_start:
             self._app.spawn(_sync_at_start(self._app, accounts), name="broker-accounts-sync")

@@ -2,8 +2,8 @@
 
 `status` asks the running daemon over MQTT, with the daemon's own broker
 settings and an API key given by the operator (this command creates nothing).
-The other two work on files beside the running daemon: SQLite's online backup
-and the WiFi signing key ring.
+The other two work beside the running daemon: SQLite's online backup, and
+the WiFi signing key ring (files on SQLite, the store's ring on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -240,8 +240,12 @@ def backup_database(source: Path, target: Path, *, overwrite: bool = False) -> i
 
 
 def cmd_keys_rotate_signing(args: argparse.Namespace) -> int:
+    from provisiond.keyvault import keys_in_store
+
     config = load_config(args)
     try:
+        if keys_in_store(config):
+            return _rotate_in_store(config, time.time())
         new_kid, retired = rotate_signing(config, time.time())
     except OperatorError as exc:
         return fail(str(exc))
@@ -253,12 +257,8 @@ def cmd_keys_rotate_signing(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def rotate_signing(config: Config, now: float) -> tuple[str, list[tuple[str, float]]]:
-    """Rotate the daemon-managed key ring; returns the new kid and the retired (kid, until)."""
-    from provisiond.wifi.crypto import MAX_GRANT_LIFETIME
-    from provisiond.wifi.service import keys_directory
-    from provisiond.wifi.signing import KeyRing, KeyRingError
-
+def _daemon_managed(config: Config) -> None:
+    """Refuse keys the daemon does not manage (HS256, operator files)."""
     wifi = config.wifi
     if wifi.signing_algorithm == "HS256":
         raise OperatorError(
@@ -270,10 +270,55 @@ def rotate_signing(config: Config, now: float) -> tuple[str, list[tuple[str, flo
             "signing keys come from wifi.signing_key_files (operator-managed): put the new "
             "key first in that list and keep the old one after it for an hour"
         )
+
+
+def _rotate_in_store(config: Config, now: float) -> int:
+    """Rotate the ring every daemon on the PostgreSQL store shares; no reload needed."""
+    import psycopg
+
+    from provisiond.keyvault import load_kek
+    from provisiond.schema import all_migrations
+    from provisiond.store import migrate, open_database, store_target, transaction
+    from provisiond.wifi import keystore
+
+    _daemon_managed(config)
+    # A config error (no KEK, another KEK than the daemons') exits 3 in main.
+    kek = load_kek(config, why="the grant signing keys live in the store")
+    target, password = store_target(config)
+    propagation = config.wifi.key_propagation_seconds
+    try:
+        db = open_database(target, password=password)
+        try:
+            migrate(db, all_migrations())
+            with transaction(db):
+                rotation = keystore.rotate(
+                    db, kek, now=now, propagation=propagation, alg=config.wifi.signing_algorithm
+                )
+        finally:
+            db.conn.close()
+    except psycopg.OperationalError as exc:
+        raise OperatorError(f"cannot use the store: {type(exc).__name__}") from None
+    print(
+        f"new signing key {rotation.kid} is published by every daemon within "
+        f"{keystore.refresh_interval(propagation):g} s and signs from "
+        f"{iso_utc(rotation.sign_from)}; no reload needed"
+    )
+    for kid, until in rotation.retiring:
+        print(f"key {kid} now only verifies, until {iso_utc(until)}")
+    return EXIT_OK
+
+
+def rotate_signing(config: Config, now: float) -> tuple[str, list[tuple[str, float]]]:
+    """Rotate the daemon-managed key ring; returns the new kid and the retired (kid, until)."""
+    from provisiond.wifi.crypto import MAX_GRANT_LIFETIME
+    from provisiond.wifi.service import keys_directory
+    from provisiond.wifi.signing import KeyRing, KeyRingError
+
+    _daemon_managed(config)
     directory = keys_directory(config)
     _require_owner(directory)
     try:
-        ring = KeyRing.load_or_create(directory, wifi.signing_algorithm, now=now)
+        ring = KeyRing.load_or_create(directory, config.wifi.signing_algorithm, now=now)
         new = ring.rotate(now, max_grant_lifetime=MAX_GRANT_LIFETIME)
     except (KeyRingError, OSError) as exc:
         raise OperatorError(f"cannot rotate the keys in {directory}: {exc}") from None
@@ -342,6 +387,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = keys.add_parser(
         "rotate-signing",
         parents=[common],
-        help="make a new WiFi grant signing key; the old one verifies for one grant lifetime",
+        help="make a new WiFi grant signing key; the old one verifies for one grant lifetime "
+        "(on PostgreSQL: for every daemon, signing after wifi.key_propagation_seconds)",
     )
     p.set_defaults(fn=cmd_keys_rotate_signing)

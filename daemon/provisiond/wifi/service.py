@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal, Required, TypedDict, Unpack
 
@@ -35,11 +35,14 @@ from provisiond.errors import (
     StoreUnavailable,
     Unavailable,
 )
+from provisiond.keyvault import KeyEncryptionKey, keys_in_store, load_kek
 from provisiond.logs import get_logger
 from provisiond.runtime.app import App
 from provisiond.runtime.services import ServiceKey
 from provisiond.store import Migration
+from provisiond.wifi import keystore
 from provisiond.wifi.crypto import MAX_GRANT_LIFETIME, b64url_encode
+from provisiond.wifi.keystore import StoredRing
 from provisiond.wifi.signing import (
     AlgorithmUnavailable,
     DeviceNotWifiCapable,
@@ -113,11 +116,13 @@ class GrantResult:
 
 @dataclass(frozen=True)
 class _Keys:
-    """What signs, decided once at start."""
+    """What signs, decided at start and on reload (and, for a stored ring, on refresh)."""
 
     algorithm: str
-    ring: KeyRing | None
+    ring: KeyRing | StoredRing | None
     hs256_master: bytes | None = field(repr=False)
+    # Set when the ring lives in the store (PostgreSQL), to unseal what it re-reads.
+    kek: KeyEncryptionKey | None = field(default=None, repr=False)
 
 
 class GrantService:
@@ -127,22 +132,33 @@ class GrantService:
         self.app = app
         self._keys: _Keys | None = None
         self._issued: OrderedDict[str, tuple[int, int]] = OrderedDict()  # jti -> (device, exp)
+        # A stored ring: what the table looked like when last read, and when
+        # (monotonic) the last read succeeded.
+        self._version: tuple[tuple[Any, ...], ...] = ()
+        self._refreshed = 0.0
+        self._signing_kid: str | None = None
 
     # ---- keys
 
     async def load_keys(self) -> None:
         """Load or create the signing keys (disk I/O, so off the event loop)."""
         await self.reload_keys(self.app.config)
+        if keys_in_store(self.app.config):
+            self.app.spawn(self.refresh_forever(), name="wifi-keys-refresh")
 
     async def reload_keys(self, config: Config) -> None:
         """(Re)load the signing keys: at start, and on SIGHUP, so that after
-        `keys rotate-signing` the new key signs from then on. A failure raises,
-        which refuses the reload and keeps the keys in memory."""
-        keys = await asyncio.to_thread(_load_keys, config, self.app.clock.now())
+        `keys rotate-signing` on a file ring the new key signs from then on. A
+        failure raises, which refuses the reload and keeps the keys in memory."""
+        if _stored_ring(config):
+            keys = await self._load_stored(config)
+        else:
+            keys = await asyncio.to_thread(_load_keys, config, self.app.clock.now())
         old = self._keys
         self._keys = keys
         old_kid = None if old is None or old.ring is None else old.ring.active.kid
         new_kid = None if keys.ring is None else keys.ring.active.kid
+        self._signing_kid = new_kid
         if old is None or old.algorithm != keys.algorithm or old_kid != new_kid:
             log.info(
                 "wifi.keys_loaded",
@@ -150,16 +166,92 @@ class GrantService:
                 kid=new_kid,
                 previous_kid=old_kid,
                 verification_keys=0 if keys.ring is None else len(keys.ring.keys),
+                source="store" if keys.kek is not None else "files",
             )
 
+    async def _load_stored(self, config: Config) -> _Keys:
+        """The store's ring, made (or imported from the file ring) if it has none."""
+        kek = await asyncio.to_thread(
+            load_kek, config, why="the grant signing keys live in the store"
+        )
+        files = await asyncio.to_thread(_file_ring, config)
+        alg, now = config.wifi.signing_algorithm, self.app.clock.now()
+        propagation = config.wifi.key_propagation_seconds
+        done = await self.app.store.write(
+            lambda db: keystore.ensure(
+                db, kek, alg, now=now, propagation=propagation, import_from=files
+            )
+        )
+        version, stored = await self.app.store.call(
+            lambda db: (keystore.version(db), keystore.load(db, kek))
+        )
+        self._version, self._refreshed = version, self.app.clock.monotonic()
+        kids = [k.key.kid for k in stored]
+        if done is not None:
+            log.info(f"wifi.keys_{done}", kids=kids)
+        elif files is not None and files.active.kid not in kids:
+            # The store was filled by another daemon first: these files are not
+            # what the fleet signs with, and devices that pinned them need re-provisioning.
+            log.warning("wifi.key_files_not_imported", directory=str(keys_directory(config)))
+        return _Keys(alg, StoredRing(stored, clock=self.app.clock.now), None, kek)
+
+    async def refresh_forever(self) -> None:
+        """Re-read a stored ring until cancelled, so rotations by any host reach this one."""
+        while True:
+            propagation = self.app.config.wifi.key_propagation_seconds
+            await asyncio.sleep(keystore.refresh_interval(propagation))
+            try:
+                await self.refresh()
+            except StoreUnavailable:
+                pass
+            except ConfigError as exc:
+                # E.g. a row sealed under another KEK: keep what we have; the
+                # staleness bound stops this daemon before it could mislead.
+                log.error("wifi.keys_refresh_failed", error=str(exc))
+            except Exception:
+                # Keep trying: a dead loop would leave this daemon stale for good.
+                log.exception("wifi.keys_refresh_failed")
+
+    async def refresh(self) -> None:
+        """Read the stored ring again if it changed (a no-op for file rings)."""
+        keys = self._keys
+        if keys is None or keys.kek is None:
+            return
+        kek, seen = keys.kek, self._version
+
+        def read(db: sqlite_utils.Database) -> tuple[Any, list[keystore.StoredKey] | None]:
+            current = keystore.version(db)
+            return current, None if current == seen else keystore.load(db, kek)
+
+        version, stored = await self.app.store.call(read)
+        self._refreshed = self.app.clock.monotonic()
+        if stored is not None and self._keys is keys:
+            self._version = version
+            self._keys = replace(keys, ring=StoredRing(stored, clock=self.app.clock.now))
+            log.info("wifi.keys_refreshed", kids=[k.key.kid for k in stored])
+        ring = self._keys.ring if self._keys is not None else None
+        if ring is not None and ring.active.kid != self._signing_kid:
+            log.info("wifi.keys_signing", kid=ring.active.kid, previous_kid=self._signing_kid)
+            self._signing_kid = ring.active.kid
+
     @property
-    def keyring(self) -> KeyRing | None:
+    def keyring(self) -> KeyRing | StoredRing | None:
         """The asymmetric key ring (None in HS256 mode); for rotation and tests."""
         return None if self._keys is None else self._keys.ring
 
     def _require_keys(self) -> _Keys:
         if self._keys is None:
             raise Unavailable("grant signing keys are not loaded yet", code="keys_unavailable")
+        if self._keys.kek is not None:
+            age = self.app.clock.monotonic() - self._refreshed
+            bound = keystore.stale_after(self.app.config.wifi.key_propagation_seconds)
+            if age > bound:
+                # Another daemon may sign with a key added since: neither sign
+                # nor publish until the store answers again.
+                raise Unavailable(
+                    f"grant signing keys not refreshed from the store for {age:.0f} s",
+                    code="keys_stale",
+                )
         return self._keys
 
     def verification_jwks(self, device_id: int) -> list[dict[str, Any]]:
@@ -356,10 +448,13 @@ class GrantService:
 
         removed = await self.app.store.write(delete)
         ring = self.keyring
-        if ring is not None:
+        kids: list[str] = []
+        if isinstance(ring, StoredRing):
+            kids = await self.app.store.write(lambda db: keystore.prune(db, now))
+        elif ring is not None:
             kids = await asyncio.to_thread(ring.prune, now)
-            if kids:
-                log.info("wifi.keys_pruned", kids=kids)
+        if kids:
+            log.info("wifi.keys_pruned", kids=kids)
         return removed
 
     async def prune_forever(self) -> None:
@@ -405,7 +500,9 @@ def _sign(keys: _Keys, *, device_id: int, **kwargs: Any) -> IssuedGrant:
             keys.ring,
             device_id=device_id,
             hs256_master_secret=keys.hs256_master,
-            algorithm=keys.algorithm,
+            # A stored ring signs with whichever of its keys has come: during an
+            # algorithm change that is still the old algorithm's.
+            algorithm=None if keys.kek is not None else keys.algorithm,
             **kwargs,
         )
     except InvalidGrantRequest as exc:
@@ -434,6 +531,28 @@ def keys_directory(config: Config) -> Path:
     if config.wifi.keys_dir:
         return resolve_path(config, config.wifi.keys_dir)
     return resolve_path(config, config.store.path).parent / "signing_keys"
+
+
+def _stored_ring(config: Config) -> bool:
+    """Asymmetric keys the daemon manages, on a shared store: the store's ring.
+
+    Operator files (`signing_key_files`) and the HS256 master secret stay
+    files: the operator puts the same ones on every host.
+    """
+    wifi = config.wifi
+    return (
+        keys_in_store(config) and wifi.signing_algorithm != "HS256" and not wifi.signing_key_files
+    )
+
+
+def _file_ring(config: Config) -> KeyRing | None:
+    """This host's file ring, if it has one: what a gateway moving to a cluster brings."""
+    try:
+        return KeyRing.load_existing(keys_directory(config))
+    except KeyRingError as exc:
+        raise ConfigError(str(exc), key="wifi.keys_dir") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read signing keys: {exc}", key="wifi.keys_dir") from None
 
 
 def _credential_path(config: Config, name: str) -> Path:

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -235,6 +235,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class SigningRing(Protocol):
+    """What signs grants: a file ring (`KeyRing`) or the store's (`wifi.keystore.StoredRing`)."""
+
+    @property
+    def active(self) -> SigningKey: ...
+
+    @property
+    def keys(self) -> list[SigningKey]: ...
+
+    def verification_jwks(self, now: float) -> list[dict[str, Any]]: ...
+
+
 class KeyRing:
     """The gateway's grant-signing keys: one active, others verify-only.
 
@@ -275,6 +287,13 @@ class KeyRing:
         else:
             ring.prune(now)
         return ring
+
+    @classmethod
+    def load_existing(cls, directory: Path) -> KeyRing | None:
+        """The ring in `directory` as it is (nothing generated, rotated or pruned), if any."""
+        if not (directory / INDEX_NAME).exists():
+            return None
+        return cls(cls._read_index(directory), directory=directory)
 
     @classmethod
     def _read_index(cls, directory: Path) -> list[SigningKey]:
@@ -496,17 +515,19 @@ def _check_grant_request(
 
 
 def _signing_key(
-    keyring: KeyRing | None, algorithm: str | None, hs256_master_secret: bytes | None
+    keyring: SigningRing | None, algorithm: str | None, hs256_master_secret: bytes | None
 ) -> tuple[str, SigningKey | None]:
     """The algorithm that signs, and its key from the ring (None for HS256)."""
-    alg = algorithm or (keyring.active.alg if keyring is not None else "HS256")
+    # Asked once: a stored ring's active key changes with the clock.
+    active = keyring.active if keyring is not None else None
+    alg = algorithm or (active.alg if active is not None else "HS256")
     if alg == "HS256":
         if hs256_master_secret is None:
             raise AlgorithmUnavailable(alg)
         return alg, None
-    if keyring is None or keyring.active.alg != alg:
+    if active is None or active.alg != alg:
         raise AlgorithmUnavailable(alg)
-    return alg, keyring.active
+    return alg, active
 
 
 def _sign_claims(
@@ -523,7 +544,7 @@ def _sign_claims(
 
 
 def issue_grant(
-    keyring: KeyRing | None,
+    keyring: SigningRing | None,
     *,
     gateway_id: str,
     device_id: int,
