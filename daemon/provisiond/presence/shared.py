@@ -40,9 +40,12 @@ log = get_logger("provisiond.presence")
 # leader) can see it; a device's deadline is seconds after its heartbeat.
 FLUSH_SECONDS = 0.2
 SWEEP_SECONDS = 0.25
-# `last_seen` is read back with this much overlap: another daemon's flush may
-# land after rows with later heartbeats were already read.
-SEEN_OVERLAP_SECONDS = 1.0
+# Other daemons' heartbeats are read back into `last_seen` every this many
+# sweeps, with this much overlap: another daemon's flush (every FLUSH_SECONDS)
+# may land after rows with later heartbeats were already read. Each read
+# returns every device heard from in the window, so it is kept infrequent.
+SEEN_EVERY_SWEEPS = 4
+SEEN_OVERLAP_SECONDS = 0.5
 
 
 class SharedPresence(Presence):
@@ -136,8 +139,10 @@ class SharedPresence(Presence):
             await self.flush()
 
     async def _sweep_loop(self) -> None:
+        sweeps = 0
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
+            sweeps += 1
             try:
                 if not self._cluster.is_leader:
                     self._leading = False
@@ -146,7 +151,8 @@ class SharedPresence(Presence):
                     if not self._leading:
                         await self._take_over()
                     await self._decide()
-                await self._read_seen()
+                if sweeps % SEEN_EVERY_SWEEPS == 0:
+                    await self._read_seen()
             except StoreUnavailable as exc:
                 self._counters["presence.sweep.failed"] += 1
                 log.warning("presence.sweep_failed", error=str(exc))
