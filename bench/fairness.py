@@ -9,6 +9,10 @@ loop, as a misbehaving service with a deep pipeline does). The polite key's
 p50 and p99 are measured idle and during the flood, in the same run, with
 the default per-key share (`limits.max_inflight_per_key = 16`) and with the
 share as large as all the slots (what the daemon did before fair slots).
+A third daemon takes a flood 1500 deep, more than the broker lets the
+daemon hold unacknowledged (`mqtt.receive_maximum = 1000`): what no share
+inside the daemon can help, since the polite request then queues at the
+broker behind the flood's.
 
 Idle and flood segments alternate, several rounds each, and the figures pool
 each kind's rounds: on a machine shared with other work, a burst of someone
@@ -37,12 +41,21 @@ FLOOD_CONCURRENCY = 256
 FLOOD_TOPIC = "bench/rpc/provision/token"
 FLOOD_BODY = {"orgId": 1, "ownerId": 1}
 POLITE_TOPIC = "bench/rpc/keys/whoami"
-SHARES = (("fair_default_share_16", 16), ("one_key_may_take_all_256", 256))
+# (label, limits.max_inflight_per_key, flood concurrency)
+CONFIGS = (
+    ("fair_default_share_16", 16, FLOOD_CONCURRENCY),
+    ("one_key_may_take_all_256", 256, FLOOD_CONCURRENCY),
+    # Deeper than the broker's window to the daemon (mqtt.receive_maximum
+    # 1000): the polite request queues at the broker behind the flood's.
+    ("deep_flood_1500_share_16", 16, 1500),
+)
+# A polite segment that takes longer than this is reported as starved.
+POLITE_TIMEOUT = 30
 # Seconds for the flood's pipeline to fill, and for its leftovers to drain.
 SETTLE = 1.0
 
 Load = Callable[..., Any]
-Flood = Callable[[int, str, Path], subprocess.Popen[bytes]]
+Flood = Callable[[int, str, Path, int], subprocess.Popen[bytes]]
 
 
 def second_key(directory: Path) -> str:
@@ -55,29 +68,29 @@ def second_key(directory: Path) -> str:
     return key
 
 
-def python_flood(port: int, key: str, _directory: Path) -> subprocess.Popen[bytes]:
+def python_flood(port: int, key: str, _directory: Path, depth: int) -> subprocess.Popen[bytes]:
     """The flood runs in its own process, so the polite client's latency is the daemon's."""
     return subprocess.Popen(
-        [sys.executable, "-m", "bench.fairness", "--flood", str(port), key],
+        [sys.executable, "-m", "bench.fairness", "--flood", str(port), key, str(depth)],
         env=common.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
 
 
-def c_flood(port: int, key: str, directory: Path) -> subprocess.Popen[bytes]:
+def c_flood(port: int, key: str, directory: Path, depth: int) -> subprocess.Popen[bytes]:
     """The same closed loop as `flood`, from the C driver (no warm-up, run until stopped)."""
     body = directory / "flood.json"
     body.write_text(json.dumps(FLOOD_BODY))
     return subprocess.Popen(
         [str(cmqtt.build() / "mqtt_load"), str(port), FLOOD_TOPIC, str(body), key,
-         "10000000", str(FLOOD_CONCURRENCY), "0", "3600"],
+         "10000000", str(depth), "0", "3600"],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
 
 
-async def flood(port: int, key: str) -> None:
+async def flood(port: int, key: str, depth: int) -> None:
     await common.rpc_load(
         port, FLOOD_TOPIC, FLOOD_BODY, key=key,
-        n=10_000_000, concurrency=FLOOD_CONCURRENCY, warmup=0, timeout=3600,
+        n=10_000_000, concurrency=depth, warmup=0, timeout=3600,
     )  # fmt: skip
 
 
@@ -124,14 +137,20 @@ async def interleaved(
     idle: list[common.LoadResult] = []
     loaded: list[common.LoadResult] = []
     flood_rps: list[float] = []
-    polite_load: dict[str, Any] = {"key": polite, "n": shape["n"], "concurrency": 1, "warmup": 20}
+    polite_load: dict[str, Any] = {
+        "key": polite, "n": shape["n"], "concurrency": 1, "warmup": 20, "timeout": POLITE_TIMEOUT,
+    }  # fmt: skip
     for _ in range(shape["rounds"]):
         idle.append(await load(port, POLITE_TOPIC, {}, **polite_load))
-        proc = start_flood(port, flooder, directory)
+        proc = start_flood(port, flooder, directory, shape["depth"])
         try:
             await asyncio.sleep(SETTLE)  # the flood's pipeline is full
             since = time.time()
-            loaded.append(await load(port, POLITE_TOPIC, {}, **polite_load))
+            try:
+                loaded.append(await load(port, POLITE_TOPIC, {}, **polite_load))
+            except (TimeoutError, RuntimeError) as exc:
+                return {"polite_starved": f"{shape['n']} requests not answered in "
+                        f"{POLITE_TIMEOUT} s during the flood: {exc}"}  # fmt: skip
             until = time.time()
         finally:
             proc.terminate()
@@ -162,11 +181,11 @@ def summary(
 
 
 async def run(quick: bool = False, driver: str = "c", n: int | None = None) -> dict[str, Any]:
-    per_segment, rounds = (500, 3) if quick else (2000, 4)
+    per_segment, rounds = (1000, 3) if quick else (3000, 4)
     n = n or per_segment
     name, load, start_flood = drivers(driver)
     results: dict[str, Any] = {"drivers": name, "rounds": rounds, "per_segment": n}
-    for label, share in SHARES:
+    for label, share, depth in CONFIGS:
         with common.workdir() as d, common.mosquitto(d) as port:
             polite = common.seed(d, users=1)
             flooder = second_key(d)
@@ -174,8 +193,9 @@ async def run(quick: bool = False, driver: str = "c", n: int | None = None) -> d
             with common.daemon_process(common.write_config(d, port, extra=extra), d / "daemon.log"):
                 await common.wait_rpc_ready(port, POLITE_TOPIC, polite)
                 results[label] = await interleaved(
-                    d, port, (polite, flooder), (load, start_flood), n=n, rounds=rounds
-                )
+                    d, port, (polite, flooder), (load, start_flood),
+                    n=n, rounds=rounds, depth=depth,
+                )  # fmt: skip
     return common.report("fairness", results)
 
 
@@ -184,8 +204,8 @@ def main(quick: bool = False, driver: str = "c", n: int | None = None) -> dict[s
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--flood":
-        asyncio.run(flood(int(sys.argv[2]), sys.argv[3]))
+    if len(sys.argv) == 5 and sys.argv[1] == "--flood":
+        asyncio.run(flood(int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
     else:
         parser = common.arg_parser("python -m bench.fairness", __doc__)
         parser.add_argument("--driver", choices=["c", "python"], default="c")

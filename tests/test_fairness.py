@@ -109,35 +109,3 @@ def test_forgetting_old_replay_ids_costs_what_expired_not_what_is_kept() -> None
     assert min(timed_prune() for _ in range(3)) < 0.005
     assert len(recent) == 999_000
     assert f"{999:016x}" not in recent and f"{1000:016x}" in recent
-
-
-async def test_a_key_past_its_waiting_bound_is_answered_429_at_once(
-    tmp_path: Path, broker: Broker
-) -> None:
-    # A waiting request is unacknowledged: it holds one of the broker's
-    # in-flight slots to the daemon (here 20), which every key's requests
-    # need. Past its bound, a key's surplus is answered at once instead.
-    config = make_config(
-        tmp_path,
-        broker,
-        mqtt={"receive_maximum": 20},
-        limits={"max_inflight_per_key": 2, "max_waiting_per_key": 4},
-    )
-    _, flooder = seed_key(config)
-    _, polite = seed_key(config)
-    async with running(config, features=[*FEATURES, SLOW_FEATURE]), RpcClient(config) as rpc:
-        started = time.monotonic()
-        flood = [await rpc.send("test/slow", {"seconds": SLOW}, key=flooder) for _ in range(40)]
-        answered_at: list[float] = []
-        for f in flood:
-            f.add_done_callback(lambda _: answered_at.append(time.monotonic() - started))
-        mine = await asyncio.wait_for(await rpc.send("keys/whoami", key=polite), 20)
-        replies = await asyncio.wait_for(asyncio.gather(*flood), 30)
-    assert mine["status"] == 200
-    refused = [r for r in replies if r["status"] == 429]
-    # Two run, four wait; the rest are refused, long before the first run ends.
-    assert len(refused) >= 20
-    assert {r["error"]["code"] for r in refused} == {"too_many_waiting"}
-    assert "4 wait" in refused[0]["error"]["message"]
-    assert sorted(answered_at)[len(refused) - 1] < SLOW
-    assert all(r["status"] in (200, 429) for r in replies)

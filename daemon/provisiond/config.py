@@ -147,10 +147,6 @@ class LimitsConfig(Section):
     # Request slots one API key may hold at once; its further requests wait
     # their turn, served round-robin with other keys' (docs/protocol.md).
     max_inflight_per_key: int = Field(default=16, ge=1, le=100_000)
-    # Requests of one API key waiting for a slot; more are answered 429 at
-    # once, so one key never fills the broker's in-flight window to the
-    # daemon (mqtt.receive_maximum) that every other key's requests need.
-    max_waiting_per_key: int = Field(default=128, ge=0, le=100_000)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -265,31 +265,17 @@ class Router:
         """Parse and answer in the caller's turn for a slot; a None path: nowhere to reply."""
         caller = _presented_key(delivery)
         async with contextlib.AsyncExitStack() as turn:
-            # The key is a property: the turn comes before any parsing, so a
-            # flood's waiting requests cost nothing until theirs comes.
-            over = caller is not None and not await self._take_turn(turn, caller)
+            if caller is not None:
+                # The key is a property: the turn comes before any parsing, so a
+                # flood's waiting requests cost nothing until theirs comes.
+                await turn.enter_async_context(self._slots.slot(caller))
             path, body = self._parse(delivery, fields)
             if path is None:
                 return None, b"", "dropped"
             if caller is None:
-                over = not await self._take_turn(turn, _caller(body))
-            reply, status = await self._reply_for(name, body, path, fields, over_share=over)
+                await turn.enter_async_context(self._slots.slot(_caller(body)))
+            reply, status = await self._reply_for(name, body, path, fields)
         return path, reply, status
-
-    async def _take_turn(self, turn: contextlib.AsyncExitStack, caller: str) -> bool:
-        """Wait for `caller`'s slot; False, at once, when too many of its requests wait.
-
-        A waiting request is unacknowledged, so it holds one of the broker's
-        in-flight slots to the daemon (`mqtt.receive_maximum`): a key that
-        could keep any number waiting would fill that window, and every other
-        key's requests would queue behind its flood at the broker. Requests
-        without a key (device activation) share one turn and are not bounded.
-        """
-        bound = self.app.config.limits.max_waiting_per_key
-        if caller and self._slots.waiting_for(caller) >= bound:
-            return False
-        await turn.enter_async_context(self._slots.slot(caller))
-        return True
 
     def _parse(self, delivery: Delivery, fields: dict[str, Any]) -> tuple[ReplyPath | None, Any]:
         """Find the reply path and the body; errors are returned as the body."""
@@ -362,20 +348,12 @@ class Router:
         return None
 
     async def _reply_for(
-        self,
-        name: str,
-        parsed: Any,
-        path: ReplyPath,
-        fields: dict[str, Any],
-        *,
-        over_share: bool = False,
+        self, name: str, parsed: Any, path: ReplyPath, fields: dict[str, Any]
     ) -> tuple[bytes, int]:
         try:
             if isinstance(parsed, RpcError):
                 raise parsed
             user_auth, body = parsed
-            if over_share:
-                await self._refuse_over_share(name, user_auth, path, fields)
             return await self._dispatch(name, user_auth, body, path, fields), 200
         except _Unbound:
             raise
@@ -427,24 +405,6 @@ class Router:
         if rid is None:
             return await self._run_handler(op, principal, body, None, secret, fields)
         return await self._once(op, principal, body, rid, secret, stored, fields)
-
-    async def _refuse_over_share(
-        self, name: str, user_auth: str | None, path: ReplyPath, fields: dict[str, Any]
-    ) -> None:
-        """Answer a request beyond its key's waiting bound with 429, after the same
-        checks as any other (unknown operation, unknown key, per-key reply topics)."""
-        op = self.operations.get(name)
-        if op is None:
-            raise NotFound(f"unknown operation {name!r}", code="unknown_operation")
-        if op.auth == "api_key":
-            await self._bound_authenticate(op, user_auth, path, fields)
-        self.app.counters["rpc.over_share"] += 1
-        raise RateLimited(
-            "too many requests of this key are waiting; "
-            f"at most {self.app.config.limits.max_inflight_per_key} run and "
-            f"{self.app.config.limits.max_waiting_per_key} wait at once",
-            code="too_many_waiting",
-        )
 
     async def _bound_authenticate(
         self, op: Operation, user_auth: str | None, path: ReplyPath, fields: dict[str, Any]

@@ -33,11 +33,6 @@ class FairSlots:
     def waiting(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 
-    def waiting_for(self, caller: str) -> int:
-        """How many of `caller`'s requests wait for a slot."""
-        queue = self._waiting.get(caller)
-        return 0 if queue is None else len(queue)
-
     @contextlib.asynccontextmanager
     async def slot(self, caller: str) -> AsyncIterator[None]:
         await self.acquire(caller)
