@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 from functools import partial
 
@@ -129,7 +130,7 @@ class RecentIds:
             # Bounded memory under a flood: forgetting the oldest ids only means
             # their repeats are looked up no more; writes stay exactly-once
             # through the transactional reply insert.
-            for key in list(self._ids)[: self.MAX_IDS // 10]:
+            for key in list(itertools.islice(self._ids, self.MAX_IDS // 10)):
                 del self._ids[key]
         self._ids[self._key(rid)] = now
 
@@ -141,10 +142,14 @@ class RecentIds:
 
     def prune(self, now: float) -> None:
         # Insertion order is time order, so expired entries are at the front.
+        # Only those are visited: this runs every 0.2 s, and copying the whole
+        # set (up to millions of ids after a long flood) stalled the event loop
+        # for every other caller each time.
         cutoff = now - WINDOW_SECONDS
-        for key, at in list(self._ids.items()):
-            if at > cutoff:
-                break
+        expired = [
+            key for key, _ in itertools.takewhile(lambda item: item[1] <= cutoff, self._ids.items())
+        ]
+        for key in expired:
             del self._ids[key]
 
 
