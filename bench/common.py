@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -118,6 +119,50 @@ def seed(directory: Path, *, users: int = 1) -> str:
     _, key = auth.create_key(db, org_id=1, scopes=frozenset(auth.SCOPES))
     db.conn.close()
     return key
+
+
+def seed_url(url: str) -> str:
+    """`seed` for a store named by URL (a SQLite file or PostgreSQL): the org key."""
+    from provisiond import auth
+    from provisiond.schema import all_migrations
+    from provisiond.store import migrate, open_database
+
+    db = open_database(url)
+    migrate(db, all_migrations())
+    auth.create_org(db, 1, "bench")
+    auth.create_user(db, 1, 1)
+    _, key = auth.create_key(db, org_id=1, scopes=frozenset(auth.SCOPES))
+    db.conn.close()
+    return key
+
+
+@contextlib.contextmanager
+def pg_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster (tests/pg_cluster.py) with fsync on and
+    `synchronous_commit = on` (the defaults), or None without the package."""
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        yield None
+        return
+    from tests.pg_cluster import PgCluster
+
+    cluster = PgCluster(fsync=True).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def pg_cpu_seconds(cluster: Any) -> float:
+    """User + system CPU of a PostgreSQL cluster's processes alive now (the
+    postmaster and its children: backends, WAL writer, checkpointer), Linux."""
+    postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == postmaster or stat.parent.name == str(postmaster):
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 @contextlib.contextmanager

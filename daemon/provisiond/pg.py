@@ -17,11 +17,20 @@ only place that knows the differences, and it keeps them few:
   connections: the caches' watcher (`caches.py`) polls it every 0.2 s, on
   both dialects alike;
 - Python booleans are stored as integers, as SQLite does;
-- `rowid` (a tie-break in ORDER BY) becomes `ctid`.
+- `rowid` (a tie-break in ORDER BY) becomes `ctid`;
+- a write transaction runs in psycopg's pipeline mode: statements are sent
+  without waiting, and the connection waits for the server only when a
+  caller reads a result (`fetchone`, `rowcount`, ...), at `settle()` and at
+  COMMIT. Every statement would otherwise be a network round trip of its
+  own (seven per provision in a group-commit batch, counting the savepoint
+  and its release); pipelined, it is the three whose results it reads. A
+  failing statement's error is therefore raised at the next of those points,
+  which the store's group commit places inside each write (`store.settle`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
@@ -46,15 +55,35 @@ class _BoolAsInt(Dumper):
 
 
 class Cursor:
-    """What `db.execute` returns: rows as tuples, `rowcount`, iteration."""
+    """What `db.execute` returns: rows as tuples, `rowcount`, iteration.
 
-    def __init__(self, cur: psycopg.Cursor[Any] | None, rows: list[tuple[Any, ...]] | None = None):
+    Inside a pipelined transaction its result may not have arrived yet: any
+    read first waits for it (`Connection.wait_for`).
+    """
+
+    def __init__(
+        self,
+        cur: psycopg.Cursor[Any] | None,
+        rows: list[tuple[Any, ...]] | None = None,
+        *,
+        conn: Connection | None = None,
+        seq: int = 0,
+    ) -> None:
         self._cur = cur
         self._rows = rows
+        self._conn = conn
+        self._seq = seq
+
+    def _arrived(self) -> psycopg.Cursor[Any] | None:
+        if self._conn is not None:
+            self._conn.wait_for(self._seq)
+            self._conn = None
+        return self._cur
 
     @property
     def rowcount(self) -> int:
-        return -1 if self._cur is None else self._cur.rowcount
+        cur = self._arrived()
+        return -1 if cur is None else cur.rowcount
 
     @property
     def lastrowid(self) -> None:
@@ -64,17 +93,19 @@ class Cursor:
     def fetchone(self) -> tuple[Any, ...] | None:
         if self._rows is not None:
             return self._rows.pop(0) if self._rows else None
-        if self._cur is None or self._cur.description is None:
+        cur = self._arrived()
+        if cur is None or cur.description is None:
             return None
-        return self._cur.fetchone()
+        return cur.fetchone()
 
     def fetchall(self) -> list[tuple[Any, ...]]:
         if self._rows is not None:
             rows, self._rows = self._rows, []
             return rows
-        if self._cur is None or self._cur.description is None:
+        cur = self._arrived()
+        if cur is None or cur.description is None:
             return []
-        return self._cur.fetchall()
+        return cur.fetchall()
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         return iter(self.fetchall())
@@ -89,6 +120,12 @@ class Connection:
         self.data_version = 0
         self._pid = raw.info.backend_pid
         self._write_tx = False
+        # The pipeline of the open write transaction, if any; statements sent
+        # in it are numbered, and `_synced` is the last one known to be answered.
+        self._pipeline: psycopg.Pipeline | None = None
+        self._pipeline_cm: contextlib.AbstractContextManager[psycopg.Pipeline] | None = None
+        self._sent = 0
+        self._synced = 0
         raw.adapters.register_dumper(bool, _BoolAsInt)
         raw.add_notify_handler(self._notified)
         raw.execute(f"LISTEN {CHANNEL}")
@@ -99,7 +136,9 @@ class Connection:
 
     @property
     def in_transaction(self) -> bool:
-        return self.raw.info.transaction_status in (
+        # While pipelined the server's status may lag what was sent, and
+        # PostgreSQL never ends a transaction by itself (it only marks it failed).
+        return self._pipeline is not None or self.raw.info.transaction_status in (
             pq.TransactionStatus.INTRANS,
             pq.TransactionStatus.INERROR,
         )
@@ -108,20 +147,29 @@ class Connection:
     def closed(self) -> bool:
         return self.raw.closed or self.raw.broken
 
+    def settle(self) -> None:
+        """Wait for every statement sent so far; raises the first one's error."""
+        self.wait_for(self._sent)
+
+    def wait_for(self, seq: int) -> None:
+        if seq <= self._synced or self._pipeline is None:
+            return
+        self._synced = self._sent
+        self._pipeline.sync()
+
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> Cursor:
         command = sql.strip().rstrip(";").upper()
         if command == "BEGIN IMMEDIATE":
-            self.raw.execute("BEGIN")
-            self.raw.execute("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK_KEY])
-            self._write_tx = True
+            self._begin()
             return Cursor(None)
         if command == "COMMIT" and self._write_tx:
             self._write_tx = False
-            self.raw.execute(f"NOTIFY {CHANNEL}")
-            self.raw.execute("COMMIT")
+            self._send(f"NOTIFY {CHANNEL}")
+            self._send("COMMIT")
+            self._end_pipeline()
             return Cursor(None)
-        if command in ("COMMIT", "ROLLBACK"):
-            self._write_tx = False
+        if command == "COMMIT" or command.startswith("ROLLBACK"):
+            return self._rollback_or_commit(sql, command)
         if command == "PRAGMA DATA_VERSION":
             # A round trip delivers the notifications waiting on the socket.
             self.raw.execute("SELECT 1")
@@ -129,11 +177,50 @@ class Connection:
         if command.startswith("PRAGMA"):
             return Cursor(None, [])
         # Without parameters psycopg does no placeholder processing, so `%` stays as is.
-        cur = self.raw.execute(translate(sql, bool(params)), params or None)
+        statement = translate(sql, bool(params))
+        if self._pipeline is not None:
+            return self._send(statement, params or None)
+        cur = self.raw.execute(statement, params or None)
         if not self.in_transaction and command.startswith(("INSERT", "UPDATE", "DELETE")):
             # Committed on its own: other processes must hear of it as of any commit.
             self.raw.execute(f"NOTIFY {CHANNEL}")
         return Cursor(cur)
+
+    def _begin(self) -> None:
+        self._pipeline_cm = self.raw.pipeline()
+        self._pipeline = self._pipeline_cm.__enter__()
+        self._write_tx = True
+        self._send("BEGIN")
+        self._send("SELECT pg_advisory_xact_lock(%s)", [WRITE_LOCK_KEY])
+
+    def _send(self, sql: str, params: Sequence[Any] | None = None) -> Cursor:
+        """One statement into the pipeline; its result is read when someone asks."""
+        cur = self.raw.execute(sql, params)
+        self._sent += 1
+        return Cursor(cur, conn=self, seq=self._sent)
+
+    def _rollback_or_commit(self, sql: str, command: str) -> Cursor:
+        if self._pipeline is None:
+            if command in ("COMMIT", "ROLLBACK"):
+                self._write_tx = False
+            return Cursor(self.raw.execute(sql))
+        if command.startswith("ROLLBACK"):
+            # What is rolled back may have failed unseen: its error must not
+            # abort the rollback itself.
+            with contextlib.suppress(psycopg.Error):
+                self.settle()
+        self._send(sql)
+        if command in ("COMMIT", "ROLLBACK"):
+            self._write_tx = False
+            self._end_pipeline()
+        return Cursor(None)
+
+    def _end_pipeline(self) -> None:
+        """Leave pipeline mode: waits for everything sent; raises the first error."""
+        cm, self._pipeline_cm, self._pipeline = self._pipeline_cm, None, None
+        self._synced = self._sent
+        if cm is not None:
+            cm.__exit__(None, None, None)
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Cursor:
         cur = self.raw.cursor()

@@ -198,6 +198,18 @@ class transaction:
             self.db.execute("ROLLBACK")
 
 
+def settle(db: sqlite_utils.Database) -> None:
+    """Wait until every statement sent so far has run; raises the first one's error.
+
+    PostgreSQL's write transactions are pipelined (see `pg.py`), so a failed
+    statement is reported at the next read of a result; a write of a batch
+    settles before its savepoint is released, so its error stays its own.
+    SQLite runs each statement at once: nothing to wait for.
+    """
+    if dialect(db) == "postgresql":
+        db.conn.settle()  # type: ignore[attr-defined]
+
+
 def data_version(db: sqlite_utils.Database) -> int:
     """Moves whenever another connection commits (SQLite's `PRAGMA data_version`)."""
     return int(db.execute("PRAGMA data_version").fetchone()[0])
@@ -346,6 +358,7 @@ class Store:
 
     def _commit_together(self, db: sqlite_utils.Database, items: list[_Write]) -> None:
         done: list[_Write] = []  # ran and released, awaiting the COMMIT
+        postgresql = dialect(db) == "postgresql"
         db.execute("BEGIN IMMEDIATE")
         try:
             for item in items:
@@ -360,13 +373,19 @@ class Store:
                 db.execute(f"SAVEPOINT {_SAVEPOINT}")
                 try:
                     item.result = item.fn(db)
+                    settle(db)
                 except Exception as exc:
                     item.error = exc
                     if db.conn.in_transaction:
                         db.execute(f"ROLLBACK TO {_SAVEPOINT}")
                         db.execute(f"RELEASE {_SAVEPOINT}")
                     continue
-                db.execute(f"RELEASE {_SAVEPOINT}")
+                if not postgresql:
+                    # PostgreSQL keeps the savepoint until the COMMIT: a RELEASE
+                    # costs a statement per write and frees nothing there (a
+                    # released subtransaction keeps its XID), and ROLLBACK TO
+                    # always finds the newest savepoint of the name, this write's.
+                    db.execute(f"RELEASE {_SAVEPOINT}")
                 done.append(item)
             if not db.conn.in_transaction:
                 for lost in done:
