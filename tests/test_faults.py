@@ -241,10 +241,12 @@ def small_disk(path: Path, size: str = "8m") -> Iterator[Path]:
 
 
 def _fill(path: Path) -> None:
-    with path.open("wb") as f, contextlib.suppress(OSError):
+    # Unbuffered: a buffered file keeps the bytes that did not fit and raises
+    # ENOSPC again when it is closed, outside the suppress (whether it does
+    # depends on how the last chunk met the end of the disk).
+    with path.open("wb", buffering=0) as f, contextlib.suppress(OSError):
         while True:
             f.write(b"\0" * 65536)
-            f.flush()
 
 
 @contextlib.asynccontextmanager
