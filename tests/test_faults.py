@@ -163,7 +163,10 @@ def _write_config(config: Config, path: Path) -> None:
         f'topic_prefix = "{m.topic_prefix}"\nclient_id = "{m.client_id}"\n'
         f"reconnect_min_seconds = 0.1\nreconnect_max_seconds = 1.0\n"
         f'[store]\npath = "{s.path}"\nurl = "{s.url}"\n'
-    )
+        # On PostgreSQL the store keeps the signing keys, sealed under this file.
+        + (f'key_encryption_key_file = "{s.key_encryption_key_file}"\n'
+           if s.key_encryption_key_file else "")
+    )  # fmt: skip
 
 
 async def _wait_serving(config: Config, key: str, timeout: float = 20) -> None:
