@@ -250,12 +250,15 @@ class Store:
         synchronous: str = "normal",
         group_commit: bool = True,
         password: str | None = None,
+        on_thread_start: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
         self._password = password
         self._synchronous = synchronous
         self.group_commit = group_commit
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="store", initializer=on_thread_start
+        )
         self._db: sqlite_utils.Database | None = None
         # Writes waiting for the store thread; appended on the loop, taken on the thread.
         self._queue: deque[_Write] = deque()
