@@ -20,9 +20,9 @@ from typing import Literal
 
 ThreadPriority = Literal["background", "normal"]
 
-# The nice value of a background thread: a quarter of a normal thread's CPU
-# weight when both want the same core, never starved outright (SCHED_IDLE
-# would be, under unrelated load).
+# Added to the thread's nice value: a third of a normal thread's CPU weight
+# when both want the same core, never starved outright (SCHED_IDLE would be,
+# under unrelated load).
 BACKGROUND_NICE = 5
 
 
