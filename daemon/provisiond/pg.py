@@ -25,14 +25,23 @@ only place that knows the differences, and it keeps them few:
   own (seven per provision in a group-commit batch, counting the savepoint
   and its release); pipelined, it is the three whose results it reads. A
   failing statement's error is therefore raised at the next of those points,
-  which the store's group commit places inside each write (`store.settle`).
+  which the store's group commit places inside each write (`store.settle`);
+- a write the caller marks as pipelined (`Store.write(fn, pipelined=True)`)
+  is not settled on its own: a run of them in one batch is sent whole and
+  answered at one sync, their result checks (`store.check_later`) run after
+  it, and any failure sends the run back to the settled path (see
+  `Store._run_pipelined`);
+- values drawn ahead from a sequence (`take_ahead`: device ids) live with
+  the connection, so a reconnect starts a new block (the old one's unused
+  values are a gap, as a rolled-back INSERT's id is on PostgreSQL anyway).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -126,6 +135,10 @@ class Connection:
         self._pipeline_cm: contextlib.AbstractContextManager[psycopg.Pipeline] | None = None
         self._sent = 0
         self._synced = 0
+        # Set by the store while a pipelined run of writes is sent: result
+        # checks wait here until the run's one sync (`store.check_later`).
+        self.deferred_checks: list[Callable[[], None]] | None = None
+        self._ahead: dict[str, deque[int]] = {}
         raw.adapters.register_dumper(bool, _BoolAsInt)
         raw.add_notify_handler(self._notified)
         raw.execute(f"LISTEN {CHANNEL}")
@@ -156,6 +169,13 @@ class Connection:
             return
         self._synced = self._sent
         self._pipeline.sync()
+
+    def take_ahead(self, key: str, refill: Callable[[], list[int]]) -> int:
+        """The next value of a block drawn ahead under `key`; `refill()` draws the next block."""
+        block = self._ahead.get(key)
+        if not block:
+            block = self._ahead[key] = deque(refill())
+        return block.popleft()
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> Cursor:
         command = sql.strip().rstrip(";").upper()
