@@ -245,10 +245,10 @@ def create_device(
     return new_id
 
 
-# Device ids drawn from the sequence per round trip on PostgreSQL. A daemon
-# that stops leaves the rest of its block unused (a gap in the ids, as a
+# Device ids drawn from the sequence at once on PostgreSQL. A daemon that
+# stops leaves the rest of its block unused (a gap in the ids, as a
 # rolled-back INSERT leaves there anyway).
-ID_BLOCK = 32
+ID_BLOCK = 64
 
 
 def _create_pipelined(
@@ -262,7 +262,7 @@ def _create_pipelined(
     """PostgreSQL: a device whose id is known before the server answers, so the
     write it belongs to is sent whole (the token and the replay record need the
     id); the owner check is part of the INSERT, and its answer is read later."""
-    device_id = take_ahead(db, "devices.id", lambda: _draw_ids(db))
+    device_id = take_ahead(db, "devices.id", _DRAW_IDS, [ID_BLOCK])
     _check_id_space(device_id)
     if check is None:
         db.execute(
@@ -286,12 +286,7 @@ def _create_pipelined(
     return device_id
 
 
-def _draw_ids(db: sqlite_utils.Database) -> list[int]:
-    rows = db.execute(
-        "SELECT nextval(pg_get_serial_sequence('devices', 'id')) FROM generate_series(1, ?)",
-        [ID_BLOCK],
-    ).fetchall()
-    return sorted(int(r[0]) for r in rows)
+_DRAW_IDS = "SELECT nextval(pg_get_serial_sequence('devices', 'id')) FROM generate_series(1, ?)"
 
 
 def _check_id_space(device_id: int) -> None:

@@ -226,13 +226,14 @@ def check_later(db: sqlite_utils.Database, check: Callable[[], None]) -> None:
         pending.append(check)
 
 
-def take_ahead(db: sqlite_utils.Database, key: str, refill: Callable[[], list[int]]) -> int:
-    """The next of a block of values drawn ahead with `refill()` (PostgreSQL only).
+def take_ahead(db: sqlite_utils.Database, key: str, sql: str, params: Sequence[Any]) -> int:
+    """The next of a block of values drawn ahead by `sql`, one per row (PostgreSQL only).
 
     For ids from a sequence that a write must know without waiting for the
-    server: one round trip draws a block. The block is per connection.
+    server; the block is per connection, and the next one is asked for in
+    the background before this one runs out.
     """
-    return int(db.conn.take_ahead(key, refill))  # type: ignore[attr-defined]
+    return int(db.conn.take_ahead(key, sql, params))  # type: ignore[attr-defined]
 
 
 def data_version(db: sqlite_utils.Database) -> int:
@@ -326,11 +327,15 @@ class Store:
 
         `pipelined`: on PostgreSQL, consecutive such writes of a batch are
         sent without waiting for the server between them (one sync for the
-        run instead of one or more per write). `fn` must then read results
-        only through `check_later` (a read still works, it just waits), and
-        must be safe to run again: if anything in the run fails, the run is
-        rolled back and each of its writes runs again on the settled path,
-        so every write gets the outcome it would have had there.
+        run instead of one or more per write), and each one's plain data
+        changes are sent as one statement. `fn` must then read results only
+        through `check_later` (a read still works, it just waits); its data
+        changes must not depend on each other's effects (in one statement
+        they see one snapshot; foreign keys are checked at its end, so a row
+        may reference one inserted beside it); and it must be safe to run
+        again: if anything in the run fails, the run is rolled back and each
+        of its writes runs again on the settled path, one statement at a
+        time, so every write gets the outcome it would have had there.
         """
         if not self.group_commit:
 
@@ -476,13 +481,16 @@ class Store:
         conn.deferred_checks = checks  # type: ignore[attr-defined]
         try:
             for item in run:
+                conn.combine()  # type: ignore[attr-defined]
                 item.result = item.fn(db)
+                conn.send_combined(stop=True)  # type: ignore[attr-defined]
             conn.deferred_checks = None  # type: ignore[attr-defined]
             settle(db)
             for check in checks:
                 check()
         except Exception:
             conn.deferred_checks = None  # type: ignore[attr-defined]
+            conn.drop_combined()  # type: ignore[attr-defined]
             if getattr(conn, "closed", False):
                 raise
             for item in run:
