@@ -331,6 +331,11 @@ class Connection:
         if command in ("COMMIT", "ROLLBACK"):
             self._write_tx = False
             self._end_pipeline()
+        elif command.startswith("ROLLBACK"):
+            # psycopg forgets every prepared statement when it reads a
+            # ROLLBACK's answer; a statement sent before that, by a name it
+            # then deallocates, failed ("prepared statement does not exist").
+            self.settle()
         return Cursor(None)
 
     def _end_pipeline(self) -> None:
