@@ -31,12 +31,13 @@ only place that knows the differences, and it keeps them few:
   answered at one sync, their result checks (`store.check_later`) run after
   it, and any failure sends the run back to the settled path (see
   `Store._run_pipelined`);
-- within a pipelined write, its plain INSERT/UPDATE/DELETE statements are
-  held and sent as ONE statement (data-modifying `WITH`s, each answering
-  its row count): a provision is one statement, not three. The CPU per
-  statement (psycopg's Python, a send and a poll, the server's own round)
-  is what bounds PostgreSQL here once nothing waits. The parts see one
-  snapshot, which the pipelined write's contract allows (`Store.write`);
+- in a pipelined run, the writes' plain INSERT/UPDATE/DELETE statements
+  are held and sent as ONE statement per few writes (data-modifying
+  `WITH`s, each answering its row count): eight provisions are one
+  statement, not 24. Once nothing waits, the CPU per statement (psycopg's
+  Python, a send and a poll, the server's own round) is what bounds
+  PostgreSQL here. The parts see one snapshot, which the pipelined write's
+  contract allows (`Store.write`);
 - values drawn ahead from a sequence (`take_ahead`: device ids) live with
   the connection, so a reconnect starts a new block (the old one's unused
   values are a gap, as a rolled-back INSERT's id is on PostgreSQL anyway).
@@ -241,6 +242,8 @@ class Connection:
 
     def combine(self) -> None:
         """Hold plain INSERT/UPDATE/DELETE statements from now on, to be sent as one.
+
+        With parameters only: a statement without them keeps its literal `%`.
 
         A statement of another kind, or a read of a held one's row count,
         sends what is held first; `send_combined` sends the rest and stops.

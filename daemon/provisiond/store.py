@@ -245,6 +245,8 @@ def data_version(db: sqlite_utils.Database) -> int:
 # writes queued behind it and the reads waiting for the store thread.
 MAX_BATCH = 256
 _SAVEPOINT = "provisiond_write"
+# How many pipelined writes' data changes go in one statement (see pg.py).
+COMBINE_WRITES = 8
 # Before a pipelined run of writes: its failure rolls back to here.
 _RUN_SAVEPOINT = "provisiond_run"
 
@@ -327,12 +329,14 @@ class Store:
 
         `pipelined`: on PostgreSQL, consecutive such writes of a batch are
         sent without waiting for the server between them (one sync for the
-        run instead of one or more per write), and each one's plain data
-        changes are sent as one statement. `fn` must then read results only
-        through `check_later` (a read still works, it just waits); its data
-        changes must not depend on each other's effects (in one statement
-        they see one snapshot; foreign keys are checked at its end, so a row
-        may reference one inserted beside it); and it must be safe to run
+        run instead of one or more per write), and the plain data changes of
+        up to `COMBINE_WRITES` of them are sent as one statement. `fn` must
+        then read results only through `check_later` (a read still works, it
+        just waits); its data changes must not depend on the effects of its
+        own or another pipelined write's (in one statement they see one
+        snapshot; foreign keys are checked at its end, so a row may reference
+        one inserted beside it; two parts changing one row make the statement
+        fail, which the retry below absorbs); and it must be safe to run
         again: if anything in the run fails, the run is rolled back and each
         of its writes runs again on the settled path, one statement at a
         time, so every write gets the outcome it would have had there.
@@ -480,10 +484,12 @@ class Store:
         checks: list[Callable[[], None]] = []
         conn.deferred_checks = checks  # type: ignore[attr-defined]
         try:
-            for item in run:
-                conn.combine()  # type: ignore[attr-defined]
+            conn.combine()  # type: ignore[attr-defined]
+            for n, item in enumerate(run, 1):
                 item.result = item.fn(db)
-                conn.send_combined(stop=True)  # type: ignore[attr-defined]
+                if n % COMBINE_WRITES == 0:
+                    conn.send_combined()  # type: ignore[attr-defined]
+            conn.send_combined(stop=True)  # type: ignore[attr-defined]
             conn.deferred_checks = None  # type: ignore[attr-defined]
             settle(db)
             for check in checks:
