@@ -349,6 +349,8 @@ class Connection:
             cm.__exit__(None, None, None)
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Cursor:
+        if self._parts:
+            self.send_combined()  # in order
         cur = self.raw.cursor()
         cur.executemany(translate(sql), list(seq))
         if not self.in_transaction:

@@ -482,8 +482,8 @@ class Store:
         conn = db.conn
         db.execute(f"SAVEPOINT {_RUN_SAVEPOINT}")
         checks: list[Callable[[], None]] = []
-        conn.deferred_checks = checks  # type: ignore[attr-defined]
         try:
+            conn.deferred_checks = checks  # type: ignore[attr-defined]
             conn.combine()  # type: ignore[attr-defined]
             for n, item in enumerate(run, 1):
                 item.result = item.fn(db)
@@ -495,14 +495,16 @@ class Store:
             for check in checks:
                 check()
         except Exception:
-            conn.deferred_checks = None  # type: ignore[attr-defined]
-            conn.drop_combined()  # type: ignore[attr-defined]
             if getattr(conn, "closed", False):
                 raise
             for item in run:
                 item.result = None
             db.execute(f"ROLLBACK TO {_RUN_SAVEPOINT}")
             return False
+        finally:
+            # Whatever ended the run, later writes check and send at once again.
+            conn.deferred_checks = None  # type: ignore[attr-defined]
+            conn.drop_combined()  # type: ignore[attr-defined]
         return True
 
     def _count(self, writes: int) -> None:
@@ -522,6 +524,7 @@ class Store:
             "commits": s.commits,
             "writes": s.writes,
             "largest_batch": s.largest_batch,
+            "pipelined_retries": s.pipelined_retries,
         }
 
     async def close(self) -> None:
