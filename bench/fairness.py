@@ -16,6 +16,10 @@ daemon hold unacknowledged (`mqtt.receive_maximum = 1000`): what no share
 inside the daemon can help, since the polite request then queues at the
 broker behind the flood's.
 
+Each round also counts the flood's tokens per second while it runs alone
+(2 s, no polite request), next to its rate during the polite segment: what
+each setting costs a key that is the only one asking, in the same run.
+
 Idle and flood segments alternate, several rounds each, and the figures pool
 each kind's rounds: on a machine shared with other work, a burst of someone
 else's load then falls on both kinds alike instead of on one segment.
@@ -58,6 +62,8 @@ CONFIGS = (
 POLITE_TIMEOUT = 30
 # Seconds for the flood's pipeline to fill, and for its leftovers to drain.
 SETTLE = 1.0
+# Seconds the flood runs alone (no polite requests) in each round.
+ALONE = 2.0
 
 Load = Callable[..., Any]
 Flood = Callable[[int, str, Path, int], subprocess.Popen[bytes]]
@@ -142,6 +148,7 @@ async def interleaved(
     idle: list[common.LoadResult] = []
     loaded: list[common.LoadResult] = []
     flood_rps: list[float] = []
+    alone_rps: list[float] = []
     polite_load: dict[str, Any] = {
         "key": polite, "n": shape["n"], "concurrency": 1, "warmup": 20, "timeout": POLITE_TIMEOUT,
     }  # fmt: skip
@@ -150,6 +157,10 @@ async def interleaved(
         proc = start_flood(port, flooder, directory, shape["depth"])
         try:
             await asyncio.sleep(SETTLE)  # the flood's pipeline is full
+            # The flood's own rate with nobody else asking: what a key alone gets.
+            alone_from = time.time()
+            await asyncio.sleep(ALONE)
+            alone_rps.append(round(tokens_issued(directory, alone_from, time.time()) / ALONE, 1))
             since = time.time()
             try:
                 loaded.append(await load(port, POLITE_TOPIC, {}, **polite_load))
@@ -162,7 +173,7 @@ async def interleaved(
             proc.wait(10)
         flood_rps.append(round(tokens_issued(directory, since, until) / (until - since), 1))
         await asyncio.sleep(SETTLE)  # requests it left in the daemon are answered
-    return summary(idle, loaded, flood_rps)
+    return {**summary(idle, loaded, flood_rps), "flood_alone_tokens_per_s": alone_rps}
 
 
 def summary(
