@@ -7,10 +7,11 @@ One daemon, two API keys. The polite key sends one `keys/whoami` at a time;
 the flooding key keeps 256 `provision/token` requests in flight (a closed
 loop, as a misbehaving service with a deep pipeline does). The polite key's
 p50 and p99 are measured idle and during the flood, in the same run, with
-the defaults (`limits.max_inflight_per_key = 16`, `store.thread_priority =
-"background"`), with the store thread at normal priority, with a smaller
-share (4), and with the share as large as all the slots (what the daemon did
-before fair slots).
+the defaults (`limits.max_inflight_per_key = 16`,
+`limits.shared_inflight_per_key = 4`, `store.thread_priority =
+"background"`), without the smaller bound while shared, with the store thread
+at normal priority, and with the share as large as all the slots (what the
+daemon did before fair slots).
 A third daemon takes a flood 1500 deep, more than the broker lets the
 daemon hold unacknowledged (`mqtt.receive_maximum = 1000`): what no share
 inside the daemon can help, since the polite request then queues at the
@@ -47,16 +48,18 @@ FLOOD_CONCURRENCY = 256
 FLOOD_TOPIC = "bench/rpc/provision/token"
 FLOOD_BODY = {"orgId": 1, "ownerId": 1}
 POLITE_TOPIC = "bench/rpc/keys/whoami"
-# (label, limits.max_inflight_per_key, store.thread_priority, flood concurrency)
+# (label, limits.max_inflight_per_key, limits.shared_inflight_per_key,
+#  store.thread_priority, flood concurrency)
 CONFIGS = (
-    ("fair_default_share_16", 16, "background", FLOOD_CONCURRENCY),
+    ("fair_defaults_16_shared_4", 16, 4, "background", FLOOD_CONCURRENCY),
+    # What the smaller bound while shared buys (no such bound before 2026-12-03).
+    ("no_shared_bound_16", 16, 16, "background", FLOOD_CONCURRENCY),
     # What the store thread's lower priority buys (the default before 2026-12-03).
-    ("store_thread_normal", 16, "normal", FLOOD_CONCURRENCY),
-    ("smaller_share_4", 4, "background", FLOOD_CONCURRENCY),
-    ("one_key_may_take_all_256", 256, "background", FLOOD_CONCURRENCY),
+    ("store_thread_normal", 16, 4, "normal", FLOOD_CONCURRENCY),
+    ("one_key_may_take_all_256", 256, 256, "background", FLOOD_CONCURRENCY),
     # Deeper than the broker's window to the daemon (mqtt.receive_maximum
     # 1000): the polite request queues at the broker behind the flood's.
-    ("deep_flood_1500_share_16", 16, "background", 1500),
+    ("deep_flood_1500", 16, 4, "background", 1500),
 )
 # A polite segment that takes longer than this is reported as starved.
 POLITE_TIMEOUT = 30
@@ -201,12 +204,15 @@ async def run(quick: bool = False, driver: str = "c", n: int | None = None) -> d
     n = n or per_segment
     name, load, start_flood = drivers(driver)
     results: dict[str, Any] = {"drivers": name, "rounds": rounds, "per_segment": n}
-    for label, share, priority, depth in CONFIGS:
+    for label, share, shared, priority, depth in CONFIGS:
         with common.workdir() as d, common.mosquitto(d) as port:
             polite = common.seed(d, users=1)
             flooder = second_key(d)
             # `extra` continues the [store] table.
-            extra = f'thread_priority = "{priority}"\n[limits]\nmax_inflight_per_key = {share}\n'
+            extra = (
+                f'thread_priority = "{priority}"\n[limits]\nmax_inflight_per_key = {share}\n'
+                f"shared_inflight_per_key = {shared}\n"
+            )
             with common.daemon_process(common.write_config(d, port, extra=extra), d / "daemon.log"):
                 await common.wait_rpc_ready(port, POLITE_TOPIC, polite)
                 results[label] = await interleaved(

@@ -6,7 +6,7 @@ The earlier tree comes from `git archive REV` into a temp dir; both daemons
 run from the same venv (PYTHONPATH picks the tree), on fresh SQLite stores,
 one after the other, the pair repeated (interleaved) so machine drift hits
 both. Figures: `keys/whoami` and `provision/token` with bench rpc's settings
-(32 in flight, the default per-key bound of 16), and `provision/token` with
+(32 in flight, a per-key bound of 16), and `provision/token` with
 128 in flight allowed to one key (where writes can batch).
 """
 

@@ -158,3 +158,30 @@ async def test_the_store_thread_gives_way_to_request_handling(
         assert not background, threads
         assert all(s == (own_nice, os.SCHED_OTHER) for s in threads.values()), threads
     assert not daemon.named("store.thread_priority")  # nothing could not be applied
+
+
+async def test_a_key_alone_keeps_its_whole_share_and_shares_less_while_another_is_active() -> None:
+    """`limits.shared_inflight_per_key`: the smaller bound applies only while
+    another key held or asked for a slot within the last second."""
+    now = [0.0]
+    slots = FairSlots(capacity=16, per_caller=8, shared=2, clock=lambda: now[0])
+    for _ in range(8):
+        await slots.acquire("flood")  # alone: all eight at once
+    ninth = asyncio.create_task(slots.acquire("flood"))
+    await asyncio.sleep(0)
+    assert not ninth.done()  # its whole share, and no more
+    await slots.acquire("polite")  # a free slot, at once
+    slots.release("polite")
+    for _ in range(6):
+        slots.release("flood")  # down to 2 held: still at the shared bound
+    await asyncio.sleep(0)
+    assert not ninth.done()
+    slots.release("flood")  # 1 held: the ninth may go, as the second of two
+    await asyncio.wait_for(ninth, 1)
+    more = [asyncio.create_task(slots.acquire("flood")) for _ in range(6)]
+    await asyncio.sleep(0)
+    assert not any(t.done() for t in more)
+    now[0] += 1.5  # the polite key has been quiet for over a second
+    slots.release("flood")  # any release looks again: alone, the share is 8 again
+    await asyncio.wait_for(asyncio.gather(*more), 1)
+    assert slots.bound("flood") == 8

@@ -161,6 +161,10 @@ class LimitsConfig(Section):
     # Request slots one API key may hold at once; its further requests wait
     # their turn, served round-robin with other keys' (docs/protocol.md).
     max_inflight_per_key: int = Field(default=16, ge=1, le=100_000)
+    # The same bound while another key is active (a request within the last
+    # second): a flood's replies then come back in smaller bursts, ahead of
+    # fewer of the other key's requests. At most max_inflight_per_key.
+    shared_inflight_per_key: int = Field(default=4, ge=1, le=100_000)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

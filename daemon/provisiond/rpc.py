@@ -155,8 +155,11 @@ class Router:
         self.app = app
         self.operations: dict[str, Operation] = {}
         self.draining = False
+        limits = app.config.limits
         self._slots = FairSlots(
-            app.config.daemon.max_concurrent_requests, app.config.limits.max_inflight_per_key
+            app.config.daemon.max_concurrent_requests,
+            limits.max_inflight_per_key,
+            limits.shared_inflight_per_key,
         )
         self._admit = asyncio.Semaphore(app.config.daemon.max_concurrent_requests + MAX_WAITING)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -171,7 +174,9 @@ class Router:
         app.on_reload.append(self._reload)
 
     async def _reload(self, config: Config) -> None:
-        self._slots.configure(config.limits.max_inflight_per_key)
+        self._slots.configure(
+            config.limits.max_inflight_per_key, config.limits.shared_inflight_per_key
+        )
 
     async def start(self) -> None:
         """Load the recent replay ids and start their upkeep."""
