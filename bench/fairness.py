@@ -62,7 +62,7 @@ CONFIGS = (
     ("deep_flood_1500", 16, 4, "background", 1500),
 )
 # A polite segment that takes longer than this is reported as starved.
-POLITE_TIMEOUT = 30
+POLITE_TIMEOUT = 60
 # Seconds for the flood's pipeline to fill, and for its leftovers to drain.
 SETTLE = 1.0
 # Seconds the flood runs alone (no polite requests) in each round.
