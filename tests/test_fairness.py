@@ -7,11 +7,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from provisiond.config import Config
 from provisiond.replay import WINDOW_SECONDS, RecentIds
 from provisiond.runtime.fairslots import FairSlots
 from provisiond.runtime.features import FEATURES
 from support import SLOW_FEATURE, Broker, RpcClient, make_config, running, seed_key
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 SLOW = 0.4
 

@@ -21,6 +21,9 @@ from provisiond.server import Server
 from provisiond_example import ExamplePlugin
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
