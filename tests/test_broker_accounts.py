@@ -32,7 +32,10 @@ from provisiond.broker_accounts import BrokerAccountsUnavailable
 from provisiond.broker_accounts.dynsec import DynsecClient, MosquittoDynsec
 from provisiond.config import Config
 from provisiond.presence import PRESENCE
-from support import Broker, eventually, make_config, remember_secret, running
+from support import Broker, eventually, make_config, remember_secret, running, store_toml
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 
 @pytest.fixture
@@ -468,11 +471,9 @@ port = {dynsec.local_port}
 topic_prefix = "{PREFIX}"
 username = "provisiond"
 password_file = "{tmp_path / "mqtt-password"}"
-[store]
-path = "{config.store.path}"
 [broker_accounts]
 backend = "mosquitto-dynsec"
-"""
+{store_toml(config)}"""
     )
     return config_file
 

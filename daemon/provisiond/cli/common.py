@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from provisiond.config import Config, config_path, load, resolve_path
+from provisiond.config import Config, config_path, load
 from provisiond.schema import all_migrations
-from provisiond.store import connect, migrate
+from provisiond.store import migrate, open_database, store_target
 
 N = TypeVar("N", int, float)
 
@@ -32,8 +32,10 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def open_db(config: Config) -> sqlite_utils.Database:
-    """The daemon's store, migrated, for a command that reads or writes it directly."""
-    db = connect(resolve_path(config, config.store.path), synchronous=config.store.synchronous)
+    """The daemon's store, migrated, for a command that reads or writes it directly:
+    the SQLite file or the PostgreSQL database `[store] url` names, as the daemon opens it."""
+    target, password = store_target(config)
+    db = open_database(target, synchronous=config.store.synchronous, password=password)
     migrate(db, all_migrations())
     return db
 
