@@ -36,6 +36,9 @@ from provisiond.errors import NotFound, StoreUnavailable
 from provisiond.store import Migration, Store
 from support import Broker, RpcClient, make_config, open_db, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 MIGRATIONS = [
     Migration(
         "test-1",
@@ -50,6 +53,12 @@ MIGRATIONS = [
     ),
     *replay.MIGRATIONS,
 ]
+
+# These open a SQLite file of their own (whatever store the suite runs on);
+# group commit on PostgreSQL: test_store_dialects.py, on both stores.
+STORE_LEVEL = support.sqlite_only(
+    "store-level group commit on a SQLite file; test_store_dialects.py runs it on both"
+)
 
 
 @contextlib.asynccontextmanager
@@ -75,6 +84,7 @@ def names(path: Path) -> set[str]:
         return {row[0] for row in db.execute("SELECT name FROM items")}
 
 
+@STORE_LEVEL
 async def test_a_failing_write_is_rolled_back_alone_and_the_batch_commits(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
 
@@ -99,6 +109,7 @@ async def test_a_failing_write_is_rolled_back_alone_and_the_batch_commits(tmp_pa
     assert names(path) == {f"ok-{i}" for i in range(10)}
 
 
+@STORE_LEVEL
 async def test_a_failed_commit_fails_every_write_of_the_batch(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
 
@@ -119,6 +130,7 @@ async def test_a_failed_commit_fails_every_write_of_the_batch(tmp_path: Path) ->
     assert names(path) == {"after"}
 
 
+@STORE_LEVEL
 async def test_every_write_is_committed_when_its_caller_resumes(tmp_path: Path) -> None:
     """Persist before reply: a caller that resumes finds its row in another connection."""
     path = tmp_path / "s.db"
@@ -136,6 +148,7 @@ async def test_every_write_is_committed_when_its_caller_resumes(tmp_path: Path) 
     assert len(names(path)) == 400
 
 
+@STORE_LEVEL
 async def test_duplicates_in_one_batch_record_one_reply(tmp_path: Path) -> None:
     """As `Request.write`: the effect and its reply record commit together, once."""
     path = tmp_path / "s.db"
@@ -165,6 +178,7 @@ async def test_duplicates_in_one_batch_record_one_reply(tmp_path: Path) -> None:
         assert db.execute("SELECT reply FROM replays").fetchall() == [(b"reply 0",)]
 
 
+@STORE_LEVEL
 async def test_a_cancelled_write_that_has_not_run_never_runs(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     async with open_store(path) as store:
@@ -179,6 +193,7 @@ async def test_a_cancelled_write_that_has_not_run_never_runs(tmp_path: Path) -> 
     assert names(path) == {"kept"}
 
 
+@STORE_LEVEL
 async def test_without_group_commit_each_write_commits_alone(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     async with open_store(path, group_commit=False) as store:
@@ -187,6 +202,7 @@ async def test_without_group_commit_each_write_commits_alone(tmp_path: Path) -> 
     assert len(names(path)) == 50
 
 
+@STORE_LEVEL
 async def test_a_closed_store_fails_writes_as_unavailable(tmp_path: Path) -> None:
     async with open_store(tmp_path / "s.db") as store:
         pass
