@@ -1,3 +1,12 @@
+"""Suite-wide options and fixtures.
+
+Two passes (README, "Tests"): `pytest` runs everything on SQLite;
+`pytest --store postgresql` (`scripts/test.sh --store postgresql`) runs the
+tests marked `store` again on a throwaway PostgreSQL cluster. How a test is
+marked, and why an unmarked one that makes a store fails: see
+`pytest_collection_modifyitems` below.
+"""
+
 from __future__ import annotations
 
 import os
