@@ -51,6 +51,8 @@ LOG_EVENTS: list[str] = []
 # sealed replay record holds them encrypted).
 BROKER_PASSWORDS: set[str] = set()
 STORE_FILES: set[str] = set()
+# The same for the databases `--store postgresql` made (on the session's cluster).
+STORE_URLS: set[str] = set()
 
 
 Test = TypeVar("Test", bound=Callable[..., Any])
@@ -206,7 +208,9 @@ def _store_url() -> dict[str, str]:
     import pg_cluster
 
     if pg_cluster.store_under_test() == "postgresql":
-        return {"url": pg_cluster.shared().new_database()}
+        url = pg_cluster.shared().new_database()
+        STORE_URLS.add(url)
+        return {"url": url}
     return {}
 
 
