@@ -45,6 +45,18 @@ def test_a_plain_install_runs_the_daemon_without_optional_packages(
             [str(python), "-c", f"import {module}"], check=False, capture_output=True
         )
         assert probe.returncode != 0, f"{module} is installed by a plain `pip install .`"
+    if not config.store.url:
+        # Without the extra, a PostgreSQL store is refused as a config error that says
+        # what to install (exit 3, so systemd does not restart it), not a traceback.
+        pg_file = tmp_path / "pg.toml"
+        pg_file.write_text('[store]\nurl = "postgresql://provisiond@127.0.0.1:1/provisiond"\n')
+        refused = subprocess.run(
+            [str(venv / "bin" / "provisiond"), "check-config", "-c", str(pg_file)],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode == 3, refused.stderr
+        assert "store.url" in refused.stderr and "provisiond[postgresql]" in refused.stderr
+        assert "Traceback" not in refused.stderr
 
     config_file = write_toml(config, tmp_path / "provisiond.toml")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIOND_")}
