@@ -32,7 +32,15 @@ from provisiond.broker_accounts import BrokerAccountsUnavailable
 from provisiond.broker_accounts.dynsec import DynsecClient, MosquittoDynsec
 from provisiond.config import Config
 from provisiond.presence import PRESENCE
-from support import Broker, eventually, make_config, remember_secret, running, store_toml
+from support import (
+    Broker,
+    eventually,
+    make_config,
+    open_db,
+    remember_secret,
+    running,
+    store_toml,
+)
 
 # Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
 pytestmark = pytest.mark.store
@@ -616,12 +624,10 @@ async def test_a_crash_between_account_and_commit_leaves_only_what_sync_removes(
     reservation is young (a request in flight) and removes it once stale."""
     from provisiond.broker_accounts import store as account_store
     from provisiond.broker_accounts.sync import sync
-    from provisiond.schema import all_migrations
-    from provisiond.store import connect, migrate, transaction
+    from provisiond.store import transaction
 
     config = dynsec.config(tmp_path)
-    db = connect(config.store.path)
-    migrate(db, all_migrations())
+    db = open_db(config)  # the store under test, migrated
     with transaction(db):
         device_id = account_store.reserve_device_id(db, now=1000.0)
     accounts = MosquittoDynsec(config, DynsecClient(config))
