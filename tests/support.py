@@ -51,7 +51,9 @@ LOG_EVENTS: list[str] = []
 # sealed replay record holds them encrypted).
 BROKER_PASSWORDS: set[str] = set()
 STORE_FILES: set[str] = set()
-# The same for the databases `--store postgresql` made (on the session's cluster).
+# The same for the databases `--store postgresql` made for daemons that issue
+# devices' broker passwords (`[broker_accounts] backend = "mosquitto-dynsec"`):
+# no other store can hold one, and reading all of them would take seconds.
 STORE_URLS: set[str] = set()
 
 
@@ -200,6 +202,9 @@ def make_config(
         # sealed under this file's content (docs/scaling.md).
         raw["store"].setdefault("key_encryption_key_file", str(kek_file()))
     STORE_FILES.add(raw["store"]["path"])
+    issues_passwords = raw.get("broker_accounts", {}).get("backend") == "mosquitto-dynsec"
+    if issues_passwords and raw["store"].get("url", "").startswith("postgresql://"):
+        STORE_URLS.add(raw["store"]["url"])
     return Config.model_validate(raw)
 
 
@@ -208,9 +213,7 @@ def _store_url() -> dict[str, str]:
     import pg_cluster
 
     if pg_cluster.store_under_test() == "postgresql":
-        url = pg_cluster.shared().new_database()
-        STORE_URLS.add(url)
-        return {"url": url}
+        return {"url": pg_cluster.shared().new_database()}
     return {}
 
 
