@@ -528,9 +528,15 @@ async def test_the_daemon_syncs_at_start_and_logs_what_it_changed(
     async with dynsec.admin() as admin:
         await admin({"command": "createClient", "username": "device-777"})
         async with running(config):
-            await eventually(lambda: "device-777" not in dynsec.stored_clients())
+            # Wait for the line itself: it comes once the whole plan is applied,
+            # after the account is gone from the broker's file (stopping the
+            # daemon on seeing only that could cut the sync short).
+            await eventually(
+                lambda: any(e["event"] == "broker_accounts.synced" for e in logs.entries)
+            )
+        assert "device-777" not in dynsec.stored_clients()
         synced = [e for e in logs.entries if e["event"] == "broker_accounts.synced"]
-        assert synced and synced[0]["deleted_names"] == ["device-777"]
+        assert synced[0]["deleted_names"] == ["device-777"]
 
 
 # --- what mosquitto 2.0 supports
