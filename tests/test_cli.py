@@ -12,7 +12,7 @@ import pytest
 
 from provisiond.config import load
 from provisiond.store import table_names
-from support import new_store_toml, open_db
+from support import free_port, new_store_toml, open_db
 
 # Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
 pytestmark = pytest.mark.store
@@ -74,6 +74,13 @@ def test_clear_errors(tmp_path: Path) -> None:
     bad = run(config, "users", "create", "--org", "5", "--id", "1")
     assert bad.returncode == 1 and "does not exist" in bad.stderr
     assert "usage" in run(config, "keys", "--help").stdout
+    down = tmp_path / "down.toml"
+    down.write_text(
+        f'[store]\nurl = "postgresql://provisiond@127.0.0.1:{free_port()}/provisiond"\n'
+    )
+    result = run(down, "keys", "list")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("provisiond: cannot open the store: connection failed")
     typo = tmp_path / "typo.toml"
     typo.write_text("[daemon]\ngatway_id = 'x'\n")
     result = run(typo, "keys", "list")
