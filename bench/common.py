@@ -95,13 +95,34 @@ def write_config(
     # log_level="info" keeps the one-line-per-request log a production daemon writes.
     # client: the daemon's MQTT backend ([mqtt] client).
     path = directory / filename
+    # On PostgreSQL the store keeps the signing keys, sealed under a
+    # key-encryption key every daemon of the bench shares.
+    kek = f'key_encryption_key_file = "{kek_file()}"\n' if 'url = "postgres' in extra else ""
     path.write_text(
         f'[log]\nlevel = "{log_level}"\nformat = "json"\n'
         f'[mqtt]\nclient = "{client}"\nhost = "127.0.0.1"\nport = {port}\n'
         f'topic_prefix = "{prefix}"\nclient_id = "{client_id}"\n'
-        f'[store]\npath = "{directory / "provisiond.db"}"\n{extra}'
+        f'[store]\npath = "{directory / "provisiond.db"}"\n{kek}{extra}'
     )
     return path
+
+
+_KEK: list[Path] = []
+
+
+def kek_file() -> Path:
+    """This bench process's key-encryption key file (made on first use, removed at exit)."""
+    if not _KEK:
+        import atexit
+        import base64
+
+        d = Path(tempfile.mkdtemp(prefix="provisiond-bench-kek-"))
+        path = d / "kek"
+        path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+        path.chmod(0o600)
+        atexit.register(shutil.rmtree, d, True)
+        _KEK.append(path)
+    return _KEK[0]
 
 
 def seed(directory: Path, *, users: int = 1) -> str:

@@ -7,8 +7,10 @@ One daemon, two API keys. The polite key sends one `keys/whoami` at a time;
 the flooding key keeps 256 `provision/token` requests in flight (a closed
 loop, as a misbehaving service with a deep pipeline does). The polite key's
 p50 and p99 are measured idle and during the flood, in the same run, with
-the default per-key share (`limits.max_inflight_per_key = 16`) and with the
-share as large as all the slots (what the daemon did before fair slots).
+the defaults (`limits.max_inflight_per_key = 16`, `store.thread_priority =
+"background"`), with the store thread at normal priority, with a smaller
+share (4), and with the share as large as all the slots (what the daemon did
+before fair slots).
 A third daemon takes a flood 1500 deep, more than the broker lets the
 daemon hold unacknowledged (`mqtt.receive_maximum = 1000`): what no share
 inside the daemon can help, since the polite request then queues at the
@@ -41,13 +43,16 @@ FLOOD_CONCURRENCY = 256
 FLOOD_TOPIC = "bench/rpc/provision/token"
 FLOOD_BODY = {"orgId": 1, "ownerId": 1}
 POLITE_TOPIC = "bench/rpc/keys/whoami"
-# (label, limits.max_inflight_per_key, flood concurrency)
+# (label, limits.max_inflight_per_key, store.thread_priority, flood concurrency)
 CONFIGS = (
-    ("fair_default_share_16", 16, FLOOD_CONCURRENCY),
-    ("one_key_may_take_all_256", 256, FLOOD_CONCURRENCY),
+    ("fair_default_share_16", 16, "background", FLOOD_CONCURRENCY),
+    # What the store thread's lower priority buys (the default before 2026-12-03).
+    ("store_thread_normal", 16, "normal", FLOOD_CONCURRENCY),
+    ("smaller_share_4", 4, "background", FLOOD_CONCURRENCY),
+    ("one_key_may_take_all_256", 256, "background", FLOOD_CONCURRENCY),
     # Deeper than the broker's window to the daemon (mqtt.receive_maximum
     # 1000): the polite request queues at the broker behind the flood's.
-    ("deep_flood_1500_share_16", 16, 1500),
+    ("deep_flood_1500_share_16", 16, "background", 1500),
 )
 # A polite segment that takes longer than this is reported as starved.
 POLITE_TIMEOUT = 30
@@ -185,11 +190,12 @@ async def run(quick: bool = False, driver: str = "c", n: int | None = None) -> d
     n = n or per_segment
     name, load, start_flood = drivers(driver)
     results: dict[str, Any] = {"drivers": name, "rounds": rounds, "per_segment": n}
-    for label, share, depth in CONFIGS:
+    for label, share, priority, depth in CONFIGS:
         with common.workdir() as d, common.mosquitto(d) as port:
             polite = common.seed(d, users=1)
             flooder = second_key(d)
-            extra = f"[limits]\nmax_inflight_per_key = {share}\n"
+            # `extra` continues the [store] table.
+            extra = f'thread_priority = "{priority}"\n[limits]\nmax_inflight_per_key = {share}\n'
             with common.daemon_process(common.write_config(d, port, extra=extra), d / "daemon.log"):
                 await common.wait_rpc_ready(port, POLITE_TOPIC, polite)
                 results[label] = await interleaved(

@@ -47,7 +47,7 @@ async def store_writes(
 ) -> float:
     """`Store.write` alone (no MQTT): provision/token's transaction — a device,
     its token and a sealed replay record — from 128 concurrent writers; writes/s."""
-    from provisiond import auth, devices, replay, tokens
+    from provisiond import auth, devices, permissions, replay, tokens
     from provisiond.schema import all_migrations
     from provisiond.store import Store
 
@@ -55,16 +55,24 @@ async def store_writes(
     await store.open(all_migrations())
     await store.call(lambda db: (auth.create_org(db, 1, "o"), auth.create_user(db, 1, 1)))
     slots = asyncio.Semaphore(128)
-    sealed = replay.seal("secret", "00" * 32, b"{}" * 40)
+
+    def unknown_owner() -> Exception:
+        return permissions.unknown_owner(org_id=1, owner_id=1)
 
     async def one(i: int) -> None:
+        rid = f"{i:064x}"
+
+        # As ops/provision.py and Request.write make it (pipelined on PostgreSQL).
         def tx(db: Any) -> None:
-            device_id = devices.create_device(db, org_id=1, owner_id=1, now=1.0)
-            tokens.issue(db, device_id, now=1.0, lifetime=3600)
-            replay.save(db, f"{i:064x}", sealed, 1.0)
+            device_id = devices.create_device(
+                db, org_id=1, owner_id=1, now=1.0, owner_check=unknown_owner
+            )
+            tokens.issue(db, device_id, now=1.0, lifetime=3600, new_device=True)
+            sealed = replay.seal("secret", rid, b'{"deviceId":%d}' % device_id)
+            replay.record(db, rid, sealed, 1.0, duplicate=RuntimeError)
 
         async with slots:
-            await store.write(tx)
+            await store.write(tx, pipelined=True)
 
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))

@@ -61,6 +61,7 @@ COMMANDS: dict[str, list[str]] = {
     "keys list": ["keys", "list"],
     "keys revoke": ["keys", "revoke", "{key_id}"],
     "keys rotate-signing": ["keys", "rotate-signing"],
+    "keys reseal": ["keys", "reseal"],
     "devices list": ["devices", "list"],
     "devices show": ["devices", "show", "1"],
     "tokens revoke": ["tokens", "revoke", "1"],
@@ -182,6 +183,10 @@ async def test_offline_commands_use_the_given_file(
         assert code == 1 and "back PostgreSQL up with pg_dump" in err
         assert not (tmp_path / "backup.db").exists()
         return
+    if command == "keys reseal" and not config.store.url:
+        # The file names a SQLite store, whose keys are files: it was read.
+        assert code == 1 and "the store is SQLite" in err
+        return
     assert code == 0, err
 
     # The effect landed in the store the file names.
@@ -204,6 +209,9 @@ async def test_offline_commands_use_the_given_file(
             assert rows(config, "SELECT COUNT(*) FROM signing_keys") == [(1,)]
         else:
             assert any((Path(config.store.path).parent / "signing_keys").iterdir())
+    elif command == "keys reseal":
+        # PostgreSQL: every sealed key in the store the file names is under its KEK.
+        assert "resealed 0 signing key(s)" in out
     elif command in ("devices list", "devices show"):
         assert '"deviceId": 1' in out
     elif command == "tokens revoke":

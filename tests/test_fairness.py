@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_proc import NotifySocket, daemon_process, write_toml
 
 from provisiond.config import Config
 from provisiond.replay import WINDOW_SECONDS, RecentIds
@@ -114,3 +117,47 @@ def test_forgetting_old_replay_ids_costs_what_expired_not_what_is_kept() -> None
     assert min(timed_prune() for _ in range(3)) < 0.005
     assert len(recent) == 999_000
     assert f"{999:016x}" not in recent and f"{1000:016x}" in recent
+
+
+def _thread_scheduling(pid: int) -> dict[int, tuple[int, int]]:
+    """Each thread of `pid`: (nice, scheduling policy), as `ps -eLo tid,ni,cls` shows them."""
+    threads: dict[int, tuple[int, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        # Fields after the command name (which may hold spaces), from field 3 on.
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        threads[int(task.name)] = (int(fields[16]), int(fields[38]))
+    return threads
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are Linux's")
+@pytest.mark.parametrize("priority", ["background", "normal"])
+async def test_the_store_thread_gives_way_to_request_handling(
+    config: Config, tmp_path: Path, priority: str
+) -> None:
+    """`store.thread_priority`: the store's thread runs as background work (nice +5,
+    SCHED_BATCH) by default, so another key's flood of writes holds up requests that
+    need no write less; the event loop's thread keeps the daemon's own priority."""
+    _, secret = seed_key(config)
+    config_file = write_toml(
+        config, tmp_path / "provisiond.toml", store={"thread_priority": priority}
+    )
+    notify = NotifySocket()
+    notify.start()
+    try:
+        async with RpcClient(config) as rpc, daemon_process(config_file, notify) as daemon:
+            await notify.wait_for("READY=1")
+            # The store thread has served this key's lookup by now.
+            reply = await asyncio.wait_for(await rpc.send("keys/whoami", key=secret), 10)
+            assert reply["status"] == 200
+            threads = _thread_scheduling(daemon.proc.pid)
+    finally:
+        notify.close()
+    own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    assert threads[daemon.proc.pid] == (own_nice, os.SCHED_OTHER), threads
+    background = [t for t, s in threads.items() if s == (own_nice + 5, os.SCHED_BATCH)]
+    if priority == "background":
+        assert len(background) == 1, threads
+    else:
+        assert not background, threads
+        assert all(s == (own_nice, os.SCHED_OTHER) for s in threads.values()), threads
+    assert not daemon.named("store.thread_priority")  # nothing could not be applied

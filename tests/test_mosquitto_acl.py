@@ -329,3 +329,39 @@ async def test_status_over_tls_with_the_daemons_own_broker_settings(
     )
     assert code == 1 and "no reply from the daemon within 1s" in err, err
     assert "Traceback" not in err and PASSWORDS["provisiond"] not in err
+
+
+async def test_a_group_of_daemons_serves_through_the_example_broker(
+    example_broker: ExampleBroker, tmp_path: Path
+) -> None:
+    """Two daemons in one group (`[mqtt] shared_group`, docs/scaling.md) on the shipped
+    ACL: the daemons' account may subscribe to the shared filters on both links (a
+    refused or downgraded subscription keeps a daemon from becoming ready), and the
+    broker spreads a service's requests over both."""
+    config = daemon_config(example_broker, tmp_path, shared_group="fleet", client_id="node-a")
+    _key_id, secret = seed_key(config, scopes=("daemon:read",))
+    other = config.model_copy(
+        update={"mqtt": config.mqtt.model_copy(update={"client_id": "node-b"})}
+    )
+    leaders: list[bool] = []
+    async with (
+        running(config),
+        running(other),
+        example_broker.client("backend", tls=False) as backend,
+    ):
+        await backend.subscribe(f"{PREFIX}/replies/backend/#", qos=1)
+        for i in range(20):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = f"{PREFIX}/replies/backend/group"
+            props.CorrelationData = f"g{i}".encode()
+            props.UserProperty = ("authorization", f"Bearer {secret}")
+            await backend.publish(f"{PREFIX}/rpc/daemon/stats", b"{}", qos=1, properties=props)
+        async with asyncio.timeout(10):
+            async for message in backend.messages:
+                reply = json.loads(message.payload)  # type: ignore[arg-type]
+                assert reply["status"] == 200
+                leaders.append(reply["body"]["cluster"]["leader"])
+                if len(leaders) == 20:
+                    break
+    # One daemon of the group leads: replies from both mean both were served.
+    assert True in leaders and False in leaders, leaders

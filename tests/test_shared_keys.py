@@ -489,3 +489,94 @@ async def test_a_daemon_cut_off_from_the_store_stops_publishing_and_signing_then
             await grant_e2e(rpc, key, dev.id)
     finally:
         private.stop()
+
+
+def with_keks(config: Config, current: Path, previous: Path | None) -> Config:
+    store = {
+        "key_encryption_key_file": str(current),
+        "previous_key_encryption_key_file": "" if previous is None else str(previous),
+    }
+    return config.model_copy(update={"store": config.store.model_copy(update=store)})
+
+
+def sealed_under(config: Config) -> set[str]:
+    """The KEK ids the store's sealed keys (signing keys, device CA) record."""
+    found = rows(config, "SELECT kek_id FROM signing_keys") + rows(
+        config, "SELECT kek_id FROM device_ca"
+    )
+    return {str(r[0]) for r in found}
+
+
+async def test_the_kek_is_rotated_in_three_steps_while_the_keys_stay_the_same(
+    tmp_path: Path, broker: Broker, cluster: pg_cluster.PgCluster, logs: LogCapture
+) -> None:
+    """docs/scaling.md, "Rotating the key-encryption key": new KEK beside the old
+    on every host, `provisiond keys reseal` once, then the old KEK removed. The
+    keys themselves never change: the same kid signs, the same CA issues."""
+    url = cluster.new_database()
+    certificates = {"broker_accounts": {"certificates": True}}
+    a = host_config(tmp_path, broker, url, "host-a", **certificates)
+    b = host_config(tmp_path, broker, url, "host-b", **certificates)
+    _, key = seed_key(a, users=(10,))
+    dev = Dev(a)
+    old, new = kek_file(), tmp_path / "new-kek"
+    new.write_text(remember_secret(base64.b64encode(os.urandom(32)).decode()) + "\n")
+    new_id = KeyEncryptionKey.from_secret(new.read_bytes().rstrip(b"\n")).id
+    async with running(a), RpcClient(a) as ra:
+        (before,) = await published(ra, key)
+        ca_before = (await activate(ra, (await provision(ra, key))[0], csr=_csr()[1]))["body"][
+            "ca_certificate"
+        ]
+    assert sealed_under(a) == {the_kek().id}
+
+    # 1. Both KEKs on every host.
+    a1, b1 = with_keks(a, new, old), with_keks(b, new, old)
+    both = write_toml(b1, tmp_path / "both.toml")
+    async with running(a1), running(b1), RpcClient(a1) as ra, RpcClient(b1) as rb:
+        for rpc in (ra, rb):
+            assert await published(rpc, key) == [before]
+        # 2. Once, on any host, while the daemons run.
+        done = await asyncio.to_thread(cli, both, "keys", "reseal")
+        assert done.returncode == 0, done.stderr
+        assert "resealed 1 signing key(s) and the device CA key" in done.stdout, done.stdout
+        assert new_id in done.stdout and "previous_key_encryption_key_file" in done.stdout
+        assert sealed_under(a) == {new_id}
+        again = await asyncio.to_thread(cli, both, "keys", "reseal")
+        assert again.returncode == 0 and "resealed 0 signing key(s) under" in again.stdout
+        # The running daemons keep signing with the key they hold.
+        blob = await grant_e2e(rb, key, dev.id)
+        assert kid_of(blob) == before["kid"]
+        verify(blob, await published(ra, key))
+
+    # 3. The old KEK gone: the same key and CA, opened with the new KEK alone.
+    a3 = with_keks(a, new, None)
+    async with running(a3), RpcClient(a3) as ra:
+        assert await published(ra, key) == [before]
+        verify(await grant_e2e(ra, key, dev.id), [before])
+        reply = await activate(ra, (await provision(ra, key))[0], csr=_csr()[1])
+        assert reply["body"]["ca_certificate"] == ca_before
+    # A host left with only the old KEK is told so, and starts nothing.
+    stale = write_toml(with_keks(a, old, None), tmp_path / "stale.toml")
+    refused = await asyncio.to_thread(run_briefly, stale)
+    assert refused.returncode == 3, refused.stderr
+    assert f"was sealed with key-encryption key {new_id}" in refused.stderr
+    # Nor does `keys reseal` with that file write anything.
+    refused = await asyncio.to_thread(cli, stale, "keys", "reseal")
+    assert refused.returncode == 3 and "store.key_encryption_key_file" in refused.stderr
+    assert sealed_under(a) == {new_id}
+    for result in (done, again, refused):
+        assert new.read_text().strip() not in result.stdout + result.stderr
+        assert old.read_text().strip() not in result.stdout + result.stderr
+
+
+async def test_keys_reseal_on_sqlite_says_there_is_nothing_sealed(
+    tmp_path: Path, broker: Broker
+) -> None:
+    gateway = make_config(
+        tmp_path, broker, store={"url": "", "path": str(tmp_path / "provisiond.db")}
+    )
+    result = await asyncio.to_thread(
+        cli, write_toml(gateway, tmp_path / "p.toml"), "keys", "reseal"
+    )
+    assert result.returncode == 1
+    assert "the store is SQLite: its keys are files in the state directory" in result.stderr

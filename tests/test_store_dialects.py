@@ -19,8 +19,8 @@ import pytest
 import sqlite_utils
 from store_support import held
 
-from provisiond import auth, devices, replay, tokens
-from provisiond.errors import NotFound
+from provisiond import auth, devices, permissions, replay, tokens
+from provisiond.errors import BadRequest, NotFound
 from provisiond.schema import all_migrations
 from provisiond.store import Store, migrate, open_database, transaction
 from support import Broker, RpcClient, make_config, remember_secret, running, seed_key
@@ -175,6 +175,89 @@ async def test_group_commit_isolates_failures_on_both_stores(store_target: str) 
             lambda db: {r[0] for r in db.execute("SELECT device_id FROM provision_tokens")}
         )
     assert rows == sorted(good) and tokens_of == set(good)
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def pipelined_provision(
+    n: int, *, owner: int = 10, rid: str | None = None
+) -> Callable[[sqlite_utils.Database], int]:
+    """provision/token's write as `ops.provision` and `Request.write` make it."""
+
+    def fn(db: sqlite_utils.Database) -> int:
+        device_id = devices.create_device(
+            db,
+            org_id=1,
+            owner_id=owner,
+            now=1.0,
+            owner_check=lambda: permissions.unknown_owner(org_id=1, owner_id=owner),
+        )
+        tokens.issue(db, device_id, now=1.0, lifetime=60, new_device=True)
+        sealed = f"reply {n} {device_id}".encode()
+        replay.record(db, rid or f"{n:064x}", sealed, 1.0, duplicate=_Duplicate)
+        return device_id
+
+    return fn
+
+
+def pipelined_broken(db: sqlite_utils.Database) -> int:
+    devices.create_device(db, org_id=1, owner_id=10, now=1.0)
+    db.execute("INSERT INTO no_such_table VALUES (?)", [1])
+    return 0
+
+
+@pytest.mark.parametrize("id_block", [devices.ID_BLOCK, 3])
+async def test_pipelined_writes_keep_each_failure_its_own(
+    store_target: str, id_block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL sends a run of pipelined writes whole, one statement each: an
+    unknown owner, a duplicate replay record and a broken statement in the run
+    still fail only their own write (the run goes again, write by write), and
+    the others commit with their device, token and replay record. With small
+    blocks of device ids, blocks are also drawn behind the failing statement."""
+    monkeypatch.setattr(devices, "ID_BLOCK", id_block)
+    same = f"{999:064x}"
+    async with open_store(store_target) as store:
+        async with held(store):
+            tasks = []
+            for i in range(12):
+                if i == 3:
+                    fn = pipelined_provision(i, owner=99)
+                elif i == 5:
+                    fn = pipelined_broken
+                elif i in (7, 9):
+                    fn = pipelined_provision(i, rid=same)
+                else:
+                    fn = pipelined_provision(i)
+                tasks.append(asyncio.ensure_future(store.write(fn, pipelined=True)))
+            await asyncio.sleep(0.05)
+        results: list[Any] = await asyncio.gather(*tasks, return_exceptions=True)
+        assert store.stats.commits == 1 and store.stats.largest_batch == 9, (store.stats, results)
+        if store_target.startswith("postgresql"):
+            assert store.stats.pipelined_retries == 1
+        # Alone, a pipelined write succeeds in the run on the next batch.
+        good_batch = [
+            asyncio.ensure_future(store.write(pipelined_provision(100 + i), pipelined=True))
+            for i in range(3)
+        ]
+        more = await asyncio.gather(*good_batch)
+
+        def read(db: sqlite_utils.Database) -> tuple[list[int], set[int], int]:
+            ids = [r[0] for r in db.execute("SELECT id FROM devices ORDER BY id").fetchall()]
+            owned = {r[0] for r in db.execute("SELECT device_id FROM provision_tokens")}
+            replays = int(db.execute("SELECT COUNT(*) FROM replays").fetchone()[0])
+            return ids, owned, replays
+
+        ids, owned, replays = await store.call(read)
+    assert isinstance(results[3], BadRequest) and results[3].code == "unknown_user"
+    assert isinstance(results[5], Exception) and not isinstance(results[5], BadRequest)
+    assert isinstance(results[9], _Duplicate)
+    good = [r for i, r in enumerate(results) if i not in (3, 5, 9)] + more
+    assert len(set(good)) == len(good)
+    assert ids == sorted(good) and owned == set(good)
+    assert replays == len(good)
 
 
 async def test_writes_from_two_stores_on_one_database_serialise(store_target: str) -> None:

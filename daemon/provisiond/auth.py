@@ -137,6 +137,12 @@ def create_org(db: sqlite_utils.Database, org_id: int, name: str = "") -> None:
         )
 
 
+# `user_org(db, user) == org` as a condition inside another owner's statement
+# (a device created only for a user of its organisation, in one statement
+# on PostgreSQL: devices.create_device); its parameters are (user_id, org_id).
+USER_IN_ORG = "EXISTS (SELECT 1 FROM users WHERE id = ? AND org_id = ?)"
+
+
 def user_org(db: sqlite_utils.Database, user_id: int) -> int | None:
     """The organisation of a user, or None for an unknown user."""
     row = db.execute("SELECT org_id FROM users WHERE id = ?", [user_id]).fetchone()

@@ -104,6 +104,13 @@ class StoreConfig(Section):
     # On PostgreSQL: the secret file whose content seals the private keys kept
     # in the store (grant signing keys, device CA); the same on every host.
     key_encryption_key_file: str = ""
+    # While the KEK is rotated: the previous KEK's file, to open keys still
+    # sealed under it until `provisiond keys reseal` has run (docs/scaling.md).
+    previous_key_encryption_key_file: str = ""
+    # background: the store's thread gives way to request handling when the
+    # CPU is busy (nice +5, SCHED_BATCH), so a flood of one service's writes
+    # delays other services' requests less; normal: the daemon's own priority.
+    thread_priority: Literal["background", "normal"] = "background"
 
     @field_validator("url")
     @classmethod

@@ -15,13 +15,19 @@ is, and its name) as associated data, so a sealed key cannot be moved to
 another row unnoticed. Each row also records the KEK's id (a hash, never the
 key), so a host given a different file is told so plainly instead of failing
 on a bad tag.
+
+Rotation (docs/scaling.md, "Rotating the key-encryption key"): a host may
+also hold the previous KEK (`[store] previous_key_encryption_key_file`); it
+then opens rows sealed under either, and always seals under the current one.
+`provisiond keys reseal` re-seals every row under the current KEK, after
+which the previous file can go.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -33,6 +39,7 @@ from provisiond.config import Config, read_secret
 from provisiond.errors import ConfigError
 
 KEK_KEY: Final = "store.key_encryption_key_file"
+PREVIOUS_KEK_KEY: Final = "store.previous_key_encryption_key_file"
 MIN_KEK_BYTES: Final = 32
 _NONCE_BYTES: Final = 12
 _INFO_AEAD: Final = b"provisiond key-encryption v1 aes-256-gcm"
@@ -78,15 +85,21 @@ def _derive(secret: bytes, info: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class KeyEncryptionKey:
-    """The AEAD key derived from the KEK file, and its public id."""
+    """The AEAD key derived from the KEK file, and its public id.
+
+    `previous`: the KEK being rotated away from, if the host holds it; only
+    ever used to open rows sealed under it.
+    """
 
     id: str
     aead_key: bytes = field(repr=False)
+    previous: KeyEncryptionKey | None = field(default=None, repr=False)
 
     @classmethod
-    def from_secret(cls, secret: bytes) -> KeyEncryptionKey:
+    def from_secret(cls, secret: bytes, *, key: str = KEK_KEY) -> KeyEncryptionKey:
+        """`key`: the config key named if the secret is too short."""
         if len(secret) < MIN_KEK_BYTES:
-            raise ConfigError(f"the secret must be at least {MIN_KEK_BYTES} bytes", key=KEK_KEY)
+            raise ConfigError(f"the secret must be at least {MIN_KEK_BYTES} bytes", key=key)
         # The id is a hash of a derived value, not of the file: it names the
         # KEK in errors and rows without helping anyone guess it.
         kek_id = hashlib.sha256(_derive(secret, _INFO_ID)).hexdigest()[:16]
@@ -99,6 +112,8 @@ class KeyEncryptionKey:
 
     def unseal(self, label: str, kek_id: str, sealed: bytes) -> bytes:
         """The plaintext of a `seal`; `WrongKeyEncryptionKey` if this KEK cannot open it."""
+        if kek_id != self.id and self.previous is not None and kek_id == self.previous.id:
+            return self.previous.unseal(label, kek_id, sealed)
         try:
             return AESGCM(self.aead_key).decrypt(
                 sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], label.encode()
@@ -115,4 +130,10 @@ def load_kek(config: Config, *, why: str) -> KeyEncryptionKey:
     name = config.store.key_encryption_key_file
     if not name:
         raise KeyEncryptionKeyMissing(why)
-    return KeyEncryptionKey.from_secret(read_secret(config, name, key=KEK_KEY))
+    current = KeyEncryptionKey.from_secret(read_secret(config, name, key=KEK_KEY))
+    previous_name = config.store.previous_key_encryption_key_file
+    if not previous_name:
+        return current
+    secret = read_secret(config, previous_name, key=PREVIOUS_KEK_KEY)
+    previous = KeyEncryptionKey.from_secret(secret, key=PREVIOUS_KEK_KEY)
+    return current if previous.id == current.id else replace(current, previous=previous)

@@ -77,11 +77,17 @@ def check_owner_in_org(db: sqlite_utils.Database, *, org_id: int, owner_id: int)
     """`provision/token`: ownerId must be a user of orgId. Run only after `check_provision`,
     so a key that may not look at other users cannot probe which ones exist."""
     if user_org(db, owner_id) != org_id:
-        raise BadRequest(
-            f"ownerId {owner_id} is not a user of organisation {org_id}",
-            code="unknown_user",
-            field="ownerId",
-        )
+        raise unknown_owner(org_id=org_id, owner_id=owner_id)
+
+
+def unknown_owner(*, org_id: int, owner_id: int) -> BadRequest:
+    """The refusal of `check_owner_in_org`, for a check folded into a write
+    (`devices.create_device(..., owner_check=...)`)."""
+    return BadRequest(
+        f"ownerId {owner_id} is not a user of organisation {org_id}",
+        code="unknown_user",
+        field="ownerId",
+    )
 
 
 def provisionable_device(db: sqlite_utils.Database, principal: Principal, device_id: int) -> Device:

@@ -25,14 +25,32 @@ only place that knows the differences, and it keeps them few:
   own (seven per provision in a group-commit batch, counting the savepoint
   and its release); pipelined, it is the three whose results it reads. A
   failing statement's error is therefore raised at the next of those points,
-  which the store's group commit places inside each write (`store.settle`).
+  which the store's group commit places inside each write (`store.settle`);
+- a write the caller marks as pipelined (`Store.write(fn, pipelined=True)`)
+  is not settled on its own: a run of them in one batch is sent whole and
+  answered at one sync, their result checks (`store.check_later`) run after
+  it, and any failure sends the run back to the settled path (see
+  `Store._run_pipelined`);
+- in a pipelined run, the writes' plain INSERT/UPDATE/DELETE statements
+  are held and sent as ONE statement per few writes (data-modifying
+  `WITH`s, each answering its row count): eight provisions are one
+  statement, not 24. Once nothing waits, the CPU per statement (psycopg's
+  Python, a send and a poll, the server's own round) is what bounds
+  PostgreSQL here. The parts see one snapshot, which the pipelined write's
+  contract allows (`Store.write`);
+- values drawn ahead from a sequence (`take_ahead`: device ids) live with
+  the connection, so a reconnect starts a new block (the old one's unused
+  values are a gap, as a rolled-back INSERT's id is on PostgreSQL anyway).
+  The next block is asked for inside the pipeline before this one runs out,
+  so drawing it rarely waits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -111,6 +129,49 @@ class Cursor:
         return iter(self.fetchall())
 
 
+class _Combined:
+    """The row counts of a statement made of several (see `Connection.combine`)."""
+
+    def __init__(self, cursor: Cursor) -> None:
+        self._cursor = cursor
+        self._counts: tuple[Any, ...] | None = None
+
+    def count(self, index: int) -> int:
+        if self._counts is None:
+            self._counts = self._cursor.fetchone() or ()
+        return int(self._counts[index])
+
+
+class _Part(Cursor):
+    """What `execute` returns for a statement held to be combined: its row count."""
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__(None)
+        self._owner = conn
+        self.direct: Cursor | None = None
+        self.combined: _Combined | None = None
+        self.index = 0
+
+    @property
+    def rowcount(self) -> int:
+        if self.direct is None and self.combined is None:
+            self._owner.send_combined()
+        if self.direct is not None:
+            return self.direct.rowcount
+        assert self.combined is not None
+        return self.combined.count(self.index)
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return []
+
+
+# How few values left in a `take_ahead` block make it ask for the next one.
+AHEAD_LOW = 16
+
+
 class Connection:
     """The `db.conn` of the PostgreSQL dialect (`execute`, `executemany`, `in_transaction`)."""
 
@@ -126,6 +187,13 @@ class Connection:
         self._pipeline_cm: contextlib.AbstractContextManager[psycopg.Pipeline] | None = None
         self._sent = 0
         self._synced = 0
+        # Set by the store while a pipelined run of writes is sent: result
+        # checks wait here until the run's one sync (`store.check_later`).
+        self.deferred_checks: list[Callable[[], None]] | None = None
+        # Statements held to be sent as one (`combine`), or None.
+        self._parts: list[tuple[str, Sequence[Any], _Part]] | None = None
+        self._ahead: dict[str, deque[int]] = {}
+        self._refills: dict[str, Cursor] = {}
         raw.adapters.register_dumper(bool, _BoolAsInt)
         raw.add_notify_handler(self._notified)
         raw.execute(f"LISTEN {CHANNEL}")
@@ -157,6 +225,53 @@ class Connection:
         self._synced = self._sent
         self._pipeline.sync()
 
+    def take_ahead(self, key: str, sql: str, params: Sequence[Any]) -> int:
+        """The next value of a block drawn ahead under `key` by `sql` (one value per row)."""
+        block = self._ahead.setdefault(key, deque())
+        if len(block) <= AHEAD_LOW and key not in self._refills and self._pipeline is not None:
+            # Answered by a later sync of the pipeline, usually before it is needed.
+            self._refills[key] = self.execute(sql, params)
+        if not block:
+            pending = self._refills.pop(key, None)
+            # A refill sent behind a statement that failed was never run: it has no rows.
+            rows = [] if pending is None else pending.fetchall()
+            if not rows:
+                rows = self.execute(sql, params).fetchall()
+            block.extend(sorted(int(r[0]) for r in rows))
+        return block.popleft()
+
+    def combine(self) -> None:
+        """Hold plain INSERT/UPDATE/DELETE statements from now on, to be sent as one.
+
+        With parameters only: a statement without them keeps its literal `%`.
+
+        A statement of another kind, or a read of a held one's row count,
+        sends what is held first; `send_combined` sends the rest and stops.
+        """
+        self._parts = []
+
+    def send_combined(self, *, stop: bool = False) -> None:
+        parts = self._parts
+        self._parts = None if stop else []
+        if not parts:
+            return
+        if len(parts) == 1:
+            sql, params, part = parts[0]
+            part.direct = self._send(sql, params)
+            return
+        ctes = ", ".join(f"s{i} AS ({sql} RETURNING 1)" for i, (sql, _, _) in enumerate(parts))
+        counts = ", ".join(f"(SELECT count(*) FROM s{i})" for i in range(len(parts)))  # noqa: S608 - generated names
+        combined = _Combined(
+            self._send(f"WITH {ctes} SELECT {counts}", [p for _, ps, _ in parts for p in ps])
+        )
+        for i, (_, _, part) in enumerate(parts):
+            part.combined = combined
+            part.index = i
+
+    def drop_combined(self) -> None:
+        """Stop holding statements; what is held is never sent (its write failed)."""
+        self._parts = None
+
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> Cursor:
         command = sql.strip().rstrip(";").upper()
         if command == "BEGIN IMMEDIATE":
@@ -178,6 +293,12 @@ class Connection:
             return Cursor(None, [])
         # Without parameters psycopg does no placeholder processing, so `%` stays as is.
         statement = translate(sql, bool(params))
+        if self._parts is not None:
+            if params and _combinable(command):
+                part = _Part(self)
+                self._parts.append((statement.strip().rstrip(";"), params, part))
+                return part
+            self.send_combined()
         if self._pipeline is not None:
             return self._send(statement, params or None)
         cur = self.raw.execute(statement, params or None)
@@ -213,6 +334,11 @@ class Connection:
         if command in ("COMMIT", "ROLLBACK"):
             self._write_tx = False
             self._end_pipeline()
+        elif command.startswith("ROLLBACK"):
+            # psycopg forgets every prepared statement when it reads a
+            # ROLLBACK's answer; a statement sent before that, by a name it
+            # then deallocates, failed ("prepared statement does not exist").
+            self.settle()
         return Cursor(None)
 
     def _end_pipeline(self) -> None:
@@ -223,6 +349,8 @@ class Connection:
             cm.__exit__(None, None, None)
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Cursor:
+        if self._parts:
+            self.send_combined()  # in order
         cur = self.raw.cursor()
         cur.executemany(translate(sql), list(seq))
         if not self.in_transaction:
@@ -253,6 +381,11 @@ def connect(url: str, *, password: str | None = None) -> Database:
     # prepare_threshold: the daemon runs the same few statements all day long.
     raw = psycopg.connect(url, prepare_threshold=2, **kwargs)
     return Database(raw)
+
+
+def _combinable(command: str) -> bool:
+    """A statement that may be one part of a combined one: a plain data change."""
+    return command.startswith(("INSERT", "UPDATE", "DELETE")) and "RETURNING" not in command
 
 
 _INSERT_OR_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+", re.IGNORECASE)

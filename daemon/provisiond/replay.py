@@ -13,7 +13,9 @@ import asyncio
 import hashlib
 import itertools
 import os
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import sqlite_utils
 from cryptography.exceptions import InvalidTag
@@ -24,7 +26,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from provisiond.clock import Clock
 from provisiond.errors import StoreUnavailable
 from provisiond.logs import get_logger
-from provisiond.store import Migration, Store, transaction
+from provisiond.store import Migration, Store, check_later, transaction
 
 log = get_logger("provisiond.replay")
 
@@ -85,14 +87,39 @@ def load(db: sqlite_utils.Database, rid: str, now: float) -> bytes | None:
 
 def save(db: sqlite_utils.Database, rid: str, sealed: bytes, now: float) -> bool:
     """Record a reply; False when one was already recorded (a concurrent duplicate)."""
+    return bool(_insert(db, rid, sealed, now).rowcount == 1)
+
+
+def record(
+    db: sqlite_utils.Database,
+    rid: str,
+    sealed: bytes,
+    now: float,
+    *,
+    duplicate: Callable[[], Exception],
+) -> None:
+    """Record a reply in a write; raises `duplicate()` when one was already recorded.
+
+    Read through `store.check_later`: a pipelined write is not kept waiting
+    for the answer (the write fails as a whole if it comes back a duplicate).
+    """
+    cur = _insert(db, rid, sealed, now)
+
+    def recorded() -> None:
+        if cur.rowcount != 1:
+            raise duplicate()
+
+    check_later(db, recorded)
+
+
+def _insert(db: sqlite_utils.Database, rid: str, sealed: bytes, now: float) -> Any:
     # An expired record with the same id is overwritten: the window has passed.
-    cur = db.execute(
+    return db.execute(
         "INSERT INTO replays (id, created_at, reply) VALUES (?, ?, ?)"
         " ON CONFLICT(id) DO UPDATE SET created_at = excluded.created_at, reply = excluded.reply"
         " WHERE replays.created_at <= ?",
         [rid, now, sealed, now - WINDOW_SECONDS],
     )
-    return cur.rowcount == 1
 
 
 def prune(db: sqlite_utils.Database, now: float) -> int:

@@ -105,13 +105,17 @@ class Request:
     _replays: replay.Replays | None = None
     replay_saved: bool = False
 
-    async def write(self, fn: Callable[[sqlite_utils.Database], R]) -> R:
+    async def write(
+        self, fn: Callable[[sqlite_utils.Database], R], *, pipelined: bool = False
+    ) -> R:
         """Run `fn` in one transaction and return what it returns.
 
         The reply body `fn`'s result makes (`result.reply()`) is recorded for
         replays in the same transaction, so a crash can never leave the effect
         without the reply a redelivery must get. The handler then returns
         that same `result.reply()`, after whatever it does once committed.
+        `pipelined`: see `Store.write` (`fn` may run more than once and reads
+        its results through `store.check_later`).
         """
         rid, secret, now = self._replay_id, self._replay_secret, self.app.clock.now()
 
@@ -119,12 +123,12 @@ class Request:
             result = fn(db)
             if rid is not None and secret is not None:
                 sealed = replay.seal(secret, rid, _envelope_ok(result.reply()))
-                if not replay.save(db, rid, sealed, now):
-                    # A duplicate finished first; roll back ours and answer as it did.
-                    raise _DuplicateWon(rid)
+                # A duplicate that finished first makes ours roll back and
+                # answer as it did.
+                replay.record(db, rid, sealed, now, duplicate=lambda: _DuplicateWon(rid))
             return result
 
-        result = await self.app.store.write(tx)
+        result = await self.app.store.write(tx, pipelined=pipelined)
         if rid is not None:
             self.replay_saved = True
             if self._replays is not None:

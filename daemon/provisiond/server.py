@@ -23,6 +23,7 @@ from provisiond.errors import ConfigError, StoreUnavailable
 from provisiond.logs import get_logger
 from provisiond.reload import changed_keys, keep_restart_only
 from provisiond.rpc import Router
+from provisiond.runtime import priority
 from provisiond.runtime.app import App, ReloadHook
 from provisiond.runtime.features import FEATURES, Feature, set_up
 from provisiond.schema import all_migrations
@@ -200,6 +201,7 @@ class Server:
             synchronous=self.config.store.synchronous,
             group_commit=self.config.store.group_commit,
             password=password,
+            on_thread_start=self._store_thread_started,
         )
         self.notify("STATUS=opening store")
         applied = await store.open(all_migrations())
@@ -215,6 +217,12 @@ class Server:
             await store.close()
             raise
         return app, router
+
+    def _store_thread_started(self) -> None:
+        """Runs on the store's thread, once, before its first call."""
+        problem = priority.lower_current_thread(self.config.store.thread_priority)
+        if problem is not None:
+            log.warning("store.thread_priority", problem=problem)
 
     async def main_loop(self, app: App, router: Router) -> None:
         """Start hooks, plugins and the broker connection; serve until stopped."""

@@ -210,6 +210,32 @@ def settle(db: sqlite_utils.Database) -> None:
         db.conn.settle()  # type: ignore[attr-defined]
 
 
+def check_later(db: sqlite_utils.Database, check: Callable[[], None]) -> None:
+    """Run `check` (which reads results of statements sent before it) when they are in.
+
+    At once, except inside a pipelined run of writes on PostgreSQL (see
+    `Store.write`), where it runs after the run's one sync, before the
+    COMMIT. An exception from it fails the write that asked, with nothing of
+    that write kept; the check must not rely on what its write does after
+    asking for it.
+    """
+    pending: list[Callable[[], None]] | None = getattr(db.conn, "deferred_checks", None)
+    if pending is None:
+        check()
+    else:
+        pending.append(check)
+
+
+def take_ahead(db: sqlite_utils.Database, key: str, sql: str, params: Sequence[Any]) -> int:
+    """The next of a block of values drawn ahead by `sql`, one per row (PostgreSQL only).
+
+    For ids from a sequence that a write must know without waiting for the
+    server; the block is per connection, and the next one is asked for in
+    the background before this one runs out.
+    """
+    return int(db.conn.take_ahead(key, sql, params))  # type: ignore[attr-defined]
+
+
 def data_version(db: sqlite_utils.Database) -> int:
     """Moves whenever another connection commits (SQLite's `PRAGMA data_version`)."""
     return int(db.execute("PRAGMA data_version").fetchone()[0])
@@ -219,6 +245,10 @@ def data_version(db: sqlite_utils.Database) -> int:
 # writes queued behind it and the reads waiting for the store thread.
 MAX_BATCH = 256
 _SAVEPOINT = "provisiond_write"
+# How many pipelined writes' data changes go in one statement (see pg.py).
+COMBINE_WRITES = 8
+# Before a pipelined run of writes: its failure rolls back to here.
+_RUN_SAVEPOINT = "provisiond_run"
 
 
 @dataclass
@@ -226,6 +256,7 @@ class _Write:
     fn: Callable[[sqlite_utils.Database], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    pipelined: bool = False
     result: Any = None
     error: BaseException | None = None
 
@@ -236,6 +267,8 @@ class StoreStats:
 
     commits: int = 0
     writes: int = 0
+    # Pipelined runs of writes sent back to the settled path (a failure in the run).
+    pipelined_retries: int = 0
     largest_batch: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
@@ -250,17 +283,23 @@ class Store:
         synchronous: str = "normal",
         group_commit: bool = True,
         password: str | None = None,
+        on_thread_start: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
         self._password = password
         self._synchronous = synchronous
         self.group_commit = group_commit
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="store", initializer=on_thread_start
+        )
         self._db: sqlite_utils.Database | None = None
         # Writes waiting for the store thread; appended on the loop, taken on the thread.
         self._queue: deque[_Write] = deque()
         self._lock = threading.Lock()
         self._scheduled = False
+        # After a pipelined run failed, the next batch settles every write:
+        # a stream of failing requests costs at most one retry per two batches.
+        self._settle_next = False
         self.stats = StoreStats()
         # Told how long each call took (seconds), e.g. by the metrics feature.
         self.on_call: Callable[[float], None] | None = None
@@ -276,7 +315,9 @@ class Store:
         """Run `fn(db)` on the store thread (reads, or writes that manage their own transaction)."""
         return await self._run(lambda: fn(self._require()))
 
-    async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    async def write(
+        self, fn: Callable[[sqlite_utils.Database], T], *, pipelined: bool = False
+    ) -> T:
         """Run `fn(db)` inside a write transaction; an exception rolls back its effect only.
 
         Returns (or raises) only once the transaction holding `fn`'s effect is
@@ -285,6 +326,20 @@ class Store:
         raises is rolled back to it and gets its own exception, and all share
         one COMMIT, whose failure fails every one of them. Nothing waits for a
         batch to fill: the batch is whatever queued while the thread was busy.
+
+        `pipelined`: on PostgreSQL, consecutive such writes of a batch are
+        sent without waiting for the server between them (one sync for the
+        run instead of one or more per write), and the plain data changes of
+        up to `COMBINE_WRITES` of them are sent as one statement. `fn` must
+        then read results only through `check_later` (a read still works, it
+        just waits); its data changes must not depend on the effects of its
+        own or another pipelined write's (in one statement they see one
+        snapshot; foreign keys are checked at its end, so a row may reference
+        one inserted beside it; two parts changing one row make the statement
+        fail, which the retry below absorbs); and it must be safe to run
+        again: if anything in the run fails, the run is rolled back and each
+        of its writes runs again on the settled path, one statement at a
+        time, so every write gets the outcome it would have had there.
         """
         if not self.group_commit:
 
@@ -297,7 +352,7 @@ class Store:
 
             return await self._run(_write)
         loop = asyncio.get_running_loop()
-        item = _Write(fn, loop.create_future(), loop)
+        item = _Write(fn, loop.create_future(), loop, pipelined)
         with self._lock:
             self._queue.append(item)
             start = not self._scheduled
@@ -359,9 +414,25 @@ class Store:
     def _commit_together(self, db: sqlite_utils.Database, items: list[_Write]) -> None:
         done: list[_Write] = []  # ran and released, awaiting the COMMIT
         postgresql = dialect(db) == "postgresql"
+        settle_all, self._settle_next = self._settle_next, False
         db.execute("BEGIN IMMEDIATE")
         try:
-            for item in items:
+            pending = list(items)
+            pending.reverse()
+            while pending:
+                item = pending.pop()
+                if postgresql and item.pipelined and not settle_all:
+                    run = [item]
+                    while pending and pending[-1].pipelined:
+                        run.append(pending.pop())
+                    if len(run) > 1:
+                        if self._run_pipelined(db, run):
+                            done.extend(run)
+                            continue
+                        self.stats.pipelined_retries += 1
+                        settle_all = self._settle_next = True
+                    # Alone, or sent back: each on the settled path below.
+                    pending.extend(reversed(run[1:]))
                 if not db.conn.in_transaction:
                     # SQLite rolled the whole transaction back by itself (a
                     # failed statement such as SQLITE_FULL): what ran before is
@@ -399,6 +470,43 @@ class Store:
             raise
         self._count(len(done))
 
+    def _run_pipelined(self, db: sqlite_utils.Database, run: list[_Write]) -> bool:
+        """Send a run of pipelined writes whole; True if every one of them succeeded.
+
+        One sync answers the whole run; the writes' result checks run after
+        it. On any failure (a statement's error, a raising `fn` or check) the
+        run is rolled back to its savepoint and False returned: the caller
+        runs each write again on the settled path, where one write's failure
+        is its own. A lost connection is raised, failing the batch.
+        """
+        conn = db.conn
+        db.execute(f"SAVEPOINT {_RUN_SAVEPOINT}")
+        checks: list[Callable[[], None]] = []
+        try:
+            conn.deferred_checks = checks  # type: ignore[attr-defined]
+            conn.combine()  # type: ignore[attr-defined]
+            for n, item in enumerate(run, 1):
+                item.result = item.fn(db)
+                if n % COMBINE_WRITES == 0:
+                    conn.send_combined()  # type: ignore[attr-defined]
+            conn.send_combined(stop=True)  # type: ignore[attr-defined]
+            conn.deferred_checks = None  # type: ignore[attr-defined]
+            settle(db)
+            for check in checks:
+                check()
+        except Exception:
+            if getattr(conn, "closed", False):
+                raise
+            for item in run:
+                item.result = None
+            db.execute(f"ROLLBACK TO {_RUN_SAVEPOINT}")
+            return False
+        finally:
+            # Whatever ended the run, later writes check and send at once again.
+            conn.deferred_checks = None  # type: ignore[attr-defined]
+            conn.drop_combined()  # type: ignore[attr-defined]
+        return True
+
     def _count(self, writes: int) -> None:
         if writes == 0:
             return
@@ -416,6 +524,7 @@ class Store:
             "commits": s.commits,
             "writes": s.writes,
             "largest_batch": s.largest_batch,
+            "pipelined_retries": s.pipelined_retries,
         }
 
     async def close(self) -> None:

@@ -72,10 +72,23 @@ def new_token() -> str:
     return random_string(TOKEN_LENGTH)
 
 
-def issue(db: sqlite_utils.Database, device_id: int, *, now: float, lifetime: float) -> str:
-    """Revoke the device's earlier tokens and store a new one; returns the token (never stored)."""
+def issue(
+    db: sqlite_utils.Database,
+    device_id: int,
+    *,
+    now: float,
+    lifetime: float,
+    new_device: bool = False,
+) -> str:
+    """Revoke the device's earlier tokens and store a new one; returns the token (never stored).
+
+    `new_device`: created in this transaction, so it has no earlier token to revoke.
+    """
     token = new_token()
     row = [hash_secret(token), device_id, now, now + lifetime]
+    if new_device:
+        db.execute(_INSERT, row)
+        return token
     if dialect(db) == "postgresql":
         # One statement, not two: on PostgreSQL every statement costs the
         # daemon and the server a message each way. The aggregate over the
@@ -89,10 +102,7 @@ def issue(db: sqlite_utils.Database, device_id: int, *, now: float, lifetime: fl
         )
         return token
     db.execute(_REVOKE, [now, device_id])
-    db.execute(
-        "INSERT INTO provision_tokens (hash, device_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
-        row,
-    )
+    db.execute(_INSERT, row)
     return token
 
 
@@ -101,6 +111,9 @@ def revoke_unused(db: sqlite_utils.Database, device_id: int, *, now: float) -> i
     return int(db.execute(_REVOKE, [now, device_id]).rowcount)
 
 
+_INSERT = (
+    "INSERT INTO provision_tokens (hash, device_id, created_at, expires_at) VALUES (?, ?, ?, ?)"
+)
 _REVOKE = (
     "UPDATE provision_tokens SET revoked_at = ?"
     " WHERE device_id = ? AND used_at IS NULL AND revoked_at IS NULL"

@@ -277,6 +277,19 @@ def stored_ca(
     return found
 
 
+def reseal_ca(db: sqlite_utils.Database, kek: KeyEncryptionKey) -> int:
+    """Seal the store's CA key under `kek` if it is not (opened with `kek.previous`): 1 or 0."""
+    row = db.execute("SELECT sealed_key, kek_id FROM device_ca WHERE name = ?", [CA_ROW]).fetchone()
+    if row is None or row[1] == kek.id:
+        return 0
+    der = kek.unseal(_CA_LABEL, row[1], bytes(row[0]))
+    db.execute(
+        "UPDATE device_ca SET sealed_key = ?, kek_id = ? WHERE name = ?",
+        [kek.seal(_CA_LABEL, der), kek.id, CA_ROW],
+    )
+    return 1
+
+
 def read_stored_ca(
     db: sqlite_utils.Database, kek: KeyEncryptionKey
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:

@@ -1,9 +1,10 @@
-"""Operator commands: `status`, `db backup`, `keys rotate-signing`.
+"""Operator commands: `status`, `db backup`, `keys rotate-signing`, `keys reseal`.
 
 `status` asks the running daemon over MQTT, with the daemon's own broker
 settings and an API key given by the operator (this command creates nothing).
-The other two work beside the running daemon: SQLite's online backup, and
-the WiFi signing key ring (files on SQLite, the store's ring on PostgreSQL).
+The others work beside the running daemon: SQLite's online backup, the WiFi
+signing key ring (files on SQLite, the store's ring on PostgreSQL), and the
+sealing of the store's private keys under a new key-encryption key.
 """
 
 from __future__ import annotations
@@ -308,6 +309,42 @@ def _rotate_in_store(config: Config, now: float) -> int:
     return EXIT_OK
 
 
+# --- keys reseal
+
+
+def cmd_keys_reseal(args: argparse.Namespace) -> int:
+    """Seal every private key in the store under the current KEK (the KEK's rotation)."""
+    import psycopg
+
+    from provisiond.broker_accounts.certificates import reseal_ca
+    from provisiond.keyvault import PREVIOUS_KEK_KEY, keys_in_store, load_kek
+    from provisiond.schema import all_migrations
+    from provisiond.store import migrate, open_database, store_target, transaction
+    from provisiond.wifi import keystore
+
+    config = load_config(args)
+    if not keys_in_store(config):
+        return fail("the store is SQLite: its keys are files in the state directory, not sealed")
+    # A config error (no KEK; a row under neither the current nor the previous
+    # KEK) exits 3 in main, and nothing is written: one transaction.
+    kek = load_kek(config, why="the private keys live in the store")
+    target, password = store_target(config)
+    try:
+        db = open_database(target, password=password)
+        try:
+            migrate(db, all_migrations())
+            with transaction(db):
+                keys, ca = keystore.reseal(db, kek), reseal_ca(db, kek)
+        finally:
+            db.conn.close()
+    except psycopg.OperationalError as exc:
+        return fail(f"cannot use the store: {type(exc).__name__}")
+    moved = f"{keys} signing key(s)" + (" and the device CA key" if ca else "")
+    print(f"resealed {moved} under key-encryption key {kek.id}; every key in the store is now")
+    print(f"sealed under it: remove {PREVIOUS_KEK_KEY} from every host's config")
+    return EXIT_OK
+
+
 def rotate_signing(config: Config, now: float) -> tuple[str, list[tuple[str, float]]]:
     """Rotate the daemon-managed key ring; returns the new kid and the retired (kid, until)."""
     from provisiond.wifi.crypto import MAX_GRANT_LIFETIME
@@ -353,7 +390,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Register `status`, `db backup` and `keys rotate-signing` on the main parser."""
+    """Register `status`, `db backup`, `keys rotate-signing` and `keys reseal`."""
     p = sub.add_parser(
         "status",
         parents=[common],
@@ -391,3 +428,10 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "(on PostgreSQL: for every daemon, signing after wifi.key_propagation_seconds)",
     )
     p.set_defaults(fn=cmd_keys_rotate_signing)
+    p = keys.add_parser(
+        "reseal",
+        parents=[common],
+        help="PostgreSQL: seal every private key in the store under "
+        "store.key_encryption_key_file (rotating the KEK, docs/scaling.md)",
+    )
+    p.set_defaults(fn=cmd_keys_reseal)

@@ -174,6 +174,26 @@ def _insert(
     )
 
 
+def reseal(db: sqlite_utils.Database, kek: KeyEncryptionKey) -> int:
+    """Seal every key not sealed under `kek` under it (opened with `kek.previous`); how many.
+
+    The keys themselves do not change, so neither does `version`: the daemons
+    keep what they hold.
+    """
+    rows = db.execute("SELECT kid, sealed_key, kek_id FROM signing_keys ORDER BY kid").fetchall()
+    moved = 0
+    for kid, sealed, kek_id in rows:
+        if kek_id == kek.id:
+            continue
+        der = kek.unseal(_label(kid), kek_id, bytes(sealed))
+        db.execute(
+            "UPDATE signing_keys SET sealed_key = ?, kek_id = ? WHERE kid = ?",
+            [kek.seal(_label(kid), der), kek.id, kid],
+        )
+        moved += 1
+    return moved
+
+
 def version(db: sqlite_utils.Database) -> tuple[tuple[Any, ...], ...]:
     """What changes whenever the ring does (cheap: no key is unsealed)."""
     rows = db.execute(
