@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up if needed, then run the whole test suite against a real mosquitto.
-# Extra arguments go to pytest (e.g. `scripts/test.sh -k presence`, `--heavy`).
+# Extra arguments go to pytest (e.g. `scripts/test.sh -k presence`, `--heavy`,
+# `--store postgresql`: the store-touching tests on a throwaway PostgreSQL).
 # With no arguments, the suites that exercise the broker connection (transport,
 # RPC, presence, faults, signals) then run again on the aiomqtt backend.
 set -euo pipefail

@@ -1,3 +1,12 @@
+"""Suite-wide options and fixtures.
+
+Two passes (README, "Tests"): `pytest` runs everything on SQLite;
+`pytest --store postgresql` (`scripts/test.sh --store postgresql`) runs the
+tests marked `store` again on a throwaway PostgreSQL cluster. How a test is
+marked, and why an unmarked one that makes a store fails: see
+`pytest_collection_modifyitems` below.
+"""
+
 from __future__ import annotations
 
 import os
@@ -8,6 +17,7 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
+import support
 from provisiond.config import Config
 from provisiond.server import Server
 from support import MQTT_CLIENT_ENV, Broker, RpcClient, log_sink, make_config, running
@@ -52,13 +62,54 @@ def pytest_report_header(config: pytest.Config) -> str:
     )
 
 
+def touches_store(item: pytest.Item) -> bool:
+    """Whether a test belongs to the PostgreSQL pass (see `pytest_collection_modifyitems`)."""
+    return item.get_closest_marker("store") is not None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--heavy"):
-        return
-    skip = pytest.mark.skip(reason="heavy variant: run with --heavy")
+    """Which tests touch a store, and what the PostgreSQL pass runs.
+
+    A test touches a store when it starts a daemon, runs the CLI on a store or
+    opens one. It says so with the `store` marker: tests using the `config`
+    fixture (and so `daemon`, `rpc`) get it here; others carry
+    `@pytest.mark.store` or their module's `pytestmark = pytest.mark.store`.
+    A test of SQLite itself (its file, PRAGMAs, WAL) carries
+    `support.sqlite_only("why")`, which counts as `store`.
+
+    `--store postgresql` runs the `store` tests only, deselecting the rest
+    (pure unit tests, the MQTT client, firmware builds: they never reach a
+    store, so the SQLite pass already ran them exactly as they would run
+    here), and skips `sqlite_only` ones with their reason. A test that makes
+    a store (`make_config`, `new_store_toml`) without the mark fails on both
+    passes, so a forgotten mark cannot silently drop a test from this pass.
+    """
+    import pg_cluster
+
     for item in items:
-        if "heavy" in item.keywords:
-            item.add_marker(skip)
+        if "config" in getattr(item, "fixturenames", ()) or item.get_closest_marker("sqlite_only"):
+            item.add_marker(pytest.mark.store)
+    if pg_cluster.store_under_test() == "postgresql":
+        selected = [item for item in items if touches_store(item)]
+        deselected = [item for item in items if not touches_store(item)]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = selected
+        for item in items:
+            only = item.get_closest_marker("sqlite_only")
+            if only is not None:
+                item.add_marker(pytest.mark.skip(reason=f"SQLite only: {only.kwargs['reason']}"))
+    if not config.getoption("--heavy"):
+        skip = pytest.mark.skip(reason="heavy variant: run with --heavy")
+        for item in items:
+            if "heavy" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Read by support.make_config: making a store in an unmarked test fails it.
+    support.CURRENT_TEST_MARKED[0] = touches_store(item)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ the session; every API key, provision token, session key and WiFi password
 the tests create or receive is remembered (`support.remember_secret`). At the
 end of the session the two are compared. Devices' broker passwords
 (`support.remember_password`) are also looked for in every store file the
-session's configs named.
+session's configs named (on `--store postgresql`: in every row of every
+database the session made).
 """
 
 from __future__ import annotations
@@ -68,4 +69,29 @@ def secret_leak_check(broker: support.Broker) -> Iterator[None]:
             with contextlib.suppress(FileNotFoundError):
                 data = Path(name).read_bytes()
                 leaks += [f"store file {name}" for p in passwords if p in data]
+    for url in support.STORE_URLS:
+        text = _database_text(url)
+        # Text columns as they are, BYTEA ones as PostgreSQL prints them (hex).
+        leaks += [f"store {url}" for p in passwords if p.decode() in text or p.hex() in text]
     assert not leaks, f"{len(leaks)} secret(s) leaked, e.g. {leaks[:3]}"
+
+
+def _database_text(url: str) -> str:
+    """Every row of every table of a PostgreSQL database, as text."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(url) as conn:
+        tables = [
+            row[0]
+            for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+            )
+        ]
+        return "\n".join(
+            str(row[0])
+            for table in tables
+            for row in conn.execute(
+                sql.SQL("SELECT t::text FROM {} t").format(sql.Identifier(table))
+            )
+        )

@@ -51,6 +51,10 @@ LOG_EVENTS: list[str] = []
 # sealed replay record holds them encrypted).
 BROKER_PASSWORDS: set[str] = set()
 STORE_FILES: set[str] = set()
+# The same for the databases `--store postgresql` made for daemons that issue
+# devices' broker passwords (`[broker_accounts] backend = "mosquitto-dynsec"`):
+# no other store can hold one, and reading all of them would take seconds.
+STORE_URLS: set[str] = set()
 
 
 Test = TypeVar("Test", bound=Callable[..., Any])
@@ -164,8 +168,13 @@ def mqtt_client() -> str:
     return os.environ.get(MQTT_CLIENT_ENV) or "native"
 
 
-def make_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> Config:
-    """A config for one test: its own store file, topic prefix and client id."""
+def make_config(
+    tmp_path: Path, broker: Broker, *, uses_store: bool = True, **sections: dict[str, Any]
+) -> Config:
+    """A config for one test: its own store (file or database), topic prefix and client id.
+
+    `uses_store=False`: for a part that never opens the store (the transport
+    alone): no database is made, and the test needs no `store` mark."""
     tag = uuid.uuid4().hex[:10]
     raw: dict[str, Any] = {
         "mqtt": {
@@ -178,16 +187,24 @@ def make_config(tmp_path: Path, broker: Broker, **sections: dict[str, Any]) -> C
             "reconnect_min_seconds": 0.1,
             "reconnect_max_seconds": 1.0,
         },
-        "store": {"path": str(tmp_path / f"store-{tag}.db"), **_store_url()},
+        "store": {"path": str(tmp_path / f"store-{tag}.db")},
         "daemon": {"shutdown_grace_seconds": 5},
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
+    if uses_store:
+        _check_marked()
+        if "url" not in sections.get("store", {}):
+            # A test that names its store (e.g. a SQLite file on a full disk) keeps it.
+            raw["store"].update(_store_url())
     if raw["store"].get("url", "").startswith("postgresql://"):
         # On PostgreSQL the signing keys and the device CA live in the store,
         # sealed under this file's content (docs/scaling.md).
         raw["store"].setdefault("key_encryption_key_file", str(kek_file()))
     STORE_FILES.add(raw["store"]["path"])
+    issues_passwords = raw.get("broker_accounts", {}).get("backend") == "mosquitto-dynsec"
+    if issues_passwords and raw["store"].get("url", "").startswith("postgresql://"):
+        STORE_URLS.add(raw["store"]["url"])
     return Config.model_validate(raw)
 
 
@@ -198,6 +215,50 @@ def _store_url() -> dict[str, str]:
     if pg_cluster.store_under_test() == "postgresql":
         return {"url": pg_cluster.shared().new_database()}
     return {}
+
+
+# Whether the running test is marked `store` (set by conftest.py before each
+# test). A test that makes a store without the mark would silently be left
+# out of the PostgreSQL pass, so making one fails it instead (on both passes).
+CURRENT_TEST_MARKED: list[bool] = [True]
+
+
+def _check_marked() -> None:
+    if not CURRENT_TEST_MARKED[0]:
+        pytest.fail(
+            "this test makes a store but is not marked `store`, so the PostgreSQL pass"
+            " would leave it out: add @pytest.mark.store (or the module's"
+            " `pytestmark = pytest.mark.store`; see tests/conftest.py)",
+            pytrace=False,
+        )
+
+
+def store_toml(config: Config) -> str:
+    """The `[store]` table of `config` as TOML, for a config file a test writes by hand
+    (a CLI command or a daemon process then uses the test's store, SQLite or PostgreSQL)."""
+    store = config.store
+    lines = ["[store]", f"path = {json.dumps(store.path)}"]
+    for key in ("url", "password_file", "key_encryption_key_file"):
+        if getattr(store, key):
+            lines.append(f"{key} = {json.dumps(getattr(store, key))}")
+    return "\n".join(lines) + "\n"
+
+
+def new_store_toml(path: Path) -> str:
+    """A `[store]` table for a fresh store of the store under test: the SQLite file
+    `path`, or with `--store postgresql` a new database (and the session's KEK)."""
+    _check_marked()
+    store: dict[str, str] = {"path": str(path), **_store_url()}
+    if store.get("url"):
+        store["key_encryption_key_file"] = str(kek_file())
+    STORE_FILES.add(str(path))
+    return "[store]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in store.items())
+
+
+def sqlite_only(reason: str) -> pytest.MarkDecorator:
+    """For a test of SQLite itself (its file, PRAGMAs, WAL): the PostgreSQL pass
+    skips it with `reason` (tests/conftest.py). It counts as a `store` test."""
+    return pytest.mark.sqlite_only(reason=reason)
 
 
 def file_keys_only() -> pytest.MarkDecorator:

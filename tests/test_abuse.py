@@ -19,6 +19,9 @@ from provisiond.config import Config
 from provisiond.server import Server
 from support import Broker, RpcClient, make_config, open_db, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 DOCUMENTED = {200, 400, 401, 403, 404, 409, 410, 413, 429, 503, 504}
 
 

@@ -23,6 +23,9 @@ from provisiond_ble import profile
 from provisiond_sim import SimDevice
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 
 class PresenceSpy:
     """Records channel reports on their way to the real presence service."""

@@ -88,6 +88,7 @@ async def c_env(tmp_path: Path, broker: Broker, firmware: FirmwareLibrary) -> As
                 await fleet.stop()
 
 
+@pytest.mark.store
 async def test_c_engine_connected(
     tmp_path: Path, broker: Broker, firmware: FirmwareLibrary, logs: LogCapture
 ) -> None:
@@ -124,6 +125,7 @@ async def test_c_engine_connected(
     assert not any(PASSWORD in repr(e) for e in logs.entries)
 
 
+@pytest.mark.store
 async def test_c_engine_wrong_password_then_success(
     tmp_path: Path, broker: Broker, firmware: FirmwareLibrary
 ) -> None:
@@ -144,6 +146,7 @@ async def test_c_engine_wrong_password_then_success(
         assert len(dev.engine.persisted) == 2
 
 
+@pytest.mark.store
 async def test_c_engine_replayed_grant(
     tmp_path: Path, broker: Broker, firmware: FirmwareLibrary
 ) -> None:

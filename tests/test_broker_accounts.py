@@ -32,7 +32,18 @@ from provisiond.broker_accounts import BrokerAccountsUnavailable
 from provisiond.broker_accounts.dynsec import DynsecClient, MosquittoDynsec
 from provisiond.config import Config
 from provisiond.presence import PRESENCE
-from support import Broker, eventually, make_config, remember_secret, running
+from support import (
+    Broker,
+    eventually,
+    make_config,
+    open_db,
+    remember_secret,
+    running,
+    store_toml,
+)
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 
 @pytest.fixture
@@ -468,11 +479,9 @@ port = {dynsec.local_port}
 topic_prefix = "{PREFIX}"
 username = "provisiond"
 password_file = "{tmp_path / "mqtt-password"}"
-[store]
-path = "{config.store.path}"
 [broker_accounts]
 backend = "mosquitto-dynsec"
-"""
+{store_toml(config)}"""
     )
     return config_file
 
@@ -519,9 +528,15 @@ async def test_the_daemon_syncs_at_start_and_logs_what_it_changed(
     async with dynsec.admin() as admin:
         await admin({"command": "createClient", "username": "device-777"})
         async with running(config):
-            await eventually(lambda: "device-777" not in dynsec.stored_clients())
+            # Wait for the line itself: it comes once the whole plan is applied,
+            # after the account is gone from the broker's file (stopping the
+            # daemon on seeing only that could cut the sync short).
+            await eventually(
+                lambda: any(e["event"] == "broker_accounts.synced" for e in logs.entries)
+            )
+        assert "device-777" not in dynsec.stored_clients()
         synced = [e for e in logs.entries if e["event"] == "broker_accounts.synced"]
-        assert synced and synced[0]["deleted_names"] == ["device-777"]
+        assert synced[0]["deleted_names"] == ["device-777"]
 
 
 # --- what mosquitto 2.0 supports
@@ -615,12 +630,10 @@ async def test_a_crash_between_account_and_commit_leaves_only_what_sync_removes(
     reservation is young (a request in flight) and removes it once stale."""
     from provisiond.broker_accounts import store as account_store
     from provisiond.broker_accounts.sync import sync
-    from provisiond.schema import all_migrations
-    from provisiond.store import connect, migrate, transaction
+    from provisiond.store import transaction
 
     config = dynsec.config(tmp_path)
-    db = connect(config.store.path)
-    migrate(db, all_migrations())
+    db = open_db(config)  # the store under test, migrated
     with transaction(db):
         device_id = account_store.reserve_device_id(db, now=1000.0)
     accounts = MosquittoDynsec(config, DynsecClient(config))

@@ -14,6 +14,9 @@ import pytest
 
 from support import Broker, RpcClient, make_config, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 
 def docker_engine_answers() -> bool:
     if shutil.which("docker") is None:

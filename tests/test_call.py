@@ -7,12 +7,16 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from daemon_proc import ROOT, python_c, write_toml
 from provision_support import count, org_key
 
 from provisiond.config import Config
 from provisiond.server import Server
 from support import free_port, remember_secret
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 PROVISIOND = ROOT / ".venv" / "bin" / "provisiond"
 

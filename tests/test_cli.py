@@ -1,12 +1,21 @@
-"""The administrative CLI as an operator runs it: real processes, a real SQLite file."""
+"""The administrative CLI as an operator runs it: real processes, on the store under test
+(a real SQLite file, or with `--store postgresql` a database of the throwaway cluster)."""
 
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from provisiond.config import load
+from provisiond.store import table_names
+from support import free_port, new_store_toml, open_db
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +32,7 @@ def run(config: Path, *argv: str) -> subprocess.CompletedProcess[str]:
 def test_keys_lifecycle(tmp_path: Path) -> None:
     config = tmp_path / "p.toml"
     db = tmp_path / "state" / "p.db"
-    config.write_text(f'[store]\npath = "{db}"\n')
+    config.write_text(new_store_toml(db))
     assert run(config, "orgs", "create", "--id", "101", "--name", "Acme").returncode == 0
     assert run(config, "users", "create", "--org", "101", "--id", "7").returncode == 0
     created = run(
@@ -34,12 +43,19 @@ def test_keys_lifecycle(tmp_path: Path) -> None:
     secret = created.stdout.strip().splitlines()[-1]
     assert secret.startswith("sk_live_") and len(secret) == 48
 
-    # Only the hash is stored: the key appears nowhere in the database file.
-    for path in db.parent.iterdir():
-        assert secret.encode() not in path.read_bytes()
-        assert secret[8:].encode() not in path.read_bytes()
-    rows = sqlite3.connect(db).execute("SELECT id, hash FROM api_keys").fetchall()
+    # Only the hash is stored: the key appears in no row of any table, nor (on
+    # SQLite) anywhere in the database's files.
+    store = open_db(load(config, env={}))
+    for table in table_names(store):
+        everything = repr(store.execute(f"SELECT * FROM {table}").fetchall())
+        assert secret not in everything and secret[8:] not in everything, table
+    rows = store.execute("SELECT id, hash FROM api_keys").fetchall()
+    store.conn.close()
     assert len(rows) == 1 and len(rows[0][1]) == 64
+    if db.parent.exists():
+        for path in db.parent.iterdir():
+            assert secret.encode() not in path.read_bytes()
+            assert secret[8:].encode() not in path.read_bytes()
 
     listed = run(config, "keys", "list")
     assert listed.returncode == 0 and rows[0][0] in listed.stdout and secret not in listed.stdout
@@ -50,7 +66,7 @@ def test_keys_lifecycle(tmp_path: Path) -> None:
 
 def test_clear_errors(tmp_path: Path) -> None:
     config = tmp_path / "p.toml"
-    config.write_text(f'[store]\npath = "{tmp_path / "p.db"}"\n')
+    config.write_text(new_store_toml(tmp_path / "p.db"))
     bad = run(config, "keys", "create", "--org", "999")
     assert bad.returncode == 1 and "organisation 999 does not exist" in bad.stderr
     bad = run(config, "keys", "create", "--org", "1", "--scope", "root")
@@ -58,6 +74,13 @@ def test_clear_errors(tmp_path: Path) -> None:
     bad = run(config, "users", "create", "--org", "5", "--id", "1")
     assert bad.returncode == 1 and "does not exist" in bad.stderr
     assert "usage" in run(config, "keys", "--help").stdout
+    down = tmp_path / "down.toml"
+    down.write_text(
+        f'[store]\nurl = "postgresql://provisiond@127.0.0.1:{free_port()}/provisiond"\n'
+    )
+    result = run(down, "keys", "list")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("provisiond: cannot open the store: connection failed")
     typo = tmp_path / "typo.toml"
     typo.write_text("[daemon]\ngatway_id = 'x'\n")
     result = run(typo, "keys", "list")

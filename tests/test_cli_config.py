@@ -23,7 +23,8 @@ from daemon_proc import ROOT, write_toml
 
 from provisiond.cli.main import build_parser
 from provisiond.config import Config
-from support import Broker, make_config, rows, running, seed_key
+from provisiond.store import transaction
+from support import Broker, make_config, open_db, rows, running, seed_key
 
 PROVISIOND = ROOT / ".venv" / "bin" / "provisiond"
 
@@ -140,16 +141,22 @@ def test_guard_catches_the_default_path(tmp_path: Path) -> None:
 
 def _seed_store(config: Config) -> str:
     key_id, _secret = seed_key(config, users=(5,))
-    db = sqlite3.connect(config.store.path)
-    db.execute(
-        "INSERT INTO devices (org_id, owner_id, state, created_at) VALUES (1, 5, 'pending', ?)",
-        [time.time()],
-    )
-    db.commit()
-    db.close()
+    db = open_db(config)
+    with transaction(db):
+        db.execute(
+            "INSERT INTO devices (org_id, owner_id, state, created_at) VALUES (1, 5, 'pending', ?)",
+            [time.time()],
+        )
+    db.conn.close()
     return key_id
 
 
+def _one(config: Config, sql: str, *params: object) -> tuple[object, ...] | None:
+    found = rows(config, sql, params)
+    return found[0] if found else None
+
+
+@pytest.mark.store
 @pytest.mark.parametrize("position", ["before", "after"])
 @pytest.mark.parametrize("command", sorted(set(COMMANDS) - NEEDS_DAEMON))
 async def test_offline_commands_use_the_given_file(
@@ -171,6 +178,11 @@ async def test_offline_commands_use_the_given_file(
         # The file says accounts are managed elsewhere (backend "none"): it was read.
         assert code == 1 and "managed elsewhere" in err
         return
+    if command == "db backup" and config.store.url:
+        # The file names a PostgreSQL store, which `db backup` (a SQLite file copy) refuses.
+        assert code == 1 and "back PostgreSQL up with pg_dump" in err
+        assert not (tmp_path / "backup.db").exists()
+        return
     if command == "keys reseal" and not config.store.url:
         # The file names a SQLite store, whose keys are files: it was read.
         assert code == 1 and "the store is SQLite" in err
@@ -178,20 +190,19 @@ async def test_offline_commands_use_the_given_file(
     assert code == 0, err
 
     # The effect landed in the store the file names.
-    db = sqlite3.connect(config.store.path)
     if command == "check-config":
         assert out.strip() == f"config ok: {config_file}"
     elif command == "orgs create":
-        assert db.execute("SELECT name FROM orgs WHERE id = 101").fetchone() == ("Acme",)
+        assert _one(config, "SELECT name FROM orgs WHERE id = 101") == ("Acme",)
     elif command == "users create":
-        assert db.execute("SELECT org_id FROM users WHERE id = 77").fetchone() == (1,)
+        assert _one(config, "SELECT org_id FROM users WHERE id = 77") == (1,)
     elif command == "keys create":
-        assert db.execute("SELECT COUNT(*) FROM api_keys").fetchone() == (2,)
+        assert _one(config, "SELECT COUNT(*) FROM api_keys") == (2,)
     elif command == "keys list":
         assert key_id in out
     elif command == "keys revoke":
-        row = db.execute("SELECT revoked_at FROM api_keys WHERE id = ?", [key_id]).fetchone()
-        assert row[0] is not None
+        row = _one(config, "SELECT revoked_at FROM api_keys WHERE id = ?", key_id)
+        assert row is not None and row[0] is not None
     elif command == "keys rotate-signing":
         if config.store.url:
             # PostgreSQL: the ring lives in the store the file names (test_shared_keys.py).
@@ -208,14 +219,14 @@ async def test_offline_commands_use_the_given_file(
     elif command == "db backup":
         assert (tmp_path / "backup.db").is_file()
     elif command == "db migrate":
-        assert db.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] > 0
+        count = _one(config, "SELECT COUNT(*) FROM schema_migrations")
+        assert count is not None and int(str(count[0])) > 0
     elif command == "db copy":
         copied = sqlite3.connect(tmp_path / "copy.db")
         assert copied.execute("SELECT COUNT(*) FROM devices").fetchone() == (1,)
         copied.close()
     elif command == "broker-accounts init-dynsec":
         assert (tmp_path / "dynsec.json").is_file()
-    db.close()
 
 
 @pytest.mark.parametrize("position", ["before", "after"])
@@ -231,6 +242,7 @@ def test_check_config_reports_the_bad_file_it_read(tmp_path: Path, position: str
     assert code == 3 and f"config file not found: {missing}" in err
 
 
+@pytest.mark.store
 @pytest.mark.parametrize("position", ["before", "after"])
 async def test_run_connects_where_the_file_says(
     tmp_path: Path, broker: Broker, position: str
@@ -253,7 +265,10 @@ async def test_run_connects_where_the_file_says(
         ready = "".join(lines)
         assert f'"port": {broker.port}' in ready or f'"port":{broker.port}' in ready, ready
         assert config.mqtt.topic_prefix in ready
-        assert Path(config.store.path).is_file()
+        # It opened (and migrated) the store the file names.
+        assert rows(config, "SELECT COUNT(*) FROM schema_migrations")[0][0] > 0
+        if not config.store.url:
+            assert Path(config.store.path).is_file()
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.communicate(), 30)
@@ -261,6 +276,7 @@ async def test_run_connects_where_the_file_says(
     assert not log.exists(), log.read_text()
 
 
+@pytest.mark.store
 async def test_status_call_and_decommission_use_the_given_file(
     tmp_path: Path, broker: Broker
 ) -> None:

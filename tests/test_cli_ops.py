@@ -17,7 +17,14 @@ from provision_support import activate, org_key, provision
 from provisiond.config import Config
 from provisiond.server import Server
 from provisiond.wifi.signing import KeyRing
-from support import RpcClient, free_port, seed_key
+from support import (
+    RpcClient,
+    file_keys_only,
+    free_port,
+    new_store_toml,
+    seed_key,
+    sqlite_only,
+)
 
 # --- status
 
@@ -80,11 +87,10 @@ def test_status_needs_neither_aiomqtt_nor_paho() -> None:
 # --- db backup
 
 
+@sqlite_only("db backup copies a SQLite file; PostgreSQL is backed up with pg_dump")
 async def test_db_backup_while_the_daemon_runs(
     config: Config, daemon: Server, tmp_path: Path
 ) -> None:
-    if config.store.url:
-        pytest.skip("db backup copies a SQLite file; PostgreSQL is backed up with pg_dump")
     key_id, _secret = seed_key(config)
     config_file = write_toml(config, tmp_path / "p.toml")
     target = tmp_path / "backup.db"
@@ -107,6 +113,7 @@ async def test_db_backup_while_the_daemon_runs(
     assert code == 0, err
 
 
+@sqlite_only("db backup copies a SQLite file; on PostgreSQL it refuses (test_cli_config.py)")
 async def test_db_backup_never_creates_a_missing_database(tmp_path: Path) -> None:
     config_file = tmp_path / "p.toml"
     config_file.write_text(f'[store]\npath = "{tmp_path / "missing.db"}"\n')
@@ -120,6 +127,9 @@ async def test_db_backup_never_creates_a_missing_database(tmp_path: Path) -> Non
 # --- keys rotate-signing
 
 
+@sqlite_only(
+    "the ring in keys_dir files; on PostgreSQL it lives in the store (test_shared_keys.py)"
+)
 async def test_rotate_signing_makes_a_new_active_key(tmp_path: Path) -> None:
     keys_dir = tmp_path / "keys"
     config_file = tmp_path / "p.toml"
@@ -143,21 +153,21 @@ async def test_rotate_signing_makes_a_new_active_key(tmp_path: Path) -> None:
         assert stat.S_IMODE(pem.stat().st_mode) == 0o600
 
 
+@pytest.mark.store
 async def test_rotate_signing_refuses_keys_it_does_not_manage(tmp_path: Path) -> None:
     config_file = tmp_path / "p.toml"
+    store = new_store_toml(tmp_path / "p.db")
     config_file.write_text(
-        f'[store]\npath = "{tmp_path / "p.db"}"\n'
-        '[wifi]\nsigning_algorithm = "HS256"\nhs256_master_secret_file = "m"\n'
+        store + '[wifi]\nsigning_algorithm = "HS256"\nhs256_master_secret_file = "m"\n'
     )
     code, _out, err = await provisiond("keys", "rotate-signing", "-c", str(config_file))
     assert code == 1 and "HS256" in err
-    config_file.write_text(
-        f'[store]\npath = "{tmp_path / "p.db"}"\n[wifi]\nsigning_key_files = ["a.pem"]\n'
-    )
+    config_file.write_text(store + '[wifi]\nsigning_key_files = ["a.pem"]\n')
     code, _out, err = await provisiond("keys", "rotate-signing", "-c", str(config_file))
     assert code == 1 and "operator-managed" in err
 
 
+@file_keys_only()
 async def test_sighup_after_rotate_signing_signs_grants_with_the_new_key(
     config: Config, tmp_path: Path
 ) -> None:

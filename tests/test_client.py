@@ -30,6 +30,9 @@ from provisiond.server import Server
 from provisiond_ble.plugin import UploadBody
 from support import Broker, make_config, remember_secret, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 # Operations plugins register when they start; the client covers the BLE bridge's.
 PLUGIN_BODIES: dict[str, type[BaseModel]] = {"wifi-config/upload": UploadBody}
 

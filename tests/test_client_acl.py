@@ -13,6 +13,9 @@ from test_mosquitto_acl import PASSWORDS, PREFIX, ExampleBroker, daemon_and_key,
 from provisiond.client import CallTimeout, ProvisiondClient, RpcError
 from support import running
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 __all__ = ["example_broker"]  # the fixture, used by name
 
 

@@ -28,6 +28,9 @@ from test_docs import blocks
 from provisiond.config import Config
 from support import Broker, RpcClient, eventually, make_config, rows, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 DEVICES = 1000
 INTERVAL = 1.0  # each device's heartbeat interval (the hint it sends)
 FACTOR = 2.0  # its deadline: INTERVAL * FACTOR after its last heartbeat

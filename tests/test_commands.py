@@ -10,12 +10,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from presence_support import FakeDevice, Watcher, seed_devices
 
 from provisiond.config import Config
 from provisiond.presence import PRESENCE, Presence
 from provisiond.server import Server
 from support import Broker, RpcClient, eventually, make_config, rows, running, seed_key
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 ALL = ("devices:read", "devices:write", "provision:write", "daemon:read")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support import free_port
+from support import free_port, sqlite_only
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@sqlite_only("the demo keeps its state in a SQLite file in its state folder")
 def test_demo_stops_what_it_started(tmp_path: Path, sig: signal.Signals) -> None:
     state = tmp_path / "state"
     log = (tmp_path / "demo.log").open("wb")

@@ -9,6 +9,9 @@ import pytest
 from provisiond.config import Config
 from support import RpcClient, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 # (operation, the field holding the device id, the rest of a valid body)
 OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("device/get", "deviceId", {}),

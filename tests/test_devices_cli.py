@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from daemon_proc import provisiond
 from provision_support import activate, org_key, provision, token_rows
 
 from provisiond.config import Config
-from support import RpcClient
+from support import RpcClient, store_toml
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 
 async def cli(config_file: Path, *argv: str) -> tuple[int, str, str]:
@@ -22,7 +26,7 @@ async def test_devices_list_show_and_tokens_revoke(
     tmp_path: Path, config: Config, rpc: RpcClient
 ) -> None:
     config_file = tmp_path / "provisiond.toml"
-    config_file.write_text(f'[store]\npath = "{config.store.path}"\nurl = "{config.store.url}"\n')
+    config_file.write_text(store_toml(config))
     key = org_key(config, users=(10, 11))
     other_org = org_key(config, org=2, users=(20,))
     used, active_id = await provision(rpc, key, owner=10)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from daemon_proc import ROOT, write_toml
 from structlog.testing import LogCapture
 from test_ble_bridge import PASSWORD, ble_env
@@ -79,6 +80,7 @@ async def run_block(source: str, namespace: dict[str, Any]) -> None:
         await result
 
 
+@pytest.mark.store
 async def test_protocol_client_examples_run_as_written(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:
@@ -109,6 +111,7 @@ async def test_protocol_client_examples_run_as_written(
     assert "async with ProvisiondClient(" in program
 
 
+@pytest.mark.store
 async def test_protocol_program_runs_as_written(tmp_path: Path, broker: Broker) -> None:
     """The first example is a whole program: run it as one, with the default prefix."""
     program = blocks(section((ROOT / "docs/protocol.md").read_text(), "## 8."), "python")[0]

@@ -18,6 +18,9 @@ from provisiond.runtime.fairslots import FairSlots
 from provisiond.runtime.features import FEATURES
 from support import SLOW_FEATURE, Broker, RpcClient, make_config, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 SLOW = 0.4
 
 

@@ -30,6 +30,9 @@ from provisiond.config import Config
 from provisiond.store import dialect
 from support import Broker, RpcClient, make_config, open_db, remember_secret, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -267,8 +270,11 @@ async def daemon_on_small_disk(
 
 
 PROVISION = {"orgId": 1, "ownerId": 1}
+# The fault is the SQLite file's own small disk, whatever store the suite runs on.
+SMALL_DISK = support.sqlite_only("a SQLite file on a full (or read-only) disk of its own")
 
 
+@SMALL_DISK
 async def test_disk_full_gives_503_then_recovers(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:
@@ -297,6 +303,7 @@ def _devices(path: Path) -> int:
     return int(sqlite3.connect(path).execute("SELECT COUNT(*) FROM devices").fetchone()[0])
 
 
+@SMALL_DISK
 async def test_read_only_store_gives_503_then_recovers(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:

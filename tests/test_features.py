@@ -66,6 +66,7 @@ def test_services_are_typed_keys_not_strings() -> None:
         services.provide(key, [3])
 
 
+@pytest.mark.store
 async def test_a_misordered_daemon_does_not_start(tmp_path: Path, broker: Broker) -> None:
     config = make_config(tmp_path, broker)
     swapped = [f for f in FEATURES if f.name != "presence"] + [by_name("presence")]
@@ -75,6 +76,7 @@ async def test_a_misordered_daemon_does_not_start(tmp_path: Path, broker: Broker
     assert not server.ready.is_set()
 
 
+@pytest.mark.store
 async def test_a_feature_that_does_not_provide_what_it_declares_fails_start(
     tmp_path: Path, broker: Broker
 ) -> None:

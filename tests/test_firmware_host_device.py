@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from daemon_proc import reaped
 from firmware_support import host_device
@@ -24,6 +25,9 @@ from provisiond.wifi.crypto import b64url_decode, b64url_encode
 from provisiond.wifi.service import GRANTS
 from provisiond.wifi.uploader import Uploader
 from support import Broker, RpcClient, eventually, make_config, remember_secret, running, seed_key
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 SSID = "provisiond-lab"
 PASSWORD = remember_secret("correct horse battery staple")

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlite_utils
 from store_support import held
@@ -33,28 +34,43 @@ from test_faults import (
 import support
 from provisiond import replay
 from provisiond.errors import NotFound, StoreUnavailable
-from provisiond.store import Migration, Store
+from provisiond.store import Migration, Store, open_database
 from support import Broker, RpcClient, make_config, open_db, running, seed_key
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 MIGRATIONS = [
     Migration(
         "test-1",
         """
-        CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+        CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE);
         CREATE TABLE parents (id INTEGER PRIMARY KEY);
         CREATE TABLE children (
-            id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             parent INTEGER NOT NULL REFERENCES parents(id) DEFERRABLE INITIALLY DEFERRED
         );
         """,
     ),
     *replay.MIGRATIONS,
 ]
+# A constraint the database itself enforces, as each store reports it.
+INTEGRITY_ERRORS = (sqlite3.IntegrityError, psycopg.IntegrityError)
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> str:
+    """A new store of the store under test: a SQLite file, or a PostgreSQL database."""
+    import pg_cluster
+
+    if pg_cluster.store_under_test() == "postgresql":
+        return pg_cluster.shared().new_database()
+    return str(tmp_path / "s.db")
 
 
 @contextlib.asynccontextmanager
-async def open_store(path: Path, **kwargs: Any) -> AsyncIterator[Store]:
-    store = Store(path, **kwargs)
+async def open_store(target: str, **kwargs: Any) -> AsyncIterator[Store]:
+    store = Store(target, **kwargs)
     await store.open(MIGRATIONS)
     try:
         yield store
@@ -70,75 +86,82 @@ def insert(name: str) -> Callable[[sqlite_utils.Database], str]:
     return fn
 
 
-def names(path: Path) -> set[str]:
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        return {row[0] for row in db.execute("SELECT name FROM items")}
+def names(target: str) -> set[str]:
+    """The items another connection reads."""
+    return {row[0] for row in read(target, "SELECT name FROM items")}
 
 
-async def test_a_failing_write_is_rolled_back_alone_and_the_batch_commits(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+def read(target: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    db = open_database(target)
+    try:
+        return [tuple(row) for row in db.execute(sql, list(params)).fetchall()]
+    finally:
+        db.conn.close()
+
+
+async def test_a_failing_write_is_rolled_back_alone_and_the_batch_commits(target: str) -> None:
 
     def insert_then_fail(db: sqlite_utils.Database) -> str:
         db.execute("INSERT INTO items (name) VALUES ('half-done')")
         raise NotFound("no such thing")
 
-    async with open_store(path) as store:
+    async with open_store(target) as store:
         async with held(store):
             tasks = [asyncio.ensure_future(store.write(insert(f"ok-{i}"))) for i in range(10)]
             tasks.insert(3, asyncio.ensure_future(store.write(insert_then_fail)))
-            # A constraint violation inside SQLite itself, after the others' inserts.
+            # A constraint violation inside the database itself, after the others' inserts.
             tasks.insert(7, asyncio.ensure_future(store.write(insert("ok-0"))))
             await asyncio.sleep(0.05)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         assert store.stats.largest_batch == 10, store.stats  # one batch, two failed
         assert store.stats.commits == 1
     assert isinstance(results[3], NotFound)
-    assert isinstance(results[7], sqlite3.IntegrityError)
+    assert isinstance(results[7], INTEGRITY_ERRORS)
     good = [r for i, r in enumerate(results) if i not in (3, 7)]
     assert good == [f"ok-{i}" for i in range(10)]
-    assert names(path) == {f"ok-{i}" for i in range(10)}
+    assert names(target) == {f"ok-{i}" for i in range(10)}
 
 
-async def test_a_failed_commit_fails_every_write_of_the_batch(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+async def test_a_failed_commit_fails_every_write_of_the_batch(target: str) -> None:
 
     def orphan(db: sqlite_utils.Database) -> None:
         # The deferred foreign key is only checked at COMMIT, so COMMIT fails.
         db.execute("INSERT INTO children (parent) VALUES (42)")
 
-    async with open_store(path) as store:
+    async with open_store(target) as store:
         async with held(store):
             tasks = [asyncio.ensure_future(store.write(insert(f"a-{i}"))) for i in range(5)]
             tasks.append(asyncio.ensure_future(store.write(orphan)))
             await asyncio.sleep(0.05)
         results = await asyncio.gather(*tasks, return_exceptions=True)
-        assert all(isinstance(r, sqlite3.IntegrityError) for r in results), results
-        assert names(path) == set()
+        assert all(isinstance(r, INTEGRITY_ERRORS) for r in results), results
+        assert names(target) == set()
         # The connection is usable again: the next batch commits.
         assert await store.write(insert("after")) == "after"
-    assert names(path) == {"after"}
+    assert names(target) == {"after"}
 
 
-async def test_every_write_is_committed_when_its_caller_resumes(tmp_path: Path) -> None:
+async def test_every_write_is_committed_when_its_caller_resumes(target: str) -> None:
     """Persist before reply: a caller that resumes finds its row in another connection."""
-    path = tmp_path / "s.db"
-    async with open_store(path) as store:
+    async with open_store(target) as store:
+        other = open_database(target)
 
         async def one(name: str) -> None:
             await store.write(insert(name))
             # What a reply would promise: the row is durable and visible to others.
-            with contextlib.closing(sqlite3.connect(path)) as other:
-                assert other.execute("SELECT 1 FROM items WHERE name = ?", [name]).fetchone()
+            assert other.execute("SELECT 1 FROM items WHERE name = ?", [name]).fetchone()
 
-        await asyncio.gather(*(one(f"n-{i}") for i in range(400)))
+        try:
+            await asyncio.gather(*(one(f"n-{i}") for i in range(400)))
+        finally:
+            other.conn.close()
         assert store.stats.writes == 400
         assert store.stats.commits < 400, "nothing was batched; the test proved nothing"
-    assert len(names(path)) == 400
+    assert len(names(target)) == 400
 
 
-async def test_duplicates_in_one_batch_record_one_reply(tmp_path: Path) -> None:
+async def test_duplicates_in_one_batch_record_one_reply(target: str) -> None:
     """As `Request.write`: the effect and its reply record commit together, once."""
-    path = tmp_path / "s.db"
     rid = hashlib.sha256(b"same request").hexdigest()
 
     class Duplicate(Exception):
@@ -153,21 +176,19 @@ async def test_duplicates_in_one_batch_record_one_reply(tmp_path: Path) -> None:
 
         return fn
 
-    async with open_store(path) as store:
+    async with open_store(target) as store:
         async with held(store):
             tasks = [asyncio.ensure_future(store.write(effect(n))) for n in range(5)]
             await asyncio.sleep(0.05)
         results = await asyncio.gather(*tasks, return_exceptions=True)
     assert results[0] == 0
     assert all(isinstance(r, Duplicate) for r in results[1:])
-    assert names(path) == {"copy-0"}
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("SELECT reply FROM replays").fetchall() == [(b"reply 0",)]
+    assert names(target) == {"copy-0"}
+    assert [bytes(r[0]) for r in read(target, "SELECT reply FROM replays")] == [b"reply 0"]
 
 
-async def test_a_cancelled_write_that_has_not_run_never_runs(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    async with open_store(path) as store:
+async def test_a_cancelled_write_that_has_not_run_never_runs(target: str) -> None:
+    async with open_store(target) as store:
         async with held(store):
             keep = asyncio.ensure_future(store.write(insert("kept")))
             drop = asyncio.ensure_future(store.write(insert("dropped")))
@@ -176,19 +197,18 @@ async def test_a_cancelled_write_that_has_not_run_never_runs(tmp_path: Path) -> 
         assert await keep == "kept"
         with pytest.raises(asyncio.CancelledError):
             await drop
-    assert names(path) == {"kept"}
+    assert names(target) == {"kept"}
 
 
-async def test_without_group_commit_each_write_commits_alone(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    async with open_store(path, group_commit=False) as store:
+async def test_without_group_commit_each_write_commits_alone(target: str) -> None:
+    async with open_store(target, group_commit=False) as store:
         await asyncio.gather(*(store.write(insert(f"x-{i}")) for i in range(50)))
         assert (store.stats.commits, store.stats.largest_batch) == (50, 1)
-    assert len(names(path)) == 50
+    assert len(names(target)) == 50
 
 
-async def test_a_closed_store_fails_writes_as_unavailable(tmp_path: Path) -> None:
-    async with open_store(tmp_path / "s.db") as store:
+async def test_a_closed_store_fails_writes_as_unavailable(target: str) -> None:
+    async with open_store(target) as store:
         pass
     with pytest.raises(StoreUnavailable):
         await store.write(insert("late"))

@@ -103,6 +103,7 @@ async def test_the_daemon_refuses_rabbitmq_by_name_and_backs_off(
     config: Any = make_config(
         tmp_path,
         Broker(tmp_path / "unused", port=rabbitmq),
+        uses_store=False,
         mqtt={"client": client, "reconnect_min_seconds": 0.2, "reconnect_max_seconds": 0.8},
     )
     transport = Transport(config)

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from presence_support import FakeDevice, seed_devices
 from structlog.testing import LogCapture
 
@@ -14,6 +15,9 @@ from provisiond.rpc import EmptyBody, Operation, Request, Router
 from provisiond.runtime.app import App
 from provisiond.runtime.features import FEATURES, Feature
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 SLOW_SECONDS = 3.0
 

@@ -37,6 +37,9 @@ from support import (
     running,
 )
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 
 def scrape(listen: str, path: str = "/metrics", method: str = "GET") -> tuple[int, str]:
     request = urllib.request.Request(f"http://{listen}{path}", method=method)

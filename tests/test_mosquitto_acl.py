@@ -31,6 +31,9 @@ from provisiond import mqtt
 from provisiond.config import Config
 from support import free_port, make_config, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "config" / "mosquitto" / "static"
 PREFIX = "provisiond"  # the shipped ACL is written for the default prefix

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from provision_support import ALL_SCOPES, provision
 
 from provisiond.config import Config
@@ -25,6 +26,9 @@ from provisiond.permissions import (
 )
 from provisiond.store import transaction
 from support import RpcClient, cases, open_db, remember_secret, rows, seed_key
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 PD, OVU, OWN, ORGV = PROVISION_DEVICES, ORG_VIEW_USERS, OWN_DEVICES_VIEW, ORG_DEVICES_VIEW
 MISSING_DEVICE = 987_654

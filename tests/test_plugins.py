@@ -18,8 +18,12 @@ from provisiond.errors import ConfigError
 from provisiond.plugins import PluginContext
 from provisiond.rpc import EmptyBody, Operation, Request
 from provisiond.server import Server
+from provisiond.store import open_database, table_names
 from provisiond_example import ExamplePlugin
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,7 +256,15 @@ def test_server_validates_plugins_before_opening_anything(tmp_path: Path, broker
     config = make_config(tmp_path, broker, plugins={"example": {"nope": 1}})
     with pytest.raises(ConfigError):
         asyncio.run(Server(config, plugins={"example": ExamplePlugin}).serve())
-    assert not Path(config.store.path).exists()
+    if config.store.url:
+        # The test's fresh database: still without a single table (not migrated).
+        db = open_database(config.store.url)
+        try:
+            assert table_names(db) == []
+        finally:
+            db.conn.close()
+    else:
+        assert not Path(config.store.path).exists()
 
 
 async def test_reload_applies_new_plugin_settings(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 from presence_support import FakeDevice, Watcher, seed_devices
 from structlog.testing import LogCapture
 
@@ -17,6 +18,9 @@ from provisiond.config import Config
 from provisiond.presence import PRESENCE, Presence
 from provisiond.presence import tracker as presence_mod
 from support import Broker, RpcClient, eventually, make_config, rows, running, seed_key
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 FAST = {"heartbeat_interval_seconds": 0.3, "timeout_factor": 2, "min_interval_seconds": 0.1}
 

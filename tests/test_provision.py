@@ -48,6 +48,9 @@ from support import (
     seed_key,
 )
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 TOKEN_RE = re.compile(r"^[A-Za-z0-9]{32}$")
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 

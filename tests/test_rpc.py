@@ -9,12 +9,16 @@ import uuid
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from structlog.testing import LogCapture
 
 from provisiond.config import Config
 from provisiond.server import Server
 from support import Broker, RpcClient, eventually, make_config, running, seed_key
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 
 async def test_whoami_over_mosquitto_rr_v5(config: Config, daemon: Server) -> None:

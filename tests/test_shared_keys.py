@@ -50,6 +50,9 @@ from support import (
     seed_key,
 )
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 ROOT = Path(__file__).resolve().parents[1]
 PROPAGATION = 2.0
 

@@ -18,6 +18,9 @@ from provisiond.runtime.features import FEATURES
 from provisiond.server import Server
 from support import SLOW_FEATURE, RpcClient, make_config, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 GRACE = 5.0
 
 

@@ -20,6 +20,9 @@ from provisiond_sim import Broker as SimBroker
 from provisiond_sim import Fleet, RpcFailed, provision
 from support import RpcClient, eventually, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -25,6 +25,9 @@ from provisiond.schema import all_migrations
 from provisiond.store import Store, migrate, open_database, transaction
 from support import Broker, RpcClient, make_config, remember_secret, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -40,6 +40,9 @@ import support
 from provisiond.config import Config
 from support import Broker, make_config, open_db, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 PROVISION = {"orgId": 1, "ownerId": 1}
 
 

@@ -50,7 +50,7 @@ async def transport_running(
 
 def peer_config(tmp_path: Path, peer: Peer, **mqtt_values: Any) -> Any:
     broker = Broker(tmp_path / "unused", port=peer.port)
-    return make_config(tmp_path, broker, mqtt={"client": "native", **mqtt_values})
+    return make_config(tmp_path, broker, uses_store=False, mqtt={"client": "native", **mqtt_values})
 
 
 def events(logs: LogCapture, name: str) -> list[dict[str, Any]]:
@@ -143,7 +143,7 @@ async def test_a_broker_with_max_qos_0_is_not_served(tmp_path: Path, logs: LogCa
     """mosquitto `max_qos 0`: requests would arrive at QoS 0, lost on any hiccup."""
     b = Broker(tmp_path / "b", extra="max_qos 0").start()
     try:
-        config = make_config(tmp_path, b, mqtt={"reconnect_min_seconds": 0.2})
+        config = make_config(tmp_path, b, uses_store=False, mqtt={"reconnect_min_seconds": 0.2})
         transport = Transport(config)
         async with transport_running(transport, [Subscription("p/rpc/#", 1)], []):
             await eventually(lambda: events(logs, "mqtt.connect_refused"))
@@ -159,7 +159,7 @@ async def test_retained_statuses_are_not_redelivered_when_the_session_resumes(
     tmp_path: Path, broker: Broker, logs: LogCapture
 ) -> None:
     """100k retained statuses would come back at every reconnect otherwise."""
-    config = make_config(tmp_path, broker)
+    config = make_config(tmp_path, broker, uses_store=False)
     prefix = config.mqtt.topic_prefix
     async with mqtt.Client("127.0.0.1", broker.port) as device:
         await device.publish(f"{prefix}/devices/7/status", b"offline", qos=1, retain=True)
@@ -196,7 +196,7 @@ async def test_retained_statuses_are_not_redelivered_when_the_session_resumes(
 
 @pytest.mark.skipif(mqtt_client() != "native", reason="the native client sees PUBACK reason codes")
 async def test_the_backend_in_use_is_the_one_configured(tmp_path: Path, broker: Broker) -> None:
-    transport = Transport(make_config(tmp_path, broker))
+    transport = Transport(make_config(tmp_path, broker, uses_store=False))
     assert transport.backend.name == "native"
     assert transport.backend.fused_ack and transport.backend.sees_refusals
 
@@ -207,7 +207,7 @@ async def test_the_aiomqtt_backend_serves_rpc_through_the_same_boundary(
     """Whatever the run's backend: one request over the compatibility one."""
     from provisiond.transport import load_backend
 
-    config = make_config(tmp_path, broker, mqtt={"client": "aiomqtt"})
+    config = make_config(tmp_path, broker, uses_store=False, mqtt={"client": "aiomqtt"})
     transport = Transport(config)
     assert transport.backend.name == "aiomqtt"
     assert load_backend("aiomqtt").fused_ack is False

@@ -9,12 +9,16 @@ import uuid
 from pathlib import Path
 
 import aiomqtt
+import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from provision_support import activate, org_key, provision, rows
 from structlog.testing import LogCapture
 
 from support import Broker, RpcClient, make_config, open_db, remember_secret, running, seed_key
+
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
 
 
 async def test_a_request_delivered_to_two_daemons_creates_one_device(

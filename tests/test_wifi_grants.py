@@ -31,6 +31,9 @@ from provisiond.wifi.uploader import Uploader
 from provisiond_sim.reference import ReferenceDevice
 from support import Broker, RpcClient, eventually, make_config, open_db, running, seed_key
 
+# Starts daemons / opens stores: the PostgreSQL pass runs it too (tests/conftest.py).
+pytestmark = pytest.mark.store
+
 SSID, PASSWORD = "lab-net", "Tr0ub4dor&3-horse"
 WIFI = 0x02
 

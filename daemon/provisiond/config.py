@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,6 +123,12 @@ class StoreConfig(Section):
             and "@" in value
         ):
             raise ValueError("must not hold a password; use store.password_file")
+        if value.startswith(("postgresql://", "postgres://")) and find_spec("psycopg") is None:
+            # Said here, as a config error (exit 3, not restarted), rather than
+            # as an import traceback when the store opens.
+            raise ValueError(
+                "a PostgreSQL store needs the psycopg driver: pip install 'provisiond[postgresql]'"
+            )
         return value
 
 

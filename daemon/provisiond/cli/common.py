@@ -10,9 +10,10 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from provisiond.config import Config, config_path, load, resolve_path
+from provisiond.config import Config, config_path, load
+from provisiond.errors import StoreUnavailable
 from provisiond.schema import all_migrations
-from provisiond.store import connect, migrate
+from provisiond.store import is_postgresql, migrate, open_database, store_target
 
 N = TypeVar("N", int, float)
 
@@ -32,8 +33,21 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def open_db(config: Config) -> sqlite_utils.Database:
-    """The daemon's store, migrated, for a command that reads or writes it directly."""
-    db = connect(resolve_path(config, config.store.path), synchronous=config.store.synchronous)
+    """The daemon's store, migrated, for a command that reads or writes it directly:
+    the SQLite file or the PostgreSQL database `[store] url` names, as the daemon opens it."""
+    target, password = store_target(config)
+    if is_postgresql(target):
+        import psycopg  # there whenever a PostgreSQL store loads (config.py checks)
+
+        try:
+            db = open_database(target, password=password)
+        except psycopg.OperationalError as exc:
+            # A server that is down or refuses us: one line, not a traceback
+            # (psycopg's first line names host, port and reason, never a password).
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StoreUnavailable(f"cannot open the store: {reason}") from None
+    else:
+        db = open_database(target, synchronous=config.store.synchronous)
     migrate(db, all_migrations())
     return db
 
