@@ -55,12 +55,20 @@ class FairSlots:
 
     def bound(self, caller: str) -> int:
         """How many slots `caller` may hold now: `shared` while another caller is active."""
+        return self._bound(caller, self._active())
+
+    def _active(self) -> set[str] | None:
+        """The callers active now; None when both bounds are the same (nothing to tell)."""
         if self._shared == self._per_caller:
-            return self._per_caller
+            return None
         cutoff = self._clock() - ACTIVE_SECONDS
-        for other, when in self._seen.items():
-            if other != caller and (when > cutoff or other in self._held or other in self._waiting):
-                return self._shared
+        return {
+            c for c, t in self._seen.items() if t > cutoff or c in self._held or c in self._waiting
+        }
+
+    def _bound(self, caller: str, active: set[str] | None) -> int:
+        if active is not None and len(active) > (caller in active):
+            return self._shared
         return self._per_caller
 
     @property
@@ -106,7 +114,7 @@ class FairSlots:
         now = self._clock()
         self._seen[caller] = now
         if len(self._seen) > 2 * (len(self._held) + len(self._waiting)) + 16:
-            # Forget callers long gone, so that the scan in `bound` stays short.
+            # Forget callers long gone, so that the scan in `_active` stays short.
             cutoff = now - ACTIVE_SECONDS
             self._seen = {
                 c: t
@@ -119,9 +127,11 @@ class FairSlots:
         self._free -= 1
 
     def _wake(self) -> None:
+        # Once per wake, not per waiting caller: who is active does not change here.
+        active = self._active()
         while self._free > 0 and self._waiting:
             for caller in list(self._waiting):
-                if self._held.get(caller, 0) < self.bound(caller):
+                if self._held.get(caller, 0) < self._bound(caller, active):
                     break
             else:
                 return  # everyone waiting already holds their share
