@@ -17,14 +17,20 @@ import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from provisiond.cli.common import EXIT_OK, command_group, fail, load_config
+import sqlite_utils
+
+from provisiond.cli.common import EXIT_OK, command_group, fail, load_config, open_db
 from provisiond.clock import iso_utc
 from provisiond.config import ENV_KEY, Config, resolve_path
 
 DEFAULT_STATUS_TIMEOUT = 5.0
+
+
+T = TypeVar("T")
 
 
 class OperatorError(Exception):
@@ -275,30 +281,19 @@ def _daemon_managed(config: Config) -> None:
 
 def _rotate_in_store(config: Config, now: float) -> int:
     """Rotate the ring every daemon on the PostgreSQL store shares; no reload needed."""
-    import psycopg
-
     from provisiond.keyvault import load_kek
-    from provisiond.schema import all_migrations
-    from provisiond.store import migrate, open_database, store_target, transaction
     from provisiond.wifi import keystore
 
     _daemon_managed(config)
     # A config error (no KEK, another KEK than the daemons') exits 3 in main.
     kek = load_kek(config, why="the grant signing keys live in the store")
-    target, password = store_target(config)
     propagation = config.wifi.key_propagation_seconds
-    try:
-        db = open_database(target, password=password)
-        try:
-            migrate(db, all_migrations())
-            with transaction(db):
-                rotation = keystore.rotate(
-                    db, kek, now=now, propagation=propagation, alg=config.wifi.signing_algorithm
-                )
-        finally:
-            db.conn.close()
-    except psycopg.OperationalError as exc:
-        raise OperatorError(f"cannot use the store: {type(exc).__name__}") from None
+    rotation = _in_store_transaction(
+        config,
+        lambda db: keystore.rotate(
+            db, kek, now=now, propagation=propagation, alg=config.wifi.signing_algorithm
+        ),
+    )
     print(
         f"new signing key {rotation.kid} is published by every daemon within "
         f"{keystore.refresh_interval(propagation):g} s and signs from "
@@ -309,17 +304,33 @@ def _rotate_in_store(config: Config, now: float) -> int:
     return EXIT_OK
 
 
+def _in_store_transaction(config: Config, fn: Callable[[sqlite_utils.Database], T]) -> T:
+    """`fn(db)` in one transaction on the store the config names.
+
+    A server that cannot be reached is one line and exit 1 (`open_db`, in
+    main); one lost during the transaction is an `OperatorError`.
+    """
+    import psycopg
+
+    from provisiond.store import transaction
+
+    db = open_db(config)
+    try:
+        with transaction(db):
+            return fn(db)
+    except psycopg.OperationalError as exc:
+        raise OperatorError(f"cannot use the store: {type(exc).__name__}") from None
+    finally:
+        db.conn.close()
+
+
 # --- keys reseal
 
 
 def cmd_keys_reseal(args: argparse.Namespace) -> int:
     """Seal every private key in the store under the current KEK (the KEK's rotation)."""
-    import psycopg
-
     from provisiond.broker_accounts.certificates import reseal_ca
     from provisiond.keyvault import PREVIOUS_KEK_KEY, keys_in_store, load_kek
-    from provisiond.schema import all_migrations
-    from provisiond.store import migrate, open_database, store_target, transaction
     from provisiond.wifi import keystore
 
     config = load_config(args)
@@ -328,17 +339,12 @@ def cmd_keys_reseal(args: argparse.Namespace) -> int:
     # A config error (no KEK; a row under neither the current nor the previous
     # KEK) exits 3 in main, and nothing is written: one transaction.
     kek = load_kek(config, why="the private keys live in the store")
-    target, password = store_target(config)
     try:
-        db = open_database(target, password=password)
-        try:
-            migrate(db, all_migrations())
-            with transaction(db):
-                keys, ca = keystore.reseal(db, kek), reseal_ca(db, kek)
-        finally:
-            db.conn.close()
-    except psycopg.OperationalError as exc:
-        return fail(f"cannot use the store: {type(exc).__name__}")
+        keys, ca = _in_store_transaction(
+            config, lambda db: (keystore.reseal(db, kek), reseal_ca(db, kek))
+        )
+    except OperatorError as exc:
+        return fail(str(exc))
     moved = f"{keys} signing key(s)" + (" and the device CA key" if ca else "")
     print(f"resealed {moved} under key-encryption key {kek.id}; every key in the store is now")
     print(f"sealed under it: remove {PREVIOUS_KEK_KEY} from every host's config")
