@@ -25,6 +25,14 @@ Idle and flood segments alternate, several rounds each, and the figures pool
 each kind's rounds: on a machine shared with other work, a burst of someone
 else's load then falls on both kinds alike instead of on one segment.
 
+The physical floor is measured in the same rounds: a C echo responder
+(`bench/c/mqtt_echo.c`) on a topic of its own answers the polite key's
+requests, idle and during the same flood, through the same broker. Its p99
+during the flood is what the broker and this machine's cores impose on any
+responder while the daemon serves the flood; what the daemon adds beyond it
+is its own (`p99_over_floor_ms`). Within a round the daemon's and the
+floor's segments alternate which goes first.
+
 Both load drivers are the C ones on libmosquitto (`bench/c/mqtt_load.c`,
 built on first use) unless `--driver python` or no C toolchain: the Python
 drivers spent about one of this 2-core machine's cores (the flood ~80 %, the
@@ -34,6 +42,7 @@ polite key ~25 %), competing with the daemon they measure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -48,6 +57,8 @@ FLOOD_CONCURRENCY = 256
 FLOOD_TOPIC = "bench/rpc/provision/token"
 FLOOD_BODY = {"orgId": 1, "ownerId": 1}
 POLITE_TOPIC = "bench/rpc/keys/whoami"
+# The floor's echo responder listens here (outside the daemon's prefix).
+FLOOR_TOPIC = "bench-floor/echo"
 # (label, limits.max_inflight_per_key, limits.shared_inflight_per_key,
 #  store.thread_priority, flood concurrency)
 CONFIGS = (
@@ -145,18 +156,25 @@ def pooled(results: list[common.LoadResult]) -> common.LoadResult:
 async def interleaved(
     directory: Path, port: int, keys: tuple[str, str], drive: tuple[Load, Flood], **shape: Any
 ) -> dict[str, Any]:
-    """Rounds of (idle segment, flood segment) for the polite key; pooled and per round."""
+    """Rounds of (idle segment, flood segment) for the polite key; pooled and per round.
+
+    With `shape["floor"]`, each segment is also run against the C echo
+    responder, in alternating order, for the physical floor.
+    """
     polite, flooder = keys
     load, start_flood = drive
-    idle: list[common.LoadResult] = []
-    loaded: list[common.LoadResult] = []
+    topics = (POLITE_TOPIC, FLOOR_TOPIC) if shape["floor"] else (POLITE_TOPIC,)
+    idle: dict[str, list[common.LoadResult]] = {topic: [] for topic in topics}
+    loaded: dict[str, list[common.LoadResult]] = {topic: [] for topic in topics}
     flood_rps: list[float] = []
     alone_rps: list[float] = []
     polite_load: dict[str, Any] = {
         "key": polite, "n": shape["n"], "concurrency": 1, "warmup": 20, "timeout": POLITE_TIMEOUT,
     }  # fmt: skip
-    for _ in range(shape["rounds"]):
-        idle.append(await load(port, POLITE_TOPIC, {}, **polite_load))
+    for round_no in range(shape["rounds"]):
+        order = topics if round_no % 2 == 0 else topics[::-1]
+        for topic in order:
+            idle[topic].append(await load(port, topic, {}, **polite_load))
         proc = start_flood(port, flooder, directory, shape["depth"])
         try:
             await asyncio.sleep(SETTLE)  # the flood's pipeline is full
@@ -165,18 +183,30 @@ async def interleaved(
             await asyncio.sleep(ALONE)
             alone_rps.append(round(tokens_issued(directory, alone_from, time.time()) / ALONE, 1))
             since = time.time()
-            try:
-                loaded.append(await load(port, POLITE_TOPIC, {}, **polite_load))
-            except (TimeoutError, RuntimeError) as exc:
-                return {"polite_starved": f"{shape['n']} requests not answered in "
-                        f"{POLITE_TIMEOUT} s during the flood: {exc}"}  # fmt: skip
+            for topic in order:
+                try:
+                    loaded[topic].append(await load(port, topic, {}, **polite_load))
+                except (TimeoutError, RuntimeError) as exc:
+                    return {"polite_starved": f"{shape['n']} requests to {topic} not answered "
+                            f"in {POLITE_TIMEOUT} s during the flood: {exc}"}  # fmt: skip
             until = time.time()
         finally:
             proc.terminate()
             proc.wait(10)
         flood_rps.append(round(tokens_issued(directory, since, until) / (until - since), 1))
         await asyncio.sleep(SETTLE)  # requests it left in the daemon are answered
-    return {**summary(idle, loaded, flood_rps), "flood_alone_tokens_per_s": alone_rps}
+    figures = summary(idle[POLITE_TOPIC], loaded[POLITE_TOPIC], flood_rps)
+    if shape["floor"]:
+        floor = summary(idle[FLOOR_TOPIC], loaded[FLOOR_TOPIC], [])
+        del floor["flood_tokens_per_s"]
+        figures["floor"] = floor
+        figures["p99_over_floor_ms"] = {
+            kind: round(
+                pooled(mine[POLITE_TOPIC]).pct(0.99) - pooled(mine[FLOOR_TOPIC]).pct(0.99), 2
+            )
+            for kind, mine in (("idle", idle), ("during_flood", loaded))
+        }
+    return {**figures, "flood_alone_tokens_per_s": alone_rps}
 
 
 def summary(
@@ -204,6 +234,9 @@ async def run(quick: bool = False, driver: str = "c", n: int | None = None) -> d
     n = n or per_segment
     name, load, start_flood = drivers(driver)
     results: dict[str, Any] = {"drivers": name, "rounds": rounds, "per_segment": n}
+    floor = name == "c"
+    if not floor:
+        results["floor"] = "not measured: the C echo responder needs the C drivers"
     for label, share, shared, priority, depth in CONFIGS:
         with common.workdir() as d, common.mosquitto(d) as port:
             polite = common.seed(d, users=1)
@@ -213,11 +246,19 @@ async def run(quick: bool = False, driver: str = "c", n: int | None = None) -> d
                 f'thread_priority = "{priority}"\n[limits]\nmax_inflight_per_key = {share}\n'
                 f"shared_inflight_per_key = {shared}\n"
             )
-            with common.daemon_process(common.write_config(d, port, extra=extra), d / "daemon.log"):
+            with contextlib.ExitStack() as running:
+                running.enter_context(
+                    common.daemon_process(
+                        common.write_config(d, port, extra=extra), d / "daemon.log"
+                    )
+                )
+                if floor:
+                    running.enter_context(cmqtt.c_echo_process(port, FLOOR_TOPIC))
+                    await common.wait_rpc_ready(port, FLOOR_TOPIC, polite)
                 await common.wait_rpc_ready(port, POLITE_TOPIC, polite)
                 results[label] = await interleaved(
                     d, port, (polite, flooder), (load, start_flood),
-                    n=n, rounds=rounds, depth=depth,
+                    n=n, rounds=rounds, depth=depth, floor=floor,
                 )  # fmt: skip
     return common.report("fairness", results)
 
