@@ -12,7 +12,7 @@ the defaults (`limits.max_inflight_per_key = 16`,
 "background"`), without the smaller bound while shared, with the store thread
 at normal priority, and with the share as large as all the slots (what the
 daemon did before fair slots).
-A third daemon takes a flood 1500 deep, more than the broker lets the
+One more daemon takes a flood 1500 deep, more than the broker lets the
 daemon hold unacknowledged (`mqtt.receive_maximum = 1000`): what no share
 inside the daemon can help, since the polite request then queues at the
 broker behind the flood's.
@@ -23,14 +23,24 @@ each setting costs a key that is the only one asking, in the same run.
 
 Idle and flood segments alternate, several rounds each, and the figures pool
 each kind's rounds: on a machine shared with other work, a burst of someone
-else's load then falls on both kinds alike instead of on one segment.
+else's load then falls on both kinds alike instead of on one segment. Each
+round starts every daemon afresh (with a broker of its own), and the rounds
+go round the daemons, each round starting from the next one: with each
+daemon's rounds run back to back instead, the first daemon's idle p99 came
+out up to twice the others', which flattered whichever daemon ran first.
+A segment measured right after a daemon's start, or after the last
+round's files were deleted, has a p99 several times a quiet one's, the C
+echo's too (this machine is a VM: written-back files cost it CPU time), so
+each round waits for the disk (`sync`) and for `QUIET` seconds first.
 
 The physical floor is measured in the same rounds: a C echo responder
 (`bench/c/mqtt_echo.c`) on a topic of its own answers the polite key's
 requests, idle and during the same flood, through the same broker. Its p99
 during the flood is what the broker and this machine's cores impose on any
 responder while the daemon serves the flood; what the daemon adds beyond it
-is its own (`p99_over_floor_ms`). Within a round the daemon's and the
+is its own (`p99_over_floor_ms`), and the floor's p99 during the flood over
+the daemon's idle p99 (`floor_p99_vs_daemon_idle_p99`) is the best ratio any
+responder could show in that run. Within a round the daemon's and the
 floor's segments alternate which goes first.
 
 Both load drivers are the C ones on libmosquitto (`bench/c/mqtt_load.c`,
@@ -44,10 +54,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +84,17 @@ CONFIGS = (
     # 1000): the polite request queues at the broker behind the flood's.
     ("deep_flood_1500", 16, 4, "background", 1500),
 )
-# A polite segment that takes longer than this is reported as starved.
+# A polite segment slower than this many seconds, or this many per request
+# (the share-less daemon answers ~50/s during the flood, slow but not starved),
+# is reported as starved.
 POLITE_TIMEOUT = 60
+POLITE_TIMEOUT_PER_REQUEST = 0.03
 # Seconds for the flood's pipeline to fill, and for its leftovers to drain.
 SETTLE = 1.0
 # Seconds the flood runs alone (no polite requests) in each round.
 ALONE = 2.0
+# Seconds of quiet between a daemon's start and its first measured request.
+QUIET = 3.0
 
 Load = Callable[..., Any]
 Flood = Callable[[int, str, Path, int], subprocess.Popen[bytes]]
@@ -153,60 +170,99 @@ def pooled(results: list[common.LoadResult]) -> common.LoadResult:
     return common.LoadResult(len(latencies), sum(r.seconds for r in results), latencies, statuses)
 
 
-async def interleaved(
-    directory: Path, port: int, keys: tuple[str, str], drive: tuple[Load, Flood], **shape: Any
-) -> dict[str, Any]:
-    """Rounds of (idle segment, flood segment) for the polite key; pooled and per round.
+@dataclass
+class Setup:
+    """One daemon's broker, store and keys, for one round."""
 
-    With `shape["floor"]`, each segment is also run against the C echo
-    responder, in alternating order, for the physical floor.
+    directory: Path
+    port: int
+    polite: str
+    flooder: str
+
+
+@dataclass
+class Subject:
+    """One daemon configuration, and what its rounds measured."""
+
+    label: str
+    share: int
+    shared: int
+    priority: str
+    depth: int
+    idle: dict[str, list[common.LoadResult]] = field(default_factory=dict)
+    loaded: dict[str, list[common.LoadResult]] = field(default_factory=dict)
+    flood_rps: list[float] = field(default_factory=list)
+    alone_rps: list[float] = field(default_factory=list)
+    starved: str | None = None
+
+
+async def one_round(
+    subject: Subject, setup: Setup, drive: tuple[Load, Flood], topics: tuple[str, ...], n: int
+) -> None:
+    """An idle segment, then the flood alone, then a segment during the flood.
+
+    Each segment runs once per topic (the daemon's, and the floor's echo),
+    in the order given.
     """
-    polite, flooder = keys
     load, start_flood = drive
-    topics = (POLITE_TOPIC, FLOOR_TOPIC) if shape["floor"] else (POLITE_TOPIC,)
-    idle: dict[str, list[common.LoadResult]] = {topic: [] for topic in topics}
-    loaded: dict[str, list[common.LoadResult]] = {topic: [] for topic in topics}
-    flood_rps: list[float] = []
-    alone_rps: list[float] = []
+    timeout = max(POLITE_TIMEOUT, POLITE_TIMEOUT_PER_REQUEST * (n + 20))
     polite_load: dict[str, Any] = {
-        "key": polite, "n": shape["n"], "concurrency": 1, "warmup": 20, "timeout": POLITE_TIMEOUT,
+        "key": setup.polite, "n": n, "concurrency": 1, "warmup": 20, "timeout": timeout,
     }  # fmt: skip
-    for round_no in range(shape["rounds"]):
-        order = topics if round_no % 2 == 0 else topics[::-1]
-        for topic in order:
-            idle[topic].append(await load(port, topic, {}, **polite_load))
-        proc = start_flood(port, flooder, directory, shape["depth"])
-        try:
-            await asyncio.sleep(SETTLE)  # the flood's pipeline is full
-            # The flood's own rate with nobody else asking: what a key alone gets.
-            alone_from = time.time()
-            await asyncio.sleep(ALONE)
-            alone_rps.append(round(tokens_issued(directory, alone_from, time.time()) / ALONE, 1))
-            since = time.time()
-            for topic in order:
-                try:
-                    loaded[topic].append(await load(port, topic, {}, **polite_load))
-                except (TimeoutError, RuntimeError) as exc:
-                    return {"polite_starved": f"{shape['n']} requests to {topic} not answered "
-                            f"in {POLITE_TIMEOUT} s during the flood: {exc}"}  # fmt: skip
-            until = time.time()
-        finally:
-            proc.terminate()
-            proc.wait(10)
-        flood_rps.append(round(tokens_issued(directory, since, until) / (until - since), 1))
-        await asyncio.sleep(SETTLE)  # requests it left in the daemon are answered
-    figures = summary(idle[POLITE_TOPIC], loaded[POLITE_TOPIC], flood_rps)
-    if shape["floor"]:
-        floor = summary(idle[FLOOR_TOPIC], loaded[FLOOR_TOPIC], [])
-        del floor["flood_tokens_per_s"]
-        figures["floor"] = floor
-        figures["p99_over_floor_ms"] = {
+    port, directory = setup.port, setup.directory
+    for topic in topics:
+        subject.idle.setdefault(topic, []).append(await load(port, topic, {}, **polite_load))
+    proc = start_flood(port, setup.flooder, directory, subject.depth)
+    try:
+        await asyncio.sleep(SETTLE)  # the flood's pipeline is full
+        # The flood's own rate with nobody else asking: what a key alone gets.
+        alone_from = time.time()
+        await asyncio.sleep(ALONE)
+        subject.alone_rps.append(
+            round(tokens_issued(directory, alone_from, time.time()) / ALONE, 1)
+        )
+        since = time.time()
+        for topic in topics:
+            try:
+                result = await load(port, topic, {}, **polite_load)
+            except (TimeoutError, RuntimeError) as exc:
+                subject.starved = f"{n} requests to {topic} not answered in {timeout:.0f} s during the flood: {exc}"
+                return
+            subject.loaded.setdefault(topic, []).append(result)
+        until = time.time()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    subject.flood_rps.append(round(tokens_issued(directory, since, until) / (until - since), 1))
+    await asyncio.sleep(SETTLE)  # requests it left in the daemon are answered
+
+
+def figures(subject: Subject, floor: bool) -> dict[str, Any]:
+    """The polite key's figures pooled over the rounds, and the floor's beside them."""
+    if subject.starved is not None:
+        return {"polite_starved": subject.starved}
+    idle, loaded = subject.idle, subject.loaded
+    result = summary(idle[POLITE_TOPIC], loaded[POLITE_TOPIC], subject.flood_rps)
+    result["within_2x_of_idle"] = {
+        "p50": result["p50_vs_idle"] <= 2,
+        "p99": result["p99_vs_idle"] <= 2,
+    }
+    if floor:
+        echo = summary(idle[FLOOR_TOPIC], loaded[FLOOR_TOPIC], [])
+        del echo["flood_tokens_per_s"]
+        result["floor"] = echo
+        result["p99_over_floor_ms"] = {
             kind: round(
                 pooled(mine[POLITE_TOPIC]).pct(0.99) - pooled(mine[FLOOR_TOPIC]).pct(0.99), 2
             )
             for kind, mine in (("idle", idle), ("during_flood", loaded))
         }
-    return {**figures, "flood_alone_tokens_per_s": alone_rps}
+        # The ratio a daemon would show if it added nothing to the floor
+        # during the flood: the most any responder could do on this machine.
+        result["floor_p99_vs_daemon_idle_p99"] = common.ratio(
+            pooled(loaded[FLOOR_TOPIC]).pct(0.99), pooled(idle[POLITE_TOPIC]).pct(0.99)
+        )
+    return {**result, "flood_alone_tokens_per_s": subject.alone_rps}
 
 
 def summary(
@@ -229,6 +285,31 @@ def summary(
     }
 
 
+async def start(running: contextlib.ExitStack, subject: Subject, floor: bool) -> Setup:
+    """A broker, a seeded store and a daemon of `subject`'s settings, ready to answer."""
+    d = running.enter_context(common.workdir())
+    port = running.enter_context(common.mosquitto(d))
+    polite = common.seed(d, users=1)
+    flooder = second_key(d)
+    # `extra` continues the [store] table.
+    extra = (
+        f'thread_priority = "{subject.priority}"\n[limits]\n'
+        f"max_inflight_per_key = {subject.share}\nshared_inflight_per_key = {subject.shared}\n"
+    )
+    running.enter_context(
+        common.daemon_process(common.write_config(d, port, extra=extra), d / "daemon.log")
+    )
+    if floor:
+        running.enter_context(cmqtt.c_echo_process(port, FLOOR_TOPIC))
+        await common.wait_rpc_ready(port, FLOOR_TOPIC, polite)
+    await common.wait_rpc_ready(port, POLITE_TOPIC, polite)
+    # The last round's teardown (files deleted, written back) and this
+    # daemon's start-up work are over before anything is measured.
+    os.sync()
+    await asyncio.sleep(QUIET)
+    return Setup(d, port, polite, flooder)
+
+
 async def run(quick: bool = False, driver: str = "c", n: int | None = None) -> dict[str, Any]:
     per_segment, rounds = (1000, 3) if quick else (3000, 4)
     n = n or per_segment
@@ -237,29 +318,20 @@ async def run(quick: bool = False, driver: str = "c", n: int | None = None) -> d
     floor = name == "c"
     if not floor:
         results["floor"] = "not measured: the C echo responder needs the C drivers"
-    for label, share, shared, priority, depth in CONFIGS:
-        with common.workdir() as d, common.mosquitto(d) as port:
-            polite = common.seed(d, users=1)
-            flooder = second_key(d)
-            # `extra` continues the [store] table.
-            extra = (
-                f'thread_priority = "{priority}"\n[limits]\nmax_inflight_per_key = {share}\n'
-                f"shared_inflight_per_key = {shared}\n"
-            )
-            with contextlib.ExitStack() as running:
-                running.enter_context(
-                    common.daemon_process(
-                        common.write_config(d, port, extra=extra), d / "daemon.log"
-                    )
-                )
-                if floor:
-                    running.enter_context(cmqtt.c_echo_process(port, FLOOR_TOPIC))
-                    await common.wait_rpc_ready(port, FLOOR_TOPIC, polite)
-                await common.wait_rpc_ready(port, POLITE_TOPIC, polite)
-                results[label] = await interleaved(
-                    d, port, (polite, flooder), (load, start_flood),
-                    n=n, rounds=rounds, depth=depth, floor=floor,
-                )  # fmt: skip
+    subjects = [Subject(*config) for config in CONFIGS]
+    topics = (POLITE_TOPIC, FLOOR_TOPIC) if floor else (POLITE_TOPIC,)
+    for round_no in range(rounds):
+        # Rounds go round the daemons, each round from the next one, so that
+        # neither the time nor the place in a round favours one.
+        turn = subjects[round_no % len(subjects) :] + subjects[: round_no % len(subjects)]
+        order = topics if round_no % 2 == 0 else topics[::-1]
+        for subject in turn:
+            if subject.starved is None:
+                with contextlib.ExitStack() as running:
+                    setup = await start(running, subject, floor)
+                    await one_round(subject, setup, (load, start_flood), order, n)
+    for subject in subjects:
+        results[subject.label] = figures(subject, floor)
     return common.report("fairness", results)
 
 
