@@ -170,8 +170,7 @@ async def test_duplicates_in_one_batch_record_one_reply(target: str) -> None:
     def effect(n: int) -> Callable[[sqlite_utils.Database], int]:
         def fn(db: sqlite_utils.Database) -> int:
             db.execute("INSERT INTO items (name) VALUES (?)", [f"copy-{n}"])
-            if not replay.save(db, rid, f"reply {n}".encode(), 1000.0):
-                raise Duplicate()
+            replay.record(db, rid, f"reply {n}".encode(), 1000.0, duplicate=Duplicate)
             return n
 
         return fn

@@ -54,7 +54,9 @@ def fill_sqlite(path: Path, n: int = 120) -> None:
         for i in range(n):
             device_id = devices.create_device(db, org_id=1, owner_id=10, now=1000.0 + i)
             tokens.issue(db, device_id, now=1000.0 + i, lifetime=3600)
-            replay.save(db, f"{i:064x}", bytes([i % 256]) * 40, time.time())
+            replay.record(
+                db, f"{i:064x}", bytes([i % 256]) * 40, time.time(), duplicate=AssertionError
+            )
     db.conn.close()
 
 

@@ -15,7 +15,6 @@ import itertools
 import os
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import sqlite_utils
 from cryptography.exceptions import InvalidTag
@@ -85,11 +84,6 @@ def load(db: sqlite_utils.Database, rid: str, now: float) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
-def save(db: sqlite_utils.Database, rid: str, sealed: bytes, now: float) -> bool:
-    """Record a reply; False when one was already recorded (a concurrent duplicate)."""
-    return bool(_insert(db, rid, sealed, now).rowcount == 1)
-
-
 def record(
     db: sqlite_utils.Database,
     rid: str,
@@ -103,23 +97,19 @@ def record(
     Read through `store.check_later`: a pipelined write is not kept waiting
     for the answer (the write fails as a whole if it comes back a duplicate).
     """
-    cur = _insert(db, rid, sealed, now)
+    # An expired record with the same id is overwritten: the window has passed.
+    cur = db.execute(
+        "INSERT INTO replays (id, created_at, reply) VALUES (?, ?, ?)"
+        " ON CONFLICT(id) DO UPDATE SET created_at = excluded.created_at, reply = excluded.reply"
+        " WHERE replays.created_at <= ?",
+        [rid, now, sealed, now - WINDOW_SECONDS],
+    )
 
     def recorded() -> None:
         if cur.rowcount != 1:
             raise duplicate()
 
     check_later(db, recorded)
-
-
-def _insert(db: sqlite_utils.Database, rid: str, sealed: bytes, now: float) -> Any:
-    # An expired record with the same id is overwritten: the window has passed.
-    return db.execute(
-        "INSERT INTO replays (id, created_at, reply) VALUES (?, ?, ?)"
-        " ON CONFLICT(id) DO UPDATE SET created_at = excluded.created_at, reply = excluded.reply"
-        " WHERE replays.created_at <= ?",
-        [rid, now, sealed, now - WINDOW_SECONDS],
-    )
 
 
 def prune(db: sqlite_utils.Database, now: float) -> int:
