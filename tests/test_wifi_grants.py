@@ -739,3 +739,39 @@ async def test_a_device_changed_by_another_process_is_seen_within_the_poll(
         assert reply["status"] == 200  # still the cached record, for at most one poll
         assert time.monotonic() - changed_at < 1.5, "the change was never seen"
         await asyncio.sleep(0.02)
+
+
+def test_daemons_starting_together_on_one_keys_dir_share_one_first_key(tmp_path: Path) -> None:
+    """A group on SQLite may share a keys directory; its daemons start at once.
+
+    Each process makes the ring if it is missing: all must end up with the
+    same single key (before the lock, each made its own, the last index won,
+    and a rename could fail outright).
+    """
+    import subprocess
+    import sys
+
+    directory = tmp_path / "signing_keys"
+    start = time.time() + 1.0  # every process is up before any of them begins
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from provisiond.wifi.signing import KeyRing\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "print(KeyRing.load_or_create(Path(sys.argv[1]), 'ES256', now=time.time()).active.kid)\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(directory), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    outcomes = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outcomes]
+    kids = {out.strip() for out, _ in outcomes}
+    assert len(kids) == 1
+    index = json.loads((directory / "keys.json").read_text())
+    assert [k["kid"] for k in index["keys"]] == list(kids)

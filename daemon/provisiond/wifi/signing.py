@@ -12,12 +12,14 @@ therefore never holds the bridge's private key either.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import stat
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -43,6 +45,7 @@ from provisiond.wifi.crypto import (
 MIN_GRANT_LIFETIME: Final = 60
 ASYMMETRIC_ALGS: Final = frozenset({"EdDSA", "ES256"})
 INDEX_NAME: Final = "keys.json"
+LOCK_NAME: Final = ".keys.lock"
 
 PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
@@ -227,6 +230,23 @@ def _write_new_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _ring_lock(directory: Path) -> Iterator[None]:
+    """Held while a process reads and perhaps creates the ring in `directory`.
+
+    Daemons of a group on SQLite may share one keys directory and start at
+    the same moment: without it, each made a first key of its own and the
+    last index written won, leaving the others signing with a key nobody
+    publishes.
+    """
+    fd = os.open(directory / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -274,19 +294,19 @@ class KeyRing:
         if alg not in ASYMMETRIC_ALGS:
             raise AlgorithmUnavailable(alg)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        index = directory / INDEX_NAME
-        if not index.exists():
-            key = SigningKey.generate(alg, now=now)
-            _write_new_file(directory / f"{key.kid}.pem", key.pem())
-            ring = cls([key], directory=directory)
-            ring._save()
+        with _ring_lock(directory):
+            if not (directory / INDEX_NAME).exists():
+                key = SigningKey.generate(alg, now=now)
+                _write_new_file(directory / f"{key.kid}.pem", key.pem())
+                ring = cls([key], directory=directory)
+                ring._save()
+                return ring
+            ring = cls(cls._read_index(directory), directory=directory)
+            if ring.active.alg != alg:
+                ring.rotate(now, alg=alg)
+            else:
+                ring.prune(now)
             return ring
-        ring = cls(cls._read_index(directory), directory=directory)
-        if ring.active.alg != alg:
-            ring.rotate(now, alg=alg)
-        else:
-            ring.prune(now)
-        return ring
 
     @classmethod
     def load_existing(cls, directory: Path) -> KeyRing | None:
@@ -431,7 +451,9 @@ class KeyRing:
             ],
         }
         # Write-then-rename so a crash leaves either the old or the new index.
-        tmp = self._directory / f".{INDEX_NAME}.tmp"
+        # Named per process: another process sharing the directory may be
+        # saving too, and must not rename this one's file from under it.
+        tmp = self._directory / f".{INDEX_NAME}.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
         _write_new_file(tmp, json.dumps(doc, indent=2).encode("utf-8"))
         os.replace(tmp, self._directory / INDEX_NAME)
